@@ -1,0 +1,355 @@
+"""The feature cache: one HDF5 file per feature set (backbone x clip settings).
+
+Schema (``schema_version`` 1)::
+
+    /features    (num_clips, F)  float16 (default) or float32   all trailers' clips, stacked
+    /offsets     (n + 1,)        int64    trailer i owns rows offsets[i]:offsets[i+1]
+    /ids         (n,)            str      trailer ids (IMDb ids such as tt0347149), unique
+    /clip_start  (num_clips,)    float32  clip start time in seconds (NaN when unknown)
+    /clip_end    (num_clips,)    float32  clip end time in seconds (NaN when unknown)
+    /shot        (num_clips,)    int32    shot index of each clip within its trailer (-1 unknown)
+    attrs: schema_version, name, backbone, weights, pretraining, kind ("2d"/"3d"),
+           feature_dim, fps, fpc, segmentation, source, package_version, config (JSON)
+
+Files are written to a temporary sibling and renamed into place when complete, so a
+reader never sees a half-written cache. Readers load a whole feature set into RAM once
+(:func:`load`) and slice views from it; nothing reads from disk per training sample.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import h5py
+import numpy as np
+import torch
+
+from trailers12k_feats import __version__
+from trailers12k_feats.utils import T12kError
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+SUFFIX = ".h5"
+REQUIRED_DATASETS = ("features", "offsets", "ids", "clip_start", "clip_end", "shot")
+
+
+@dataclass(frozen=True)
+class CacheAttrs:
+    """How a feature set was made; stored as HDF5 attributes of the cache."""
+
+    name: str
+    backbone: str
+    feature_dim: int
+    weights: str = "unknown"
+    pretraining: str = "unknown"
+    kind: str = "2d"  # "2d" (per-frame model, frames averaged) or "3d" (clip model)
+    fps: float = 24.0
+    fpc: int = 24
+    segmentation: str = "shots"
+    source: str = "unknown"
+    package_version: str = __version__
+    config: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("2d", "3d"):
+            raise T12kError(f"cache kind must be '2d' or '3d', got {self.kind!r}.")
+        if int(self.feature_dim) <= 0:
+            raise T12kError(f"cache feature_dim must be positive, got {self.feature_dim}.")
+
+    def to_h5(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["config"] = json.dumps(d["config"], sort_keys=True)
+        d["schema_version"] = SCHEMA_VERSION
+        return d
+
+    @classmethod
+    def from_h5(cls, attrs: Any) -> "CacheAttrs":
+        names = {f.name for f in dataclasses.fields(cls)}
+        d = {k: _plain(v) for k, v in attrs.items() if k in names}
+        d["config"] = json.loads(d.get("config") or "{}")
+        return cls(**d)
+
+
+def _plain(v: Any) -> Any:
+    """HDF5 attribute values as plain Python values."""
+    if isinstance(v, bytes):
+        return v.decode()
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+class CacheWriter:
+    """Append trailers to a new cache; the file appears at `path` only on :meth:`close`.
+
+    Use as a context manager: an exception (or a killed process) leaves no file at `path`.
+    """
+
+    def __init__(self, path: str | os.PathLike, attrs: CacheAttrs, dtype: str = "float16",
+                 chunk_rows: int = 4096) -> None:
+        if dtype not in ("float16", "float32"):
+            raise T12kError(f"cache dtype must be 'float16' or 'float32', got {dtype!r}.")
+        self.path = Path(path)
+        self.attrs = attrs
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Written under a hidden temporary name, renamed into place by close().
+        self._tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self._h5 = h5py.File(self._tmp, "w")
+        F = attrs.feature_dim
+        rows = max(1, min(chunk_rows, (1 << 21) // (2 * F)))  # ~2 MB chunks
+        self._feat = self._h5.create_dataset("features", (0, F), dtype=dtype, maxshape=(None, F),
+                                             chunks=(rows, F))
+        self._start = self._h5.create_dataset("clip_start", (0,), "float32", maxshape=(None,), chunks=(16384,))
+        self._end = self._h5.create_dataset("clip_end", (0,), "float32", maxshape=(None,), chunks=(16384,))
+        self._shot = self._h5.create_dataset("shot", (0,), "int32", maxshape=(None,), chunks=(16384,))
+        self._ids: list[str] = []
+        self._seen: set[str] = set()
+        self._offsets = [0]
+        self._closed = False
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def add(self, tid: str, feats: np.ndarray, clip_start: np.ndarray | None = None,
+            clip_end: np.ndarray | None = None, shot: np.ndarray | None = None) -> None:
+        """Append one trailer's clip embeddings `feats` (C, F) with optional per-clip times/shots."""
+        feats = np.asarray(feats)
+        F = self.attrs.feature_dim
+        if feats.ndim != 2 or feats.shape[1] != F or feats.shape[0] == 0:
+            raise T12kError(f"trailer {tid}: features must have shape (clips >= 1, {F}), got {feats.shape}.")
+        if tid in self._seen:
+            raise T12kError(f"trailer {tid} was added twice to cache {self.path}.")
+        if not np.isfinite(feats).all():
+            raise T12kError(f"trailer {tid}: features contain NaN or Inf; refusing to cache them.")
+        C = feats.shape[0]
+        n0 = self._offsets[-1]
+
+        def col(x: np.ndarray | None, fill: float, dtype: str) -> np.ndarray:
+            if x is None:
+                return np.full(C, fill, dtype)
+            x = np.asarray(x, dtype)
+            if x.shape != (C,):
+                raise T12kError(f"trailer {tid}: per-clip arrays must have shape ({C},), got {x.shape}.")
+            return x
+
+        for ds, x in ((self._feat, feats), (self._start, col(clip_start, np.nan, "float32")),
+                      (self._end, col(clip_end, np.nan, "float32")), (self._shot, col(shot, -1, "int32"))):
+            ds.resize(n0 + C, axis=0)
+            ds[n0:n0 + C] = x
+        self._ids.append(str(tid))
+        self._seen.add(str(tid))
+        self._offsets.append(n0 + C)
+
+    def close(self) -> Path:
+        """Write the index and attributes, then move the file into place."""
+        if self._closed:
+            return self.path
+        h5 = self._h5
+        h5.create_dataset("offsets", data=np.asarray(self._offsets, np.int64))
+        h5.create_dataset("ids", data=np.asarray(self._ids, dtype=object), dtype=h5py.string_dtype())
+        for k, v in self.attrs.to_h5().items():
+            h5.attrs[k] = v
+        h5.close()
+        self._closed = True
+        os.replace(self._tmp, self.path)
+        log.info("wrote %s: %d trailers, %d clips, dim %d", self.path, len(self._ids),
+                 self._offsets[-1], self.attrs.feature_dim)
+        return self.path
+
+    def abort(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._h5.close()
+            self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "CacheWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def write_cache(path: str | os.PathLike, attrs: CacheAttrs, items: Iterable[tuple[str, np.ndarray]],
+                dtype: str = "float16") -> Path:
+    """Write a cache from `(trailer_id, features (C, F))` pairs in one go."""
+    with CacheWriter(path, attrs, dtype=dtype) as w:
+        for tid, feats in items:
+            w.add(tid, feats)
+    return Path(path)
+
+
+@dataclass
+class FeatureSet:
+    """A whole feature set in RAM: one stacked tensor plus per-trailer offsets."""
+
+    path: Path
+    attrs: CacheAttrs
+    ids: list[str]
+    features: torch.Tensor  # (num_clips, F), float16 or float32
+    offsets: torch.Tensor  # (n + 1,) int64
+    clip_start: np.ndarray  # (num_clips,)
+    clip_end: np.ndarray  # (num_clips,)
+    shot: np.ndarray  # (num_clips,)
+
+    def __post_init__(self) -> None:
+        self.index = {tid: i for i, tid in enumerate(self.ids)}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def name(self) -> str:
+        return self.attrs.name
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.features.shape[1])
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.offsets[1:] - self.offsets[:-1]  # (n,)
+
+    def clips(self, tid: str) -> torch.Tensor:
+        """The (C, F) clip embeddings of one trailer (a view, no copy)."""
+        try:
+            i = self.index[tid]
+        except KeyError:
+            raise T12kError(f"trailer {tid} is not in cache {self.path}.") from None
+        return self.features[self.offsets[i]:self.offsets[i + 1]]
+
+
+def _open(path: str | os.PathLike) -> h5py.File:
+    path = Path(path)
+    if not path.exists():
+        raise T12kError(f"feature cache {path} does not exist; run `t12k synth`, `t12k extract` "
+                        f"or `t12k import-zarr` to create it, or fix the path.")
+    try:
+        h5 = h5py.File(path, "r")
+    except OSError as e:
+        raise T12kError(f"feature cache {path} is not a readable HDF5 file ({e}); recreate it.") from None
+    missing = [k for k in REQUIRED_DATASETS if k not in h5]
+    if missing or "feature_dim" not in h5.attrs:
+        h5.close()
+        raise T12kError(f"feature cache {path} lacks {', '.join(missing) or 'its attributes'}; it is not a "
+                        f"trailers12k_feats cache or was written incompletely; recreate it.")
+    version = int(h5.attrs.get("schema_version", 0))
+    if version != SCHEMA_VERSION:
+        h5.close()
+        raise T12kError(f"feature cache {path} has schema version {version}, this package reads "
+                        f"{SCHEMA_VERSION}; recreate it with this version.")
+    return h5
+
+
+def read_attrs(path: str | os.PathLike) -> CacheAttrs:
+    """The attributes of a cache without loading its features."""
+    with _open(path) as h5:
+        return CacheAttrs.from_h5(h5.attrs)
+
+
+def _check_index(path: Path, offsets: np.ndarray, ids: list[str], num_clips: int, F: int, attr_F: int) -> None:
+    n = len(ids)
+    if F != attr_F:
+        raise T12kError(f"feature cache {path}: features have dim {F} but attribute feature_dim says {attr_F}.")
+    if offsets.shape != (n + 1,) or offsets[0] != 0 or offsets[-1] != num_clips:
+        raise T12kError(f"feature cache {path}: offsets do not span the {num_clips} clips of {n} trailers; "
+                        f"the file is corrupt, recreate it.")
+    lengths = np.diff(offsets)
+    if (lengths <= 0).any():
+        bad = ids[int(np.argmax(lengths <= 0))]
+        raise T12kError(f"feature cache {path}: trailer {bad} has no clips; the file is corrupt, recreate it.")
+    if len(set(ids)) != n:
+        seen: set[str] = set()
+        dup = next(t for t in ids if t in seen or seen.add(t))
+        raise T12kError(f"feature cache {path}: trailer id {dup} appears more than once; recreate it.")
+
+
+def _check_finite(path: Path, features: torch.Tensor, offsets: np.ndarray, ids: list[str]) -> None:
+    finite = torch.isfinite(features).all(dim=1)  # (num_clips,)
+    if not bool(finite.all()):
+        row = int((~finite).nonzero()[0, 0])
+        i = int(np.searchsorted(offsets, row, side="right") - 1)
+        raise T12kError(f"feature cache {path}: trailer {ids[i]} (clip {row - offsets[i]}) has NaN or Inf "
+                        f"features; re-extract that trailer or drop it from the cache.")
+
+
+def load(path: str | os.PathLike, dtype: torch.dtype | None = None) -> FeatureSet:
+    """Load a whole feature set into RAM, checking its index and that every value is finite."""
+    path = Path(path)
+    with _open(path) as h5:
+        attrs = CacheAttrs.from_h5(h5.attrs)
+        ds = h5["features"]
+        feats = np.empty(ds.shape, ds.dtype)
+        if ds.shape[0]:
+            ds.read_direct(feats)
+        offsets = h5["offsets"][:].astype(np.int64)
+        ids = [str(s) for s in h5["ids"].asstr()[:]]
+        clip_start, clip_end, shot = h5["clip_start"][:], h5["clip_end"][:], h5["shot"][:]
+    _check_index(path, offsets, ids, feats.shape[0], feats.shape[1], attrs.feature_dim)
+    features = torch.from_numpy(feats)
+    if dtype is not None:
+        features = features.to(dtype)
+    _check_finite(path, features, offsets, ids)
+    log.debug("loaded %s: %d trailers, %d clips, dim %d", path, len(ids), feats.shape[0], feats.shape[1])
+    return FeatureSet(path, attrs, ids, features, torch.from_numpy(offsets), clip_start, clip_end, shot)
+
+
+def validate(path: str | os.PathLike, chunk_rows: int = 65536) -> CacheAttrs:
+    """Check a cache's schema, index and values without keeping it in RAM; raise T12kError if bad."""
+    path = Path(path)
+    with _open(path) as h5:
+        attrs = CacheAttrs.from_h5(h5.attrs)
+        ds = h5["features"]
+        offsets = h5["offsets"][:].astype(np.int64)
+        ids = [str(s) for s in h5["ids"].asstr()[:]]
+        _check_index(path, offsets, ids, ds.shape[0], ds.shape[1], attrs.feature_dim)
+        for name in ("clip_start", "clip_end", "shot"):
+            if h5[name].shape != (ds.shape[0],):
+                raise T12kError(f"feature cache {path}: {name} has shape {h5[name].shape}, expected "
+                                f"({ds.shape[0]},); recreate it.")
+        for r0 in range(0, ds.shape[0], chunk_rows):
+            block = torch.from_numpy(ds[r0:r0 + chunk_rows])
+            _check_finite(path, block, offsets - r0, ids)
+    return attrs
+
+
+def list_caches(root: str | os.PathLike) -> list[Path]:
+    """Cache files (``*.h5``) under a directory, sorted by name."""
+    root = Path(root)
+    if not root.is_dir():
+        raise T12kError(f"cache directory {root} does not exist.")
+    return sorted(p for p in root.glob(f"*{SUFFIX}") if not p.name.startswith("."))
+
+
+def summary(path: str | os.PathLike) -> dict[str, Any]:
+    """A small dict describing a cache (for `t12k cache info`)."""
+    path = Path(path)
+    with _open(path) as h5:
+        attrs = CacheAttrs.from_h5(h5.attrs)
+        offsets = h5["offsets"][:].astype(np.int64)
+        ds = h5["features"]
+        lengths = np.diff(offsets)
+        out = {
+            "path": str(path),
+            "size_mb": round(path.stat().st_size / 2**20, 1),
+            "trailers": int(len(lengths)),
+            "clips": int(ds.shape[0]),
+            "dtype": str(ds.dtype),
+            "clips_per_trailer": {
+                "min": int(lengths.min()) if len(lengths) else 0,
+                "median": float(np.median(lengths)) if len(lengths) else 0.0,
+                "max": int(lengths.max()) if len(lengths) else 0,
+            },
+            "trailers_under_30_clips": int((lengths < 30).sum()),
+        }
+    out.update({k: v for k, v in dataclasses.asdict(attrs).items()})
+    return out

@@ -1,0 +1,204 @@
+"""Metadata (`mtgc.csv`), alignment with feature caches, and window/snippet batching.
+
+Training examples are random windows of `window` consecutive clips; evaluation cuts each
+trailer into consecutive non-overlapping snippets of `window` clips, the last one padded
+(PAPER.md). Everything is gathered with vectorised indexing from in-RAM tensors.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from trailers12k_feats import GENRES, NUM_GENRES
+from trailers12k_feats.cache import FeatureSet
+from trailers12k_feats.utils import T12kError
+
+log = logging.getLogger(__name__)
+
+SPLIT_COLUMNS = ("split0", "split1", "split2")
+SUBSETS = {"train": 0, "val": 1, "test": 2}
+HEADER = ("mid", *GENRES, *SPLIT_COLUMNS)
+
+
+@dataclass
+class Metadata:
+    """Labels and split assignments of every trailer, in file order."""
+
+    path: Path
+    ids: list[str]
+    labels: np.ndarray  # (n, 10) uint8
+    splits: np.ndarray  # (n, 3) int8, 0 train / 1 val / 2 test
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def subset(self, split: int, name: str) -> np.ndarray:
+        """Row indices of `name` ("train", "val" or "test") in split `split`."""
+        if split not in range(self.splits.shape[1]):
+            raise T12kError(f"split must be 0, 1 or 2, got {split}.")
+        rows = np.flatnonzero(self.splits[:, split] == SUBSETS[name])
+        if len(rows) == 0:
+            raise T12kError(f"{self.path}: the {name} set of split{split} is empty; every split column "
+                            f"needs train (0), val (1) and test (2) rows.")
+        return rows
+
+
+def load_metadata(path: str | os.PathLike) -> Metadata:
+    """Read and validate `mtgc.csv`: mid, the 10 genres in order, split0..split2."""
+    path = Path(path)
+    if not path.is_file():
+        raise T12kError(f"metadata file {path} does not exist; pass the path of mtgc.csv "
+                        f"(or run `t12k synth` for a synthetic corpus).")
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        header = tuple(h.strip() for h in next(reader, ()))
+        if header != HEADER:
+            raise T12kError(f"{path}, line 1: the header must be {','.join(HEADER)} (genres in this order), "
+                            f"got {','.join(header) or 'an empty file'}.")
+        ids: list[str] = []
+        rows: list[list[int]] = []
+        seen: dict[str, int] = {}
+        for lineno, row in enumerate(reader, start=2):
+            if not row or all(not c.strip() for c in row):
+                continue
+            if len(row) != len(HEADER):
+                raise T12kError(f"{path}, line {lineno}: expected {len(HEADER)} columns, got {len(row)}.")
+            mid = row[0].strip()
+            if not mid:
+                raise T12kError(f"{path}, line {lineno}: empty trailer id in column mid.")
+            if mid in seen:
+                raise T12kError(f"{path}, line {lineno}: trailer {mid} already appears on line {seen[mid]}.")
+            seen[mid] = lineno
+            values = []
+            for col, cell in zip(HEADER[1:], row[1:]):
+                allowed = ("0", "1", "2") if col.startswith("split") else ("0", "1")
+                cell = cell.strip()
+                if cell not in allowed:
+                    raise T12kError(f"{path}, line {lineno}: column {col} of {mid} must be one of "
+                                    f"{'/'.join(allowed)}, got {cell!r}.")
+                values.append(int(cell))
+            if not any(values[:NUM_GENRES]):
+                raise T12kError(f"{path}, line {lineno}: trailer {mid} has no genre; every trailer needs at least one.")
+            ids.append(mid)
+            rows.append(values)
+    if not ids:
+        raise T12kError(f"{path} has a header but no trailers.")
+    arr = np.asarray(rows, np.int64)
+    return Metadata(path, ids, arr[:, :NUM_GENRES].astype(np.uint8), arr[:, NUM_GENRES:].astype(np.int8))
+
+
+def write_metadata(path: str | os.PathLike, ids: Sequence[str], labels: np.ndarray, splits: np.ndarray) -> None:
+    """Write a metadata file in the `mtgc.csv` format (atomically)."""
+    from trailers12k_feats.utils import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(HEADER)
+        for tid, lab, spl in zip(ids, labels, splits):
+            w.writerow([tid, *map(int, lab), *map(int, spl)])
+
+
+def align(meta: Metadata, sets: Sequence[FeatureSet], on_missing: str = "error") -> np.ndarray:
+    """Metadata rows present in every feature set; report what is missing either way.
+
+    `on_missing` is "error" (stop on any trailer in the metadata but missing from a cache)
+    or "warn" (log it and drop those trailers). Trailers in a cache but not in the
+    metadata are always reported and never used.
+    """
+    if on_missing not in ("error", "warn"):
+        raise T12kError(f"on_missing must be 'error' or 'warn', got {on_missing!r}.")
+    keep = np.ones(len(meta), bool)
+    meta_ids = set(meta.ids)
+    for fs in sets:
+        present = np.fromiter((tid in fs.index for tid in meta.ids), bool, len(meta))
+        missing = [meta.ids[i] for i in np.flatnonzero(~present)]
+        extra = [tid for tid in fs.ids if tid not in meta_ids]
+        if extra:
+            log.warning("%s: %d trailers are not in %s and are ignored (e.g. %s)", fs.path, len(extra),
+                        meta.path, ", ".join(extra[:3]))
+        if missing:
+            msg = (f"{len(missing)} of {len(meta)} trailers in {meta.path} are missing from cache {fs.path} "
+                   f"(e.g. {', '.join(missing[:3])})")
+            if on_missing == "error":
+                raise T12kError(msg + "; extract them, or pass --on-missing warn to drop them.")
+            log.warning("%s; dropping them", msg)
+        keep &= present
+    if not keep.any():
+        raise T12kError(f"no trailer of {meta.path} is in every cache; check that the caches belong to this metadata.")
+    return np.flatnonzero(keep)
+
+
+@dataclass
+class Batch:
+    x: dict[str, torch.Tensor]  # stream -> (B, W, F)
+    mask: torch.Tensor  # (B, W) bool, True = real clip
+    y: torch.Tensor  # (B, 10) float
+    rows: torch.Tensor  # (B,) index into the TrailerData (for snippets: owning trailer)
+
+
+class TrailerData:
+    """Trailers of one or more streams, aligned to metadata rows, held in RAM.
+
+    With several streams a trailer's length is the smallest of its streams' clip counts,
+    and both streams are indexed at the same clip positions, so a window covers the same
+    stretch of the trailer in each (clip counts agree when the streams share clip settings).
+    """
+
+    def __init__(self, meta: Metadata, sets: dict[str, FeatureSet], rows: np.ndarray) -> None:
+        if not sets:
+            raise T12kError("at least one feature stream is required.")
+        self.ids = [meta.ids[i] for i in rows]
+        self.labels = torch.from_numpy(meta.labels[rows].astype(np.float32))  # (n, 10)
+        self.streams = list(sets)
+        self.features = {k: fs.features for k, fs in sets.items()}
+        starts, lengths = {}, []
+        for k, fs in sets.items():
+            pos = torch.as_tensor([fs.index[t] for t in self.ids], dtype=torch.long)  # (n,)
+            starts[k] = fs.offsets[pos]  # (n,)
+            lengths.append(fs.offsets[pos + 1] - fs.offsets[pos])
+        self.starts = starts
+        self.lengths = torch.stack(lengths).min(0).values  # (n,)
+        if len(lengths) > 1 and not bool((lengths[0] == lengths[1]).all()):
+            n = int((lengths[0] != lengths[1]).sum())
+            log.info("%d trailers have different clip counts across streams; using the shorter", n)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def dims(self) -> dict[str, int]:
+        return {k: int(v.shape[1]) for k, v in self.features.items()}
+
+    def gather(self, rows: torch.Tensor, first: torch.Tensor, window: int, dtype: torch.dtype) -> Batch:
+        """Clips first..first+window-1 of trailers `rows`, padded with zeros past each end."""
+        pos = first[:, None] + torch.arange(window)  # (B, W)
+        mask = pos < self.lengths[rows, None]  # (B, W)
+        pos = torch.minimum(pos, self.lengths[rows, None] - 1)  # stay inside the trailer
+        x = {}
+        for k in self.streams:
+            idx = self.starts[k][rows, None] + pos  # (B, W)
+            xk = self.features[k][idx].to(dtype)  # (B, W, F)
+            x[k] = xk.masked_fill_(~mask[..., None], 0.0)
+        return Batch(x, mask, self.labels[rows], rows)
+
+    def random_windows(self, rows: torch.Tensor, window: int, gen: torch.Generator,
+                       dtype: torch.dtype = torch.float32) -> Batch:
+        """One random window of `window` consecutive clips per trailer (shorter trailers: all clips)."""
+        slack = (self.lengths[rows] - window).clamp(min=0) + 1  # (B,) number of valid starts
+        first = (torch.rand(len(rows), generator=gen) * slack).long()  # (B,)
+        return self.gather(rows, first, window, dtype)
+
+    def snippets(self, rows: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(owner, first clip) of every non-overlapping `window`-clip snippet of trailers `rows`."""
+        count = (self.lengths[rows] + window - 1) // window  # (n,)
+        owner = torch.repeat_interleave(rows, count)  # (total,)
+        base = torch.repeat_interleave(torch.cumsum(count, 0) - count, count)
+        first = (torch.arange(len(owner)) - base) * window  # (total,)
+        return owner, first

@@ -1,0 +1,76 @@
+"""The paper's feature streams and Table 6 (PAPER.md): names, dims and reported numbers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from trailers12k_feats.utils import T12kError
+
+
+@dataclass(frozen=True)
+class Stream:
+    """One released feature set: cache file `<name>.h5`, its dim and how it was made."""
+
+    name: str
+    dim: int
+    backbone: str
+    kind: str  # "2d" image model or "3d" video model
+    pretraining: str
+    released: str  # file name of the released zarr archive
+
+
+STREAMS: dict[str, Stream] = {s.name: s for s in (
+    Stream("i_shufflenet", 1024, "shufflenet_v2_x1_0", "2d", "ImageNet-1K", "trailers_i_shufflenet_fpc24.zarr.tar.gz"),
+    Stream("k_shufflenet", 1024, "shufflenet_v2_3d_x1_0", "3d", "Kinetics", "trailers_k_shufflenet_fps24_fpc24.zarr.tar.gz"),
+    Stream("i_resnet", 2048, "resnet50", "2d", "ImageNet-1K", "trailers_i_resnet_fpc24.zarr.tar.gz"),
+    Stream("k_r2plus1d", 512, "r2plus1d_18", "3d", "Kinetics-400", "trailers_k_r2plus1d_fps24_fpc24.zarr.tar.gz"),
+    Stream("i_swin", 768, "swin_t", "2d", "ImageNet-1K", "trailers_i_swin_fpc24.zarr.tar.gz"),
+    Stream("ik_swin", 768, "swin3d_t", "3d", "ImageNet-1K + Kinetics-400", "trailers_ik_swin_fps24_fpc24.zarr.tar.gz"),
+)}
+
+
+@dataclass(frozen=True)
+class Row:
+    """A Table 6 row: an image stream, a video stream, or both (late fusion)."""
+
+    name: str
+    label: str
+    image: str | None
+    video: str | None
+    paper: dict[str, tuple[float, float]]  # metric -> (mean, std) on test, x100
+
+    @property
+    def streams(self) -> tuple[str, ...]:
+        return tuple(s for s in (self.image, self.video) if s)
+
+
+def _p(u: str, m: str, w: str, s: str) -> dict[str, tuple[float, float]]:
+    return {k: tuple(float(x) for x in v.split("±")) for k, v in zip(("uAP", "mAP", "wAP", "sAP"), (u, m, w, s))}
+
+
+TABLE6: dict[str, Row] = {r.name: r for r in (
+    Row("i_shufflenet", "ShuffleNet-2D", "i_shufflenet", None, _p("71.69±0.44", "66.47±0.73", "70.51±0.50", "76.60±0.77")),
+    Row("k_shufflenet", "ShuffleNet-3D", None, "k_shufflenet", _p("63.43±1.54", "58.18±1.50", "63.59±1.46", "69.49±1.58")),
+    Row("shufflenet_fusion", "ShuffleNet-Fusion", "i_shufflenet", "k_shufflenet", _p("72.11±0.56", "67.08±0.37", "71.42±0.41", "76.66±0.73")),
+    Row("i_resnet", "ResNet", "i_resnet", None, _p("70.92±3.49", "66.16±2.45", "70.23±2.11", "75.85±3.05")),
+    Row("k_r2plus1d", "R2+1D", None, "k_r2plus1d", _p("71.76±2.72", "66.09±2.44", "70.81±2.21", "76.33±2.02")),
+    Row("resnet_fusion", "ResNet-Fusion", "i_resnet", "k_r2plus1d", _p("73.28±0.66", "68.03±0.63", "72.14±0.72", "77.76±0.44")),
+    Row("i_swin", "Swin-2D", "i_swin", None, _p("72.96±4.17", "67.68±2.63", "71.70±2.44", "77.77±4.08")),
+    Row("ik_swin", "Swin-3D", None, "ik_swin", _p("75.71±2.43", "70.44±2.10", "74.30±2.11", "80.19±2.61")),
+)}
+
+
+def get_row(name: str) -> Row:
+    """A Table 6 row by name (also accepts the paper's label, e.g. "Swin-3D")."""
+    if name in TABLE6:
+        return TABLE6[name]
+    for row in TABLE6.values():
+        if row.label.lower() == name.lower():
+            return row
+    raise T12kError(f"unknown Table 6 row {name!r}; valid rows: {', '.join(TABLE6)}.")
+
+
+def get_stream(name: str) -> Stream:
+    if name not in STREAMS:
+        raise T12kError(f"unknown feature stream {name!r}; valid streams: {', '.join(STREAMS)}.")
+    return STREAMS[name]
