@@ -322,6 +322,11 @@ def validate(path: str | os.PathLike, chunk_rows: int = 65536) -> CacheAttrs:
     return attrs
 
 
+def stream_path(cache_dir: str | os.PathLike, stream: str) -> Path:
+    """Where the cache of a named stream lives: `<cache_dir>/<stream>.h5`."""
+    return Path(cache_dir) / f"{stream}{SUFFIX}"
+
+
 def list_caches(root: str | os.PathLike) -> list[Path]:
     """Cache files (``*.h5``) under a directory, sorted by name."""
     root = Path(root)

@@ -1,0 +1,246 @@
+"""`t12k`: the command line of trailers12k_feats. It only turns options into configs."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from trailers12k_feats.utils import T12kError, setup_logging
+
+log = logging.getLogger("t12k")
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers such as 0,1,2, got {text!r}") from None
+
+
+def _names(text: str | None) -> tuple[str, ...] | None:
+    return tuple(x.strip() for x in text.split(",") if x.strip()) if text else None
+
+
+def _errors(fn):
+    """Turn a T12kError into one clear line and exit status 1, without a traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except T12kError as e:
+            raise click.ClickException(str(e)) from None
+    return wrapper
+
+
+def _data_options(fn):
+    """--data-dir, or --metadata and --cache-dir separately."""
+    fn = click.option("--on-missing", type=click.Choice(["error", "warn"]), default="error", show_default=True,
+                      help="Trailers of the metadata missing from a cache: stop, or warn and drop them.")(fn)
+    fn = click.option("--cache-dir", type=click.Path(path_type=Path),
+                      help="Folder of <stream>.h5 caches [default: DATA_DIR].")(fn)
+    fn = click.option("--metadata", type=click.Path(path_type=Path),
+                      help="Labels and splits file [default: DATA_DIR/mtgc.csv].")(fn)
+    fn = click.option("--data-dir", type=click.Path(path_type=Path), default=Path("cache"), show_default=True,
+                      help="Folder holding mtgc.csv and the <stream>.h5 caches.")(fn)
+    return fn
+
+
+def _resolve(data_dir: Path, metadata: Path | None, cache_dir: Path | None) -> tuple[Path, Path]:
+    return metadata or data_dir / "mtgc.csv", cache_dir or data_dir
+
+
+def _train_options(fn):
+    """Options of TrainConfig; unset ones keep the config's defaults (the paper's protocol)."""
+    from trailers12k_feats.heads import TEMPORAL
+
+    opts = [
+        click.option("--temporal", type=click.Choice(list(TEMPORAL)), help="Temporal module [tsfm]."),
+        click.option("--fusion", type=click.Choice(["late", "early"]), help="Fusion of two streams [late]."),
+        click.option("--max-epochs", type=int, help="Epoch limit [100]."),
+        click.option("--batch-size", type=int, help="Trailers per batch [32]."),
+        click.option("--lr", type=float, help="AdamW learning rate [1e-4]."),
+        click.option("--seed", type=int, help="Seed of weights, windows and dropout [0]."),
+        click.option("--precision", type=click.Choice(["bf16", "fp32"]), help="Autocast precision [bf16]."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _train_config(split: int = 0, **opts):
+    from trailers12k_feats.train import TrainConfig
+
+    return TrainConfig(split=split, **{k: v for k, v in opts.items() if v is not None})
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.version_option(package_name="trailers12k_feats")
+def main(verbose: bool) -> None:
+    """Multi-label movie-trailer genre classification on cached clip features (DIViTA, Trailers12k)."""
+    setup_logging(verbose)
+
+
+@main.command()
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--trailers", type=int, default=12000, show_default=True, help="Number of trailers.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--streams", help="Comma-separated streams [all six of Table 6].")
+@_errors
+def synth(out_dir: Path, trailers: int, seed: int, streams: str | None) -> None:
+    """Write a synthetic Trailers12k-shaped corpus: mtgc.csv and one cache per stream."""
+    from trailers12k_feats.synthetic import SynthConfig, make_corpus
+
+    kw = {"streams": _names(streams)} if streams else {}
+    make_corpus(out_dir, SynthConfig(num_trailers=trailers, seed=seed, **kw))
+    click.echo(f"wrote {out_dir}")
+
+
+@main.group()
+def cache() -> None:
+    """Inspect feature caches."""
+
+
+@cache.command("info")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_errors
+def cache_info(paths: tuple[Path, ...], as_json: bool) -> None:
+    """Summarise caches (a folder lists every cache in it)."""
+    from trailers12k_feats import cache as cache_mod
+
+    files = [f for p in paths for f in (cache_mod.list_caches(p) if p.is_dir() else [p])]
+    infos = [cache_mod.summary(f) for f in files]
+    if as_json:
+        click.echo(json.dumps(infos, indent=2))
+        return
+    for s in infos:
+        c = s["clips_per_trailer"]
+        click.echo(f"{s['path']}  ({s['size_mb']} MB, {s['dtype']})\n"
+                   f"  {s['name']}: {s['backbone']} ({s['kind']}, {s['pretraining']}), dim {s['feature_dim']}, "
+                   f"fps {s['fps']:g}, fpc {s['fpc']}, segmentation {s['segmentation']}, source {s['source']}\n"
+                   f"  {s['trailers']} trailers, {s['clips']} clips (min {c['min']}, median {c['median']:g}, "
+                   f"max {c['max']}; {s['trailers_under_30_clips']} trailers under 30 clips)")
+
+
+@cache.command("validate")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@_errors
+def cache_validate(paths: tuple[Path, ...]) -> None:
+    """Check caches' schema, index and values (NaN/Inf)."""
+    from trailers12k_feats import cache as cache_mod
+
+    files = [f for p in paths for f in (cache_mod.list_caches(p) if p.is_dir() else [p])]
+    for f in files:
+        cache_mod.validate(f)
+        click.echo(f"ok  {f}")
+
+
+@main.command()
+@_data_options
+@click.option("--row", help="A Table 6 row (sets --image/--video), e.g. ik_swin or shufflenet_fusion.")
+@click.option("--image", help="Image stream: a name in the cache folder or a path to an .h5 cache.")
+@click.option("--video", help="Video stream: a name in the cache folder or a path to an .h5 cache.")
+@click.option("--split", type=click.IntRange(0, 2), default=0, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Run directory to create.")
+@_train_options
+@_errors
+def train(data_dir, metadata, cache_dir, on_missing, row, image, video, split, out, **opts) -> None:
+    """Train one head on one split and save a run directory."""
+    from trailers12k_feats import cache as cache_mod
+    from trailers12k_feats.data import load_metadata
+    from trailers12k_feats.metrics import format_metrics
+    from trailers12k_feats.paper import get_row
+    from trailers12k_feats.train import load_streams, train_run
+
+    cfg = _train_config(split, **opts)
+    metadata, cache_dir = _resolve(data_dir, metadata, cache_dir)
+    if row:
+        r = get_row(row)
+        image, video = image or r.image, video or r.video
+    if not (image or video):
+        raise T12kError("give --row, or --image and/or --video.")
+    if out.exists():
+        raise T12kError(f"run directory {out} already exists; choose another --out or delete it.")
+    roles = {k: (Path(v) if v.endswith(cache_mod.SUFFIX) else cache_mod.stream_path(cache_dir, v))
+             for k, v in (("image", image), ("video", video)) if v}
+    meta = load_metadata(metadata)
+    for subset in ("train", "val", "test"):
+        meta.subset(split, subset)
+    sets, rows = load_streams(meta, roles, on_missing)
+    res = train_run(cfg, meta, sets, rows, out, desc=f"split{split}")
+    click.echo(f"best epoch {res.best_epoch}/{res.epochs}\n  val  {format_metrics(res.val)}\n"
+               f"  test {format_metrics(res.test)}\nrun saved to {out}")
+
+
+def _rows_splits(rows: str | None, splits: str) -> dict:
+    from trailers12k_feats.paper import TABLE6
+
+    return {"rows": _names(rows) or tuple(TABLE6), "splits": _ints(splits)}
+
+
+@main.command()
+@_data_options
+@click.option("--rows", help="Comma-separated Table 6 rows [all eight].")
+@click.option("--splits", default="0,1,2", show_default=True, help="Comma-separated splits.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("results/transfer"), show_default=True)
+@_train_options
+@_errors
+def reproduce(data_dir, metadata, cache_dir, on_missing, rows, splits, out, **opts) -> None:
+    """Run Table 6 (rows x splits), resuming finished runs; print it beside the paper."""
+    from trailers12k_feats.reproduce import ReproduceConfig, reproduce as run
+
+    metadata, cache_dir = _resolve(data_dir, metadata, cache_dir)
+    cfg = ReproduceConfig(metadata=metadata, cache_dir=cache_dir, out_dir=out, on_missing=on_missing,
+                          train=_train_config(**opts), **_rows_splits(rows, splits))
+    click.echo(run(cfg))
+    click.echo(f"\nresults in {out} (val.csv, tst.csv, summary.csv, summary.md)")
+
+
+@main.command()
+@_data_options
+@click.option("--rows", help="Comma-separated Table 6 rows [all eight].")
+@click.option("--splits", default="0,1,2", show_default=True, help="Comma-separated splits.")
+@click.option("--pool", type=click.Choice(["mean", "meanmax"]), default="mean", show_default=True,
+              help="Pooling of each trailer's clips.")
+@click.option("--alpha", type=float, default=1000.0, show_default=True, help="Ridge penalty.")
+@_errors
+def probe(data_dir, metadata, cache_dir, on_missing, rows, splits, pool, alpha) -> None:
+    """Linear probe on pooled clip features: the Table 6 rows in seconds."""
+    from trailers12k_feats.probe import ProbeConfig, probe as run
+    from trailers12k_feats.reproduce import format_table, summarise
+
+    metadata, cache_dir = _resolve(data_dir, metadata, cache_dir)
+    cfg = ProbeConfig(metadata=metadata, cache_dir=cache_dir, pool=pool, alpha=alpha, on_missing=on_missing,
+                      **_rows_splits(rows, splits))
+    table = run(cfg)
+    click.echo(format_table(summarise(table["test"]), f"test, linear probe on {pool}-pooled features"))
+
+
+@main.command()
+@click.option("--out", type=click.Path(path_type=Path), default=Path("demo_out"), show_default=True)
+@click.option("--trailers", type=int, default=1500, show_default=True, help="Size of the synthetic corpus.")
+@_errors
+def demo(out: Path, trailers: int) -> None:
+    """Synthetic corpus -> linear probe -> Table 6 reproduction, printed beside the paper."""
+    from trailers12k_feats.probe import ProbeConfig, probe as run_probe
+    from trailers12k_feats.reproduce import ReproduceConfig, format_table, reproduce as run, summarise
+    from trailers12k_feats.synthetic import SynthConfig, make_corpus
+
+    data = out / "data"
+    if not (data / "mtgc.csv").exists():
+        make_corpus(data, SynthConfig(num_trailers=trailers))
+    table = run_probe(ProbeConfig(metadata=data / "mtgc.csv", cache_dir=data))
+    click.echo(format_table(summarise(table["test"]), "test, linear probe") + "\n")
+    cfg = ReproduceConfig(metadata=data / "mtgc.csv", cache_dir=data, out_dir=out / "transfer")
+    click.echo(run(cfg))
+    click.echo(f"\nresults in {out / 'transfer'}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""Train and evaluate one DIViTA head on cached features (the protocol of PAPER.md).
+
+Random 30-clip windows for training; snippet-averaged sigmoid probabilities for evaluation;
+AdamW (amsgrad), ReduceLROnPlateau and early stopping on validation loss; the
+best-validation-loss weights are evaluated on val and test. A run directory holds
+config.json, history.csv, best.pt, predictions.csv and metrics.json, and appears only
+when the run has finished.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as Fn
+from tqdm import tqdm
+
+from trailers12k_feats import GENRES, __version__
+from trailers12k_feats import cache as cache_mod
+from trailers12k_feats.data import Metadata, TrailerData, align
+from trailers12k_feats.heads import TEMPORAL, build_divita, count_params
+from trailers12k_feats.metrics import format_metrics, multilabel_metrics
+from trailers12k_feats.utils import T12kError, atomic_path, config_dict, seed_everything, write_json
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32}
+FUSIONS = ("late", "early")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. Defaults are the paper's protocol."""
+
+    split: int = 0
+    temporal: str = "tsfm"
+    fusion: str = "late"
+    window: int = 30  # clips per training window and per evaluation snippet
+    batch_size: int = 32
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    amsgrad: bool = True
+    max_epochs: int = 100
+    plateau_factor: float = 0.1
+    plateau_patience: int = 10
+    early_stop_patience: int = 20
+    dropout: float = 0.25
+    seed: int = 0
+    precision: str = "bf16"  # autocast dtype for matmuls: "bf16" (AMX/tensor cores) or "fp32"
+    eval_batch_size: int = 512
+
+    def __post_init__(self) -> None:
+        if self.split not in (0, 1, 2):
+            raise T12kError(f"split must be 0, 1 or 2, got {self.split}.")
+        if self.temporal not in TEMPORAL:
+            raise T12kError(f"unknown temporal module {self.temporal!r}; valid: {', '.join(TEMPORAL)}.")
+        if self.fusion not in FUSIONS:
+            raise T12kError(f"unknown fusion {self.fusion!r}; valid: {', '.join(FUSIONS)}.")
+        if self.precision not in PRECISIONS:
+            raise T12kError(f"unknown precision {self.precision!r}; valid: {', '.join(PRECISIONS)}.")
+        for name in ("window", "batch_size", "max_epochs", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise T12kError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if not (self.lr > 0 and self.weight_decay >= 0 and 0 <= self.dropout < 1 and 0 < self.plateau_factor < 1):
+            raise T12kError("need lr > 0, weight_decay >= 0, 0 <= dropout < 1 and 0 < plateau_factor < 1.")
+
+
+@dataclass
+class RunResult:
+    best_epoch: int
+    epochs: int
+    val: dict[str, float]
+    test: dict[str, float]
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def load_streams(meta: Metadata, caches: dict[str, Path], on_missing: str = "error") -> tuple[dict, np.ndarray]:
+    """Load the caches of each role ("image", "video") and the metadata rows they all hold."""
+    sets = {role: cache_mod.load(p) for role, p in caches.items()}
+    return sets, align(meta, list(sets.values()), on_missing)
+
+
+def _split_data(meta: Metadata, sets: dict, rows: np.ndarray, split: int) -> dict[str, TrailerData]:
+    present = np.zeros(len(meta), bool)
+    present[rows] = True
+    out = {}
+    for name in ("train", "val", "test"):
+        sub = meta.subset(split, name)
+        sub = sub[present[sub]]
+        if len(sub) == 0:
+            raise T12kError(f"the {name} set of split{split} has no trailer present in the caches.")
+        out[name] = TrailerData(meta, sets, sub)
+    return out
+
+
+class Trainer:
+    """Holds the model, optimiser and data of one run; `fit()` runs the protocol."""
+
+    def __init__(self, cfg: TrainConfig, data: dict[str, TrailerData]) -> None:
+        self.cfg = cfg
+        self.data = data
+        dims = data["train"].dims()
+        self.gen = seed_everything(cfg.seed)
+        self.model = build_divita(dims.get("image"), dims.get("video"), temporal=cfg.temporal,
+                                  fusion=cfg.fusion, dropout=cfg.dropout)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                     amsgrad=cfg.amsgrad)
+        self.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(self.opt, mode="min", factor=cfg.plateau_factor,
+                                                                patience=cfg.plateau_patience)
+        self.dtype = PRECISIONS[cfg.precision]
+
+    def _logits(self, batch) -> torch.Tensor:
+        x = batch.x
+        with torch.autocast("cpu", dtype=self.dtype, enabled=self.dtype != torch.float32):
+            logits = self.model(ix=x.get("image"), vx=x.get("video"), ix_mask=batch.mask, vx_mask=batch.mask)
+        return logits.float()  # (B, 10)
+
+    def train_epoch(self, progress: bool = False) -> float:
+        cfg, d = self.cfg, self.data["train"]
+        self.model.train()
+        order = torch.randperm(len(d), generator=self.gen)  # (n,)
+        total, count = torch.zeros(()), 0
+        steps = range(0, len(d), cfg.batch_size)
+        for s in tqdm(steps, desc="train", unit="batch", leave=False, disable=not progress):
+            rows = order[s:s + cfg.batch_size]
+            batch = d.random_windows(rows, cfg.window, self.gen)
+            loss = Fn.binary_cross_entropy_with_logits(self._logits(batch), batch.y)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            total += loss.detach() * len(rows)
+            count += len(rows)
+        return float(total) / count
+
+    @torch.no_grad()
+    def predict(self, d: TrailerData) -> torch.Tensor:
+        """Snippet-averaged sigmoid probabilities (n, 10) for every trailer of `d`."""
+        cfg = self.cfg
+        self.model.eval()
+        owner, first = d.snippets(torch.arange(len(d)), cfg.window)  # (S,), (S,)
+        probs = torch.zeros(len(d), d.labels.shape[1])
+        for s in range(0, len(owner), cfg.eval_batch_size):
+            batch = d.gather(owner[s:s + cfg.eval_batch_size], first[s:s + cfg.eval_batch_size], cfg.window,
+                             torch.float32)
+            probs.index_add_(0, batch.rows, torch.sigmoid(self._logits(batch)))
+        counts = torch.bincount(owner, minlength=len(d)).clamp(min=1)
+        return probs / counts[:, None]  # (n, 10)
+
+    def evaluate(self, d: TrailerData) -> tuple[float, dict[str, float], torch.Tensor]:
+        p = self.predict(d)
+        loss = float(Fn.binary_cross_entropy(p.clamp(1e-7, 1 - 1e-7), d.labels))
+        return loss, multilabel_metrics(d.labels.numpy(), p.numpy()), p
+
+    def fit(self, progress: bool = True, desc: str = "epochs") -> RunResult:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        best_loss, best_epoch, best_state = math.inf, 0, None
+        history = []
+        bar = tqdm(range(1, cfg.max_epochs + 1), desc=desc, unit="epoch", disable=not progress, leave=False)
+        for epoch in bar:
+            train_loss = self.train_epoch()
+            val_loss, val_m, _ = self.evaluate(self.data["val"])
+            lr = self.opt.param_groups[0]["lr"]
+            self.sched.step(val_loss)
+            history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "lr": lr,
+                            **{f"val_{k}": val_m[k] for k in ("uAP", "mAP", "wAP", "sAP")},
+                            "seconds": round(time.perf_counter() - t0, 2)})
+            if val_loss < best_loss:
+                best_loss, best_epoch = val_loss, epoch
+                best_state = copy.deepcopy(self.model.state_dict())
+            bar.set_postfix(loss=f"{train_loss:.4f}", val_loss=f"{val_loss:.4f}", val_uAP=f"{val_m['uAP']:.2f}",
+                            best=best_epoch)
+            log.debug("epoch %d train %.4f val %.4f %s", epoch, train_loss, val_loss, format_metrics(val_m))
+            if epoch - best_epoch >= cfg.early_stop_patience:
+                break
+        self.model.load_state_dict(best_state)
+        _, val_m, self.val_probs = self.evaluate(self.data["val"])
+        _, test_m, self.test_probs = self.evaluate(self.data["test"])
+        return RunResult(best_epoch, len(history), val_m, test_m, history, time.perf_counter() - t0)
+
+
+def _write_history(path: Path, history: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(history[0]))
+        w.writeheader()
+        w.writerows(history)
+
+
+def _write_predictions(path: Path, trainer: Trainer) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["subset", "mid", *GENRES])
+        for subset, probs in (("val", trainer.val_probs), ("test", trainer.test_probs)):
+            for tid, p in zip(trainer.data[subset].ids, probs.tolist()):
+                w.writerow([subset, tid, *(f"{v:.6f}" for v in p)])
+
+
+def train_run(cfg: TrainConfig, meta: Metadata, sets: dict[str, cache_mod.FeatureSet], rows: np.ndarray,
+              out_dir: str | os.PathLike | None = None, progress: bool = True, desc: str = "epochs") -> RunResult:
+    """Train one configuration on split `cfg.split`; write a run directory if `out_dir` is given."""
+    data = _split_data(meta, sets, rows, cfg.split)
+    trainer = Trainer(cfg, data)
+    n_params = count_params(trainer.model)
+    log.info("%s: %s, %d params, train/val/test %d/%d/%d trailers", desc,
+             " + ".join(f"{r}={fs.name}" for r, fs in sets.items()), n_params,
+             len(data["train"]), len(data["val"]), len(data["test"]))
+    result = trainer.fit(progress=progress, desc=desc)
+    log.info("%s: best epoch %d of %d, %.0f s; test %s", desc, result.best_epoch, result.epochs, result.seconds,
+             format_metrics(result.test))
+    if out_dir is not None:
+        info = {
+            "config": config_dict(cfg),
+            "streams": {r: {"name": fs.name, "path": str(fs.path), "feature_dim": fs.feature_dim,
+                            "backbone": fs.attrs.backbone, "kind": fs.attrs.kind, "fps": fs.attrs.fps,
+                            "fpc": fs.attrs.fpc, "segmentation": fs.attrs.segmentation}
+                        for r, fs in sets.items()},
+            "metadata": str(meta.path),
+            "trailers": {k: len(v) for k, v in data.items()},
+            "params": n_params,
+            "package_version": __version__,
+        }
+        with atomic_path(out_dir) as tmp:
+            tmp.mkdir()
+            (tmp / "config.json").write_text(json.dumps(info, indent=2) + "\n")
+            _write_history(tmp / "history.csv", result.history)
+            torch.save({"model": trainer.model.state_dict(), "epoch": result.best_epoch, "info": info},
+                       tmp / "best.pt")
+            _write_predictions(tmp / "predictions.csv", trainer)
+            write_json(tmp / "metrics.json", {"best_epoch": result.best_epoch, "epochs": result.epochs,
+                                              "seconds": round(result.seconds, 1), "val": result.val,
+                                              "test": result.test})
+    return result
