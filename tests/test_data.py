@@ -1,0 +1,120 @@
+import numpy as np
+import pytest
+import torch
+
+from trailers12k_feats import GENRES, cache, data
+from trailers12k_feats.utils import T12kError
+
+HEADER = "mid," + ",".join(GENRES) + ",split0,split1,split2\n"
+
+
+def write_csv(tmp_path, body, header=HEADER):
+    p = tmp_path / "mtgc.csv"
+    p.write_text(header + body)
+    return p
+
+
+def test_load_metadata(tmp_path):
+    p = write_csv(tmp_path, "tt1,1,0,0,0,0,0,0,0,0,1,0,1,2\ntt2,0,0,1,0,0,0,0,0,0,0,1,2,0\n")
+    m = data.load_metadata(p)
+    assert m.ids == ["tt1", "tt2"]
+    assert m.labels.tolist()[0] == [1, 0, 0, 0, 0, 0, 0, 0, 0, 1]
+    assert m.splits.tolist() == [[0, 1, 2], [1, 2, 0]]
+    assert m.subset(0, "val").tolist() == [1]
+
+
+@pytest.mark.parametrize("body,header,msg", [
+    ("", "mid,drama,action\n", "line 1: the header must be"),
+    ("tt1,1,0,0,0,0,0,0,0,0,0,0,1\n", HEADER, "line 2: expected 14 columns"),
+    ("tt1,1,0,0,0,0,0,0,0,0,0,0,1,3\n", HEADER, "line 2: column split2 of tt1 must be one of 0/1/2, got '3'"),
+    ("tt1,1,0,0,0,0,0,0,0,0,2,0,1,2\n", HEADER, "line 2: column thriller of tt1 must be one of 0/1"),
+    ("tt1,0,0,0,0,0,0,0,0,0,0,0,1,2\n", HEADER, "line 2: trailer tt1 has no genre"),
+    ("tt1,1,0,0,0,0,0,0,0,0,0,0,1,2\ntt1,1,0,0,0,0,0,0,0,0,0,0,1,2\n", HEADER, "line 3: trailer tt1 already"),
+    ("", HEADER, "has a header but no trailers"),
+])
+def test_bad_metadata(tmp_path, body, header, msg):
+    with pytest.raises(T12kError, match=msg):
+        data.load_metadata(write_csv(tmp_path, body, header))
+
+
+def test_missing_metadata_file(tmp_path):
+    with pytest.raises(T12kError, match="does not exist"):
+        data.load_metadata(tmp_path / "mtgc.csv")
+
+
+def test_empty_split(tmp_path):
+    m = data.load_metadata(write_csv(tmp_path, "tt1,1,0,0,0,0,0,0,0,0,0,0,0,0\n"))
+    with pytest.raises(T12kError, match="the val set of split0 is empty"):
+        m.subset(0, "val")
+
+
+def test_metadata_roundtrip(tmp_path):
+    labels = np.eye(10, dtype=np.uint8)[:3]
+    splits = np.array([[0, 1, 2], [1, 2, 0], [2, 0, 1]])
+    data.write_metadata(tmp_path / "m.csv", ["a", "b", "c"], labels, splits)
+    m = data.load_metadata(tmp_path / "m.csv")
+    assert m.ids == ["a", "b", "c"] and (m.labels == labels).all() and (m.splits == splits).all()
+
+
+def toy_sets(tmp_path, lengths, F=4, ids=None):
+    ids = ids or [f"t{i}" for i in range(len(lengths))]
+    items = [(t, np.arange(n * F, dtype=np.float32).reshape(n, F) + 100 * i) for i, (t, n) in enumerate(zip(ids, lengths))]
+    cache.write_cache(tmp_path / "c.h5", cache.CacheAttrs(name="c", backbone="b", feature_dim=F), items, "float32")
+    return cache.load(tmp_path / "c.h5")
+
+
+def toy_meta(tmp_path, ids):
+    labels = np.zeros((len(ids), 10), np.uint8)
+    labels[:, 0] = 1
+    data.write_metadata(tmp_path / "m.csv", ids, labels, np.zeros((len(ids), 3), np.int8))
+    return data.load_metadata(tmp_path / "m.csv")
+
+
+def test_align_reports_missing_both_ways(tmp_path, caplog):
+    fs = toy_sets(tmp_path, [3, 3, 3], ids=["a", "b", "x"])
+    meta = toy_meta(tmp_path, ["a", "b", "c"])
+    with pytest.raises(T12kError, match=r"1 of 3 trailers in .* are missing from cache .* \(e.g. c\)"):
+        data.align(meta, [fs])
+    rows = data.align(meta, [fs], on_missing="warn")
+    assert rows.tolist() == [0, 1]
+    assert "1 trailers are not in" in caplog.text and "dropping them" in caplog.text
+
+
+def test_windows_and_masks(tmp_path):
+    fs = toy_sets(tmp_path, [50, 5, 30])
+    meta = toy_meta(tmp_path, ["t0", "t1", "t2"])
+    d = data.TrailerData(meta, {"image": fs}, np.arange(3))
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        b = d.random_windows(torch.arange(3), 30, gen)
+        assert b.x["image"].shape == (3, 30, 4)
+        assert b.mask.sum(1).tolist() == [30, 5, 30]
+        # A window is 30 consecutive clips of its own trailer; padding is zero.
+        x = b.x["image"][0]
+        first = int(x[0, 0] / 4)
+        assert torch.equal(x, fs.clips("t0")[first:first + 30])
+        assert (b.x["image"][1, 5:] == 0).all() and torch.equal(b.x["image"][1, :5], fs.clips("t1"))
+        assert torch.equal(b.x["image"][2], fs.clips("t2"))
+
+
+def test_snippets_cover_every_clip_once(tmp_path):
+    fs = toy_sets(tmp_path, [61, 5, 30])
+    meta = toy_meta(tmp_path, ["t0", "t1", "t2"])
+    d = data.TrailerData(meta, {"image": fs}, np.arange(3))
+    owner, first = d.snippets(torch.arange(3), 30)
+    assert owner.tolist() == [0, 0, 0, 1, 2] and first.tolist() == [0, 30, 60, 0, 0]
+    b = d.gather(owner, first, 30, torch.float32)
+    assert b.mask.sum().item() == 61 + 5 + 30
+    got = torch.cat([b.x["image"][i][b.mask[i]] for i in range(3)])
+    assert torch.equal(got, fs.clips("t0"))
+
+
+def test_streams_use_shorter_length(tmp_path):
+    a = toy_sets(tmp_path, [10])
+    (tmp_path / "c.h5").rename(tmp_path / "a.h5")
+    b = toy_sets(tmp_path, [7])
+    meta = toy_meta(tmp_path, ["t0"])
+    d = data.TrailerData(meta, {"image": a, "video": b}, np.arange(1))
+    assert d.lengths.tolist() == [7]
+    batch = d.gather(torch.tensor([0]), torch.tensor([0]), 30, torch.float32)
+    assert batch.mask.sum().item() == 7 and batch.x["video"].shape == (1, 30, 4)
