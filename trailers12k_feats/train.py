@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import io
 import json
 import logging
 import math
@@ -30,7 +29,7 @@ from trailers12k_feats import cache as cache_mod
 from trailers12k_feats.data import Metadata, TrailerData, align
 from trailers12k_feats.heads import TEMPORAL, build_divita, count_params
 from trailers12k_feats.metrics import format_metrics, multilabel_metrics
-from trailers12k_feats.utils import T12kError, atomic_path, config_dict, seed_everything, write_json
+from trailers12k_feats.utils import T12kError, atomic_path, config_dict, seed_everything, tune_malloc, write_json
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +109,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, data: dict[str, TrailerData]) -> None:
         self.cfg = cfg
         self.data = data
+        tune_malloc()
         dims = data["train"].dims()
         self.gen = seed_everything(cfg.seed)
         self.model = build_divita(dims.get("image"), dims.get("video"), temporal=cfg.temporal,
