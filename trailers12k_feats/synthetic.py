@@ -45,14 +45,15 @@ CORRELATIONS = {
     ("comedy", "romance"): 0.4, ("drama", "romance"): 0.4, ("comedy", "horror"): -0.3,
     ("comedy", "drama"): -0.2, ("comedy", "thriller"): -0.3, ("fantasy", "horror"): 0.1,
 }
-# How strongly each stream sees the (appearance, motion) views, and its isotropic noise.
+# How poorly each stream sees the (appearance, motion) views: latent noise added to each
+# view before mixing (per trailer and per clip), so pooling cannot average it away.
 STREAM_VIEWS = {
-    "i_shufflenet": (1.0, 0.25, 1.0),
-    "k_shufflenet": (0.25, 0.65, 1.2),
-    "i_resnet": (1.0, 0.25, 1.0),
-    "k_r2plus1d": (0.3, 1.0, 1.0),
-    "i_swin": (1.1, 0.3, 0.9),
-    "ik_swin": (0.9, 0.9, 0.9),
+    "i_shufflenet": (0.6, 3.0),
+    "k_shufflenet": (2.0, 1.6),
+    "i_resnet": (0.7, 3.0),
+    "k_r2plus1d": (2.0, 0.5),
+    "i_swin": (0.5, 3.0),
+    "ik_swin": (0.6, 0.7),
 }
 
 
@@ -68,11 +69,12 @@ class SynthConfig:
     min_clips: int = 4
     max_clips: int = 240
     latent_dim: int = 48
-    persistent: float = 0.45  # strength of genre evidence present in every clip
-    sparse: float = 2.2  # strength of random-sign genre evidence in a few clips
+    persistent: float = 6.0  # strength of genre evidence present in every clip
+    sparse: float = 14.0  # strength of random-sign genre evidence in a few clips
     sparse_fraction: float = 0.2  # share of a positive trailer's clips carrying sparse evidence
     clarity: tuple[float, float] = (0.15, 1.3)  # per-trailer evidence multiplier, uniform range
-    style: float = 1.0  # trailer-level nuisance
+    style: float = 0.5  # trailer-level nuisance
+    feature_noise: float = 0.5  # isotropic per-clip noise of every feature dim
     split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)
     dtype: str = "float16"
 
@@ -136,11 +138,11 @@ class _Generator:
         self.mix = {}
         for s in cfg.streams:
             F = STREAMS[s].dim
-            ga, gm, noise = STREAM_VIEWS[s]
-            W = rng.standard_normal((2, K, F)) / np.sqrt(K)  # (2, K, F)
+            W = rng.standard_normal((2 * K, F)) / np.sqrt(2 * K)  # (2K, F)
             scale = np.exp(rng.normal(0.0, 0.5, F))  # per-dimension scale, as real features vary
-            self.mix[s] = (np.concatenate([W[0] * ga, W[1] * gm]) * scale, noise * scale,
-                           rng.normal(0.0, 0.5, F) * scale)  # (2K, F), (F,), (F,) offset
+            view_noise = np.repeat(np.asarray(STREAM_VIEWS[s], float), K)  # (2K,)
+            self.mix[s] = (W * scale, view_noise, cfg.feature_noise * scale,
+                           rng.normal(0.0, 0.5, F) * scale)  # (2K, F), (2K,), (F,), (F,) offset
 
     def trailer_latents(self, y: np.ndarray, C: int, rng: np.random.Generator) -> np.ndarray:
         """(C, 2K) appearance+motion latents of one trailer with genres `y`."""
@@ -159,7 +161,9 @@ class _Generator:
         return z.reshape(C, 2 * K)
 
     def stream_features(self, s: str, z: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        W, noise, offset = self.mix[s]
+        W, view_noise, noise, offset = self.mix[s]
+        C = len(z)
+        z = z + view_noise * (rng.standard_normal((1, z.shape[1])) + rng.standard_normal(z.shape))  # (C, 2K)
         x = z @ W + offset  # (C, F)
         x += rng.standard_normal(x.shape, np.float32) * noise
         return x.astype(np.float32)

@@ -114,7 +114,7 @@ class Trainer:
         self.gen = seed_everything(cfg.seed)
         self.model = build_divita(dims.get("image"), dims.get("video"), temporal=cfg.temporal,
                                   fusion=cfg.fusion, dropout=cfg.dropout)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True,
                                      amsgrad=cfg.amsgrad)
         self.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(self.opt, mode="min", factor=cfg.plateau_factor,
                                                                 patience=cfg.plateau_patience)
