@@ -1,0 +1,147 @@
+import csv
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+
+from trailers12k_feats import data
+from trailers12k_feats.paper import TABLE6, get_row
+from trailers12k_feats.reproduce import ReproduceConfig, reproduce, summarise
+from trailers12k_feats.train import TrainConfig
+from trailers12k_feats.utils import T12kError
+
+FAST = TrainConfig(max_epochs=1)
+
+
+def config(corpus, out, **kw):
+    kw.setdefault("rows", ("k_r2plus1d", "resnet_fusion"))
+    kw.setdefault("splits", (0, 1))
+    kw.setdefault("train", FAST)
+    return ReproduceConfig(metadata=corpus / "mtgc.csv", cache_dir=corpus, out_dir=out, **kw)
+
+
+def read(path):
+    return list(csv.DictReader(open(path)))
+
+
+def test_reproduce_writes_tables_and_resumes(corpus, tmp_path, monkeypatch):
+    out = tmp_path / "res"
+    table = reproduce(config(corpus, out), progress=False)
+    assert "R2+1D" in table and "ResNet-Fusion" in table and "71.76±2.72" in table  # paper beside ours
+    tst = read(out / "tst.csv")
+    assert [(r["run"], r["split"]) for r in tst] == [("k_r2plus1d", "0"), ("k_r2plus1d", "1"),
+                                                      ("resnet_fusion", "0"), ("resnet_fusion", "1")]
+    assert list(tst[0]) == ["run", "split", "epoch", "uAP", "mAP", "wAP", "sAP",
+                            "act", "adv", "com", "cri", "dra", "fan", "hor", "rom", "sci", "thr"]
+    assert len(read(out / "val.csv")) == 4
+    summary = read(out / "summary.csv")
+    row = next(r for r in summary if r["run"] == "k_r2plus1d" and r["subset"] == "test" and r["metric"] == "uAP")
+    x = [float(r["uAP"]) for r in tst if r["run"] == "k_r2plus1d"]
+    assert float(row["mean"]) == pytest.approx(np.mean(x), abs=1e-3)
+    assert float(row["std"]) == pytest.approx(np.std(x, ddof=1), abs=1e-3)
+    assert row["paper_mean"] == "71.76"
+
+    # A second call with one more split trains only the new runs.
+    from trailers12k_feats import reproduce as rep_mod
+    calls = []
+    real = rep_mod.train_run
+    monkeypatch.setattr(rep_mod, "train_run", lambda cfg, *a, **k: calls.append(cfg.split) or real(cfg, *a, **k))
+    reproduce(config(corpus, out, splits=(0, 1, 2)), progress=False)
+    assert calls == [2, 2]
+    assert len(read(out / "tst.csv")) == 6
+
+
+def test_interrupted_reproduce_keeps_only_finished_runs(corpus, tmp_path, monkeypatch):
+    from trailers12k_feats import reproduce as rep_mod
+    from trailers12k_feats import train as train_mod
+
+    real, count = train_mod.Trainer.fit, []
+
+    def fit(self, *a, **k):
+        if count:
+            raise KeyboardInterrupt  # the second run is killed mid-training
+        count.append(1)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(train_mod.Trainer, "fit", fit)
+    out = tmp_path / "res"
+    with pytest.raises(KeyboardInterrupt):
+        reproduce(config(corpus, out, rows=("k_r2plus1d",)), progress=False)
+    assert [p.name for p in (out / "runs" / "k_r2plus1d").iterdir()] == ["split0"]
+    assert len(read(out / "tst.csv")) == 1
+
+
+def test_settings_change_is_refused(corpus, tmp_path):
+    out = tmp_path / "res"
+    reproduce(config(corpus, out, rows=("k_r2plus1d",), splits=(0,)), progress=False)
+    with pytest.raises(T12kError, match=r"other training settings \(temporal\)"):
+        reproduce(config(corpus, out, rows=("k_r2plus1d",), splits=(1,), train=TrainConfig(max_epochs=1, temporal="savg")),
+                  progress=False)
+
+
+def test_unknown_row(corpus, tmp_path):
+    with pytest.raises(T12kError, match="unknown Table 6 row 'swin4d'; valid rows: i_shufflenet"):
+        config(corpus, tmp_path, rows=("swin4d",))
+    assert get_row("Swin-3D") is TABLE6["ik_swin"]
+
+
+@pytest.fixture
+def corpus_copy(corpus, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(corpus, dst)
+    return dst
+
+
+def test_missing_cache(corpus_copy, tmp_path):
+    (corpus_copy / "k_r2plus1d.h5").unlink()
+    with pytest.raises(T12kError, match="k_r2plus1d.h5 does not exist"):
+        reproduce(config(corpus_copy, tmp_path / "res"), progress=False)
+    assert not (tmp_path / "res" / "runs").exists()
+
+
+def test_cache_with_wrong_dim(corpus_copy, tmp_path):
+    shutil.copy(corpus_copy / "i_swin.h5", corpus_copy / "k_r2plus1d.h5")
+    with pytest.raises(T12kError, match="has feature dim 768 but stream k_r2plus1d has dim 512"):
+        reproduce(config(corpus_copy, tmp_path / "res"), progress=False)
+
+
+def test_cache_with_foreign_ids(corpus_copy, tmp_path):
+    meta = data.load_metadata(corpus_copy / "mtgc.csv")
+    data.write_metadata(corpus_copy / "mtgc.csv", [f"x{t}" for t in meta.ids], meta.labels, meta.splits)
+    with pytest.raises(T12kError, match="no trailer id of cache .* is in"):
+        reproduce(config(corpus_copy, tmp_path / "res"), progress=False)
+
+
+def test_cache_missing_some_trailers(corpus_copy, tmp_path):
+    meta = data.load_metadata(corpus_copy / "mtgc.csv")
+    ids = meta.ids[:-1] + ["tt9999999"]
+    data.write_metadata(corpus_copy / "mtgc.csv", ids, meta.labels, meta.splits)
+    with pytest.raises(T12kError, match="1 trailers of .* are missing from cache .*tt9999999.*--on-missing warn"):
+        reproduce(config(corpus_copy, tmp_path / "res"), progress=False)
+    reproduce(config(corpus_copy, tmp_path / "res", rows=("k_r2plus1d",), splits=(0,), on_missing="warn"),
+              progress=False)
+
+
+def test_nan_features(corpus_copy, tmp_path):
+    with h5py.File(corpus_copy / "i_resnet.h5", "r+") as h5:
+        h5["features"][10, 3] = np.nan
+    with pytest.raises(T12kError, match="i_resnet.h5: trailer tt.* has NaN or Inf"):
+        reproduce(config(corpus_copy, tmp_path / "res"), progress=False)
+    assert not (tmp_path / "res" / "runs").exists()
+
+
+def test_empty_split(corpus_copy, tmp_path):
+    meta = data.load_metadata(corpus_copy / "mtgc.csv")
+    splits = meta.splits.copy()
+    splits[splits[:, 1] == 1, 1] = 0
+    data.write_metadata(corpus_copy / "mtgc.csv", meta.ids, meta.labels, splits)
+    with pytest.raises(T12kError, match="the val set of split1 is empty"):
+        reproduce(config(corpus_copy, tmp_path / "res"), progress=False)
+
+
+def test_summarise_single_split_has_no_std():
+    s = summarise([{"run": "a", "split": 0, "epoch": 1, **{k: 1.0 for k in ("uAP", "mAP", "wAP", "sAP", "act", "adv",
+                                                                                "com", "cri", "dra", "fan", "hor",
+                                                                                "rom", "sci", "thr")}}])
+    assert s["a"]["uAP"][2] == 1 and np.isnan(s["a"]["uAP"][1])

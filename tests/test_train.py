@@ -1,0 +1,87 @@
+import csv
+import json
+
+import pytest
+import torch
+
+from trailers12k_feats import cache, data
+from trailers12k_feats.heads import build_divita
+from trailers12k_feats.train import TrainConfig, load_streams, train_run
+from trailers12k_feats.utils import T12kError
+
+
+def setup(corpus, image="i_swin", video=None):
+    meta = data.load_metadata(corpus / "mtgc.csv")
+    roles = {k: cache.stream_path(corpus, v) for k, v in (("image", image), ("video", video)) if v}
+    sets, rows = load_streams(meta, roles)
+    return meta, sets, rows
+
+
+def test_run_directory(corpus, tmp_path):
+    meta, sets, rows = setup(corpus, "i_swin", "ik_swin")
+    res = train_run(TrainConfig(max_epochs=3), meta, sets, rows, tmp_path / "run", progress=False)
+    run = tmp_path / "run"
+    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "config.json", "history.csv", "metrics.json",
+                                                    "predictions.csv"]
+    info = json.loads((run / "config.json").read_text())
+    assert info["config"]["split"] == 0 and info["streams"]["video"]["name"] == "ik_swin"
+    history = list(csv.DictReader(open(run / "history.csv")))
+    assert len(history) == res.epochs == 3
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["test"] == res.test and 1 <= metrics["best_epoch"] <= 3
+    n_test = len(meta.subset(0, "test"))
+    preds = list(csv.reader(open(run / "predictions.csv")))
+    assert sum(r[0] == "test" for r in preds[1:]) == n_test
+    # The checkpoint loads safely and reproduces the saved test probabilities.
+    ckpt = torch.load(run / "best.pt", weights_only=True)
+    model = build_divita(768, 768)
+    model.load_state_dict(ckpt["model"])
+    assert ckpt["epoch"] == metrics["best_epoch"]
+
+
+def test_same_seed_same_metrics(corpus):
+    meta, sets, rows = setup(corpus)
+    cfg = TrainConfig(max_epochs=2, seed=3)
+    a = train_run(cfg, meta, sets, rows, progress=False)
+    b = train_run(cfg, meta, sets, rows, progress=False)
+    assert a.test == b.test and [h["train_loss"] for h in a.history] == [h["train_loss"] for h in b.history]
+    c = train_run(TrainConfig(max_epochs=2, seed=4), meta, sets, rows, progress=False)
+    assert c.history[0]["train_loss"] != a.history[0]["train_loss"]
+
+
+def test_early_stopping_and_best_checkpoint(corpus):
+    meta, sets, rows = setup(corpus)
+    res = train_run(TrainConfig(max_epochs=40, early_stop_patience=2, lr=3e-3), meta, sets, rows, progress=False)
+    losses = [h["val_loss"] for h in res.history]
+    best = min(range(len(losses)), key=losses.__getitem__) + 1
+    assert res.best_epoch == best
+    assert res.epochs == best + 2 or res.epochs == 40
+
+
+def test_learns_something(corpus):
+    meta, sets, rows = setup(corpus, "ik_swin")
+    res = train_run(TrainConfig(max_epochs=15, lr=1e-3), meta, sets, rows, progress=False)
+    prevalence = 100 * meta.labels.mean()
+    assert res.test["uAP"] > prevalence + 15  # chance level is the positive rate
+
+
+def test_bad_config():
+    with pytest.raises(T12kError, match="valid: tsfm, savg, gru, conv"):
+        TrainConfig(temporal="rnn")
+    with pytest.raises(T12kError, match="split must be 0, 1 or 2"):
+        TrainConfig(split=3)
+    with pytest.raises(T12kError, match="batch_size must be at least 1"):
+        TrainConfig(batch_size=0)
+
+
+def test_interrupted_run_leaves_nothing(corpus, tmp_path, monkeypatch):
+    meta, sets, rows = setup(corpus)
+    from trailers12k_feats import train as train_mod
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "_write_predictions", boom)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(TrainConfig(max_epochs=1), meta, sets, rows, tmp_path / "run", progress=False)
+    assert list(tmp_path.iterdir()) == []
