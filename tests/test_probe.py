@@ -1,0 +1,42 @@
+import numpy as np
+import pytest
+import torch
+
+from trailers12k_feats import cache
+from trailers12k_feats.probe import ProbeConfig, fit_predict, pool_features, probe
+from trailers12k_feats.utils import T12kError
+
+
+def test_pooling(tmp_path):
+    rng = np.random.default_rng(0)
+    items = [(f"t{i}", rng.standard_normal((n, 3)).astype(np.float32)) for i, n in enumerate((1, 4, 7))]
+    cache.write_cache(tmp_path / "c.h5", cache.CacheAttrs(name="c", backbone="b", feature_dim=3), items, "float32")
+    fs = cache.load(tmp_path / "c.h5")
+    mean = pool_features(fs, "mean")
+    both = pool_features(fs, "meanmax", chunk=5)  # chunks smaller than a trailer still work
+    for i, (_, x) in enumerate(items):
+        np.testing.assert_allclose(mean[i], x.mean(0), rtol=1e-6)
+        np.testing.assert_allclose(both[i], np.concatenate([x.mean(0), x.max(0)]), rtol=1e-6)
+
+
+def test_fit_predict_finds_a_linear_signal():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((400, 20)).astype(np.float32)
+    y = (x[:, :10] > 0).astype(np.uint8)
+    (scores,) = fit_predict(x[:300], y[:300], [x[300:]], alpha=1.0)
+    assert np.corrcoef(scores[:, 0], x[300:, 0])[0, 1] > 0.8
+
+
+def test_probe_table(corpus):
+    table = probe(ProbeConfig(corpus / "mtgc.csv", corpus, rows=("i_swin", "shufflenet_fusion"), splits=(0, 2)),
+                  progress=False)
+    assert [(r["run"], r["split"]) for r in table["test"]] == [("i_swin", 0), ("i_swin", 2),
+                                                                ("shufflenet_fusion", 0), ("shufflenet_fusion", 2)]
+    assert all(0 < r["uAP"] <= 100 for r in table["test"] + table["val"])
+
+
+def test_bad_config(corpus):
+    with pytest.raises(T12kError, match="valid: mean, meanmax"):
+        ProbeConfig(corpus / "mtgc.csv", corpus, pool="median")
+    with pytest.raises(T12kError, match="valid rows"):
+        ProbeConfig(corpus / "mtgc.csv", corpus, rows=("nope",))
