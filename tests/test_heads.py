@@ -123,3 +123,24 @@ def test_bad_arguments():
         build_divita(16, 8)(ix=x, ix_mask=mask)
     with pytest.raises(ValueError, match="already registered"):
         register_temporal("tsfm", object)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_folded_projection_equals_batchnorm_then_linear(training):
+    x, mask = inputs(lengths=(30, 9, 2))
+    bn, lin = MaskedBatchNorm1d(16), torch.nn.Linear(16, 8)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2), bn.bias.uniform_(-1, 1), bn.running_mean.uniform_(-1, 1)
+    bn.train(training)
+    state = {k: v.clone() for k, v in bn.state_dict().items()}
+    ref = lin(bn(x, mask))[mask]
+    ref.square().sum().backward()
+    ref_grads = [p.grad.clone() for p in (*bn.parameters(), *lin.parameters())]
+    for p in (*bn.parameters(), *lin.parameters()):
+        p.grad = None
+    bn.load_state_dict(state)
+    out = bn.fold_into(lin, x, mask)[mask]
+    out.square().sum().backward()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for g, p in zip(ref_grads, (*bn.parameters(), *lin.parameters())):
+        torch.testing.assert_close(p.grad, g, atol=1e-4, rtol=1e-4)

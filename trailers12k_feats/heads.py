@@ -30,29 +30,42 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
     statistics included. Outputs at padded positions are meaningless and must stay masked.
     """
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        B, S, F_ = x.shape
-        with torch.autocast(x.device.type, enabled=False):  # statistics in fp32
-            return self._normalise(x.float(), mask, B, S, F_)
-
-    def _normalise(self, x: torch.Tensor, mask: torch.Tensor, B: int, S: int, F_: int) -> torch.Tensor:
-        if self.training:
-            m = mask.reshape(B * S).to(x.dtype)  # (B*S,)
-            flat = x.reshape(B * S, F_)  # (B*S, F)
+    def statistics(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, var) to normalise with: of the real clips in training (updating the running
+        statistics), the running ones in eval. Inputs carry no gradient, so neither do these."""
+        if not self.training:
+            return self.running_mean, self.running_var
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):  # statistics in fp32
+            B, S, F_ = x.shape
+            flat = x.reshape(B * S, F_).float()  # (B*S, F)
+            m = mask.reshape(B * S).float()  # (B*S,)
             n = m.sum()  # real clips in the batch
             # Masked sums as mat-vecs: one pass over x each, no masked copies.
             mean = (m @ flat) / n  # (F,)
             var = ((m @ (flat * flat)) / n - mean * mean).clamp(min=0)  # (F,) biased, used to normalise
-            with torch.no_grad():
-                self.num_batches_tracked += 1
-                unbiased = var * n / (n - 1).clamp(min=1)
-                self.running_mean.lerp_(mean, self.momentum)
-                self.running_var.lerp_(unbiased, self.momentum)
-        else:
-            mean, var = self.running_mean, self.running_var
+            self.num_batches_tracked += 1
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * n / (n - 1).clamp(min=1), self.momentum)  # unbiased, as BatchNorm1d
+        return mean, var
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        mean, var = self.statistics(x, mask)
         scale = self.weight * torch.rsqrt(var + self.eps)  # (F,)
         # Padded positions get arbitrary values here; every later step masks them out.
-        return torch.addcmul(self.bias - mean * scale, x, scale)  # (B, S, F)
+        return torch.addcmul(self.bias - mean * scale, x.float(), scale)  # (B, S, F)
+
+    def fold_into(self, linear: nn.Linear, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """linear(self(x, mask)) computed as one matmul on centred x, with BatchNorm's affine folded
+        into the weights: W(s(x - mu) + beta) + b = (W s)(x - mu) + (W beta + b).
+
+        Because x needs no gradient, this skips BatchNorm's elementwise passes and the
+        (clips x F) input gradient of the projection; the parameters' gradients are unchanged.
+        """
+        mean, var = self.statistics(x, mask)
+        scale = self.weight * torch.rsqrt(var + self.eps)  # (F,)
+        weight = linear.weight * scale  # (D, F)
+        bias = torch.addmv(linear.bias, linear.weight, self.bias)  # (D,)
+        return F.linear(x - mean, weight, bias)  # (B, S, D)
 
 
 class Dropout(nn.Module):
@@ -185,7 +198,7 @@ class DivitaStream(nn.Module):
         self.head = nn.Linear(self.num_features, num_classes)
 
     def forward_features(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = self.embed(self.norm(x, mask))  # (B, S, 128)
+        x = self.norm.fold_into(self.embed, x, mask)  # (B, S, 128) = embed(norm(x))
         return self.temporal(x, mask)  # (B, D)
 
     def forward_head(self, feats: torch.Tensor) -> torch.Tensor:
