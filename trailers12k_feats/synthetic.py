@@ -8,8 +8,9 @@ The generative model, per trailer:
 * Two latent views per clip, "appearance" and "motion" (``latent_dim`` each). Each holds
   trailer-level nuisance (style), clip-level nuisance, and genre evidence of two kinds:
   *persistent* evidence (a genre direction present in every clip, visible to averaging) and
-  *sparse* evidence (a genre direction with a random sign in a few clips only: it cancels
-  in a plain average, so only a per-clip nonlinearity before pooling finds it).
+  *sparse* evidence (a genre direction pushed up in a few clips and down by a matching
+  amount in the rest: it cancels in a plain average, so only a per-clip nonlinearity
+  before pooling finds it).
   A per-trailer clarity factor makes some trailers ambiguous, so no head reaches 100 AP.
 * Each stream mixes the views through fixed random matrices with its own gains and noise:
   image (``i_``) streams see appearance well and motion poorly, video (``k_``) streams the
@@ -154,9 +155,9 @@ class _Generator:
             w = clarity * self.view_share[v, pos]  # (P,)
             per = cfg.persistent * (w * self.persist_share[pos]) @ self.persist[v, pos]  # (K,)
             z[:, v] += per * (1 + 0.3 * rng.standard_normal((C, 1)))
-            hit = rng.random((C, len(pos))) < cfg.sparse_fraction  # (C, P) which clips carry it
-            sign = rng.choice((-1.0, 1.0), (C, len(pos)))
-            amp = cfg.sparse * hit * sign * (w * (1 - self.persist_share[pos]))  # (C, P)
+            hit = (rng.random((C, len(pos))) < cfg.sparse_fraction).astype(float)  # (C, P) clips carrying it
+            hit -= hit.mean(0)  # zero-mean over the trailer: invisible to averaging, visible clip by clip
+            amp = cfg.sparse * hit * (w * (1 - self.persist_share[pos]))  # (C, P)
             z[:, v] += amp @ self.sparse[v, pos]  # (C, K)
         return z.reshape(C, 2 * K)
 
