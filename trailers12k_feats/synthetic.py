@@ -49,11 +49,11 @@ CORRELATIONS = {
 # How poorly each stream sees the (appearance, motion) views: latent noise added to each
 # view before mixing (per trailer and per clip), so pooling cannot average it away.
 STREAM_VIEWS = {
-    "i_shufflenet": (0.6, 3.0),
+    "i_shufflenet": (0.6, 2.0),
     "k_shufflenet": (2.0, 1.6),
-    "i_resnet": (0.7, 3.0),
+    "i_resnet": (0.7, 2.0),
     "k_r2plus1d": (2.0, 0.5),
-    "i_swin": (0.5, 3.0),
+    "i_swin": (0.5, 1.5),
     "ik_swin": (0.6, 0.7),
 }
 
@@ -70,10 +70,10 @@ class SynthConfig:
     min_clips: int = 4
     max_clips: int = 240
     latent_dim: int = 48
-    persistent: float = 6.0  # strength of genre evidence present in every clip
-    sparse: float = 14.0  # strength of random-sign genre evidence in a few clips
-    sparse_fraction: float = 0.2  # share of a positive trailer's clips carrying sparse evidence
-    clarity: tuple[float, float] = (0.15, 1.3)  # per-trailer evidence multiplier, uniform range
+    persistent: float = 3.5  # strength of genre evidence present in every clip
+    sparse: float = 16.0  # strength of genre evidence concentrated in a few clips
+    sparse_fraction: float = 0.15  # share of a positive trailer's clips carrying sparse evidence
+    clarity: tuple[float, float] = (0.1, 1.2)  # per-trailer evidence multiplier, uniform range
     style: float = 0.5  # trailer-level nuisance
     feature_noise: float = 0.5  # isotropic per-clip noise of every feature dim
     split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)
