@@ -34,6 +34,8 @@ POOLS = ("mean", "meanmax")
 
 @dataclass(frozen=True)
 class ProbeConfig:
+    """Rows, splits, pooling and ridge penalty of a probe table."""
+
     metadata: Path
     cache_dir: Path
     rows: tuple[str, ...] = tuple(TABLE6)

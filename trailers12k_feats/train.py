@@ -176,6 +176,9 @@ class Trainer:
             history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "lr": lr,
                             **{f"val_{k}": val_m[k] for k in ("uAP", "mAP", "wAP", "sAP")},
                             "seconds": round(time.perf_counter() - t0, 2)})
+            if not math.isfinite(val_loss):
+                raise T12kError(f"{desc}: validation loss is {val_loss} at epoch {epoch}; training diverged, "
+                                f"lower --lr or use --precision fp32.")
             if val_loss < best_loss:
                 best_loss, best_epoch = val_loss, epoch
                 best_state = copy.deepcopy(self.model.state_dict())
