@@ -66,6 +66,7 @@ def _train_options(fn):
         click.option("--lr", type=float, help="AdamW learning rate [1e-4]."),
         click.option("--seed", type=int, help="Seed of weights, windows and dropout [0]."),
         click.option("--precision", type=click.Choice(["bf16", "fp32"]), help="Autocast precision [bf16]."),
+        click.option("--device", help="cpu or cuda[:N] [cpu]."),
     ]
     for opt in reversed(opts):
         fn = opt(fn)

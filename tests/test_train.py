@@ -85,3 +85,19 @@ def test_interrupted_run_leaves_nothing(corpus, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         train_run(TrainConfig(max_epochs=1), meta, sets, rows, tmp_path / "run", progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_device_check():
+    if not torch.cuda.is_available():
+        with pytest.raises(T12kError, match="CUDA is not available; use --device cpu"):
+            TrainConfig(device="cuda")
+    with pytest.raises(T12kError, match="device must be 'cpu' or 'cuda"):
+        TrainConfig(device="tpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_trains_on_gpu(corpus):
+    meta, sets, rows = setup(corpus)
+    res = train_run(TrainConfig(max_epochs=2, device="cuda"), meta, sets, rows, progress=False)
+    assert res.epochs == 2 and 0 < res.test["uAP"] <= 100

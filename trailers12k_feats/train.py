@@ -57,6 +57,7 @@ class TrainConfig:
     seed: int = 0
     precision: str = "bf16"  # autocast dtype for matmuls: "bf16" (AMX/tensor cores) or "fp32"
     eval_batch_size: int = 512
+    device: str = "cpu"  # "cpu" or "cuda[:N]"; features stay in host RAM, batches move
 
     def __post_init__(self) -> None:
         if self.split not in (0, 1, 2):
@@ -70,6 +71,10 @@ class TrainConfig:
         for name in ("window", "batch_size", "max_epochs", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise T12kError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise T12kError(f"device {self.device!r} was asked for but CUDA is not available; use --device cpu.")
+        if not self.device.startswith(("cpu", "cuda")):
+            raise T12kError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}.")
         if not (self.lr > 0 and self.weight_decay >= 0 and 0 <= self.dropout < 1 and 0 < self.plateau_factor < 1):
             raise T12kError("need lr > 0, weight_decay >= 0, 0 <= dropout < 1 and 0 < plateau_factor < 1.")
 
@@ -112,8 +117,9 @@ class Trainer:
         tune_malloc()
         dims = data["train"].dims()
         self.gen = seed_everything(cfg.seed)
+        self.device = torch.device(cfg.device)
         self.model = build_divita(dims.get("image"), dims.get("video"), temporal=cfg.temporal,
-                                  fusion=cfg.fusion, dropout=cfg.dropout)
+                                  fusion=cfg.fusion, dropout=cfg.dropout).to(self.device)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True,
                                      amsgrad=cfg.amsgrad)
         self.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(self.opt, mode="min", factor=cfg.plateau_factor,
@@ -121,21 +127,23 @@ class Trainer:
         self.dtype = PRECISIONS[cfg.precision]
 
     def _logits(self, batch) -> torch.Tensor:
-        x = batch.x
-        with torch.autocast("cpu", dtype=self.dtype, enabled=self.dtype != torch.float32):
-            logits = self.model(ix=x.get("image"), vx=x.get("video"), ix_mask=batch.mask, vx_mask=batch.mask)
+        dev = self.device
+        x = {k: v.to(dev, non_blocking=True) for k, v in batch.x.items()}
+        mask = batch.mask.to(dev, non_blocking=True)
+        with torch.autocast(dev.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            logits = self.model(ix=x.get("image"), vx=x.get("video"), ix_mask=mask, vx_mask=mask)
         return logits.float()  # (B, 10)
 
     def train_epoch(self, progress: bool = False) -> float:
         cfg, d = self.cfg, self.data["train"]
         self.model.train()
         order = torch.randperm(len(d), generator=self.gen)  # (n,)
-        total, count = torch.zeros(()), 0
+        total, count = torch.zeros((), device=self.device), 0
         steps = range(0, len(d), cfg.batch_size)
         for s in tqdm(steps, desc="train", unit="batch", leave=False, disable=not progress):
             rows = order[s:s + cfg.batch_size]
             batch = d.random_windows(rows, cfg.window, self.gen)
-            loss = Fn.binary_cross_entropy_with_logits(self._logits(batch), batch.y)
+            loss = Fn.binary_cross_entropy_with_logits(self._logits(batch), batch.y.to(self.device))
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
@@ -153,7 +161,7 @@ class Trainer:
         for s in range(0, len(owner), cfg.eval_batch_size):
             batch = d.gather(owner[s:s + cfg.eval_batch_size], first[s:s + cfg.eval_batch_size], cfg.window,
                              torch.float32)
-            probs.index_add_(0, batch.rows, torch.sigmoid(self._logits(batch)))
+            probs.index_add_(0, batch.rows, torch.sigmoid(self._logits(batch)).cpu())
         counts = torch.bincount(owner, minlength=len(d)).clamp(min=1)
         return probs / counts[:, None]  # (n, 10)
 
