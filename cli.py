@@ -226,8 +226,9 @@ def probe(data_dir, metadata, cache_dir, on_missing, rows, splits, pool, alpha) 
 @main.command()
 @click.option("--out", type=click.Path(path_type=Path), default=Path("demo_out"), show_default=True)
 @click.option("--trailers", type=int, default=1500, show_default=True, help="Size of the synthetic corpus.")
+@click.option("--max-epochs", type=int, help="Epoch limit per run [100, the paper's].")
 @_errors
-def demo(out: Path, trailers: int) -> None:
+def demo(out: Path, trailers: int, max_epochs: int | None) -> None:
     """Synthetic corpus -> linear probe -> Table 6 reproduction, printed beside the paper."""
     from trailers12k_feats.probe import ProbeConfig, probe as run_probe
     from trailers12k_feats.reproduce import ReproduceConfig, format_table, reproduce as run, summarise
@@ -238,7 +239,8 @@ def demo(out: Path, trailers: int) -> None:
         make_corpus(data, SynthConfig(num_trailers=trailers))
     table = run_probe(ProbeConfig(metadata=data / "mtgc.csv", cache_dir=data))
     click.echo(format_table(summarise(table["test"]), "test, linear probe") + "\n")
-    cfg = ReproduceConfig(metadata=data / "mtgc.csv", cache_dir=data, out_dir=out / "transfer")
+    cfg = ReproduceConfig(metadata=data / "mtgc.csv", cache_dir=data, out_dir=out / "transfer",
+                          train=_train_config(max_epochs=max_epochs))
     click.echo(run(cfg))
     click.echo(f"\nresults in {out / 'transfer'}")
 
