@@ -171,8 +171,7 @@ def train(data_dir, metadata, cache_dir, on_missing, row, image, video, split, o
     roles = {k: (Path(v) if v.endswith(cache_mod.SUFFIX) else cache_mod.stream_path(cache_dir, v))
              for k, v in (("image", image), ("video", video)) if v}
     meta = load_metadata(metadata)
-    for subset in ("train", "val", "test"):
-        meta.subset(split, subset)
+    meta.check_splits([split])
     sets, rows = load_streams(meta, roles, on_missing)
     res = train_run(cfg, meta, sets, rows, out, desc=f"split{split}")
     click.echo(f"best epoch {res.best_epoch}/{res.epochs}\n  val  {format_metrics(res.val)}\n"

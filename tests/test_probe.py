@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-import torch
 
 from trailers12k_feats import cache
 from trailers12k_feats.probe import ProbeConfig, fit_predict, pool_features, probe

@@ -53,7 +53,6 @@ def test_reproduce_writes_tables_and_resumes(corpus, tmp_path, monkeypatch):
 
 
 def test_interrupted_reproduce_keeps_only_finished_runs(corpus, tmp_path, monkeypatch):
-    from trailers12k_feats import reproduce as rep_mod
     from trailers12k_feats import train as train_mod
 
     real, count = train_mod.Trainer.fit, []

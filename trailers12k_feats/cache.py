@@ -256,6 +256,12 @@ def read_attrs(path: str | os.PathLike) -> CacheAttrs:
         return CacheAttrs.from_h5(h5.attrs)
 
 
+def read_ids(path: str | os.PathLike) -> list[str]:
+    """The trailer ids of a cache without loading its features."""
+    with _open(path) as h5:
+        return [str(s) for s in h5["ids"].asstr()[:]]
+
+
 def _check_index(path: Path, offsets: np.ndarray, ids: list[str], num_clips: int, F: int, attr_F: int) -> None:
     n = len(ids)
     if F != attr_F:

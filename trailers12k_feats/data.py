@@ -19,7 +19,7 @@ import torch
 
 from trailers12k_feats import GENRES, NUM_GENRES
 from trailers12k_feats.cache import FeatureSet
-from trailers12k_feats.utils import T12kError
+from trailers12k_feats.utils import T12kError, atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,12 @@ class Metadata:
             raise T12kError(f"{self.path}: the {name} set of split{split} is empty; every split column "
                             f"needs train (0), val (1) and test (2) rows.")
         return rows
+
+    def check_splits(self, splits: Sequence[int]) -> None:
+        """Stop with a clear error if any of `splits` has an empty train, val or test set."""
+        for split in splits:
+            for name in SUBSETS:
+                self.subset(split, name)
 
 
 def load_metadata(path: str | os.PathLike) -> Metadata:
@@ -97,8 +103,6 @@ def load_metadata(path: str | os.PathLike) -> Metadata:
 
 def write_metadata(path: str | os.PathLike, ids: Sequence[str], labels: np.ndarray, splits: np.ndarray) -> None:
     """Write a metadata file in the `mtgc.csv` format (atomically)."""
-    from trailers12k_feats.utils import atomic_path
-
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(HEADER)

@@ -82,9 +82,7 @@ def fit_predict(x_train: np.ndarray, y_train: np.ndarray, x_eval: list[np.ndarra
 def probe(cfg: ProbeConfig, progress: bool = True) -> dict[str, list[dict]]:
     """The probe over the selected rows and splits: {"val": [...], "test": [...]} as in val.csv."""
     meta = load_metadata(cfg.metadata)
-    for split in cfg.splits:
-        for subset in ("train", "val", "test"):
-            meta.subset(split, subset)
+    meta.check_splits(cfg.splits)
     streams = sorted({s for r in cfg.rows for s in TABLE6[r].streams})
     pooled, index = {}, {}
     t0 = time.perf_counter()

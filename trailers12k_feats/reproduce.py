@@ -14,11 +14,9 @@ import csv
 import dataclasses
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from trailers12k_feats import GENRES_SHORT
@@ -62,9 +60,7 @@ def _run_dir(cfg: ReproduceConfig, row: str, split: int) -> Path:
 def _check_inputs(cfg: ReproduceConfig, todo: list[tuple[str, int]]) -> None:
     """Every cache needed by an unfinished run exists, has the stream's dim and finite values."""
     meta = load_metadata(cfg.metadata)
-    for split in sorted({s for _, s in todo}):
-        for subset in ("train", "val", "test"):
-            meta.subset(split, subset)
+    meta.check_splits(sorted({s for _, s in todo}))
     meta_ids = set(meta.ids)
     needed = sorted({s for row, _ in todo for s in TABLE6[row].streams})
     for stream in needed:
@@ -73,8 +69,7 @@ def _check_inputs(cfg: ReproduceConfig, todo: list[tuple[str, int]]) -> None:
         if attrs.feature_dim != STREAMS[stream].dim:
             raise T12kError(f"cache {path} has feature dim {attrs.feature_dim} but stream {stream} has "
                             f"dim {STREAMS[stream].dim}; point --cache-dir at the right caches.")
-        with h5py.File(path, "r") as h5:
-            ids = set(h5["ids"].asstr()[:])
+        ids = set(cache_mod.read_ids(path))
         if not ids & meta_ids:
             raise T12kError(f"no trailer id of cache {path} is in {cfg.metadata}; the cache belongs to another "
                             f"corpus.")

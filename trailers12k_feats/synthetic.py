@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -163,7 +163,6 @@ class _Generator:
 
     def stream_features(self, s: str, z: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         W, view_noise, noise, offset = self.mix[s]
-        C = len(z)
         z = z + view_noise * (rng.standard_normal((1, z.shape[1])) + rng.standard_normal(z.shape))  # (C, 2K)
         x = z @ W + offset  # (C, F)
         x += rng.standard_normal(x.shape, np.float32) * noise
