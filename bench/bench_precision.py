@@ -40,7 +40,7 @@ def main() -> None:
                               splits=tuple(int(k) for k in args.splits.split(",")),
                               train=train)
         reproduce(cfg, progress=False)
-        lines[name] = [r for r in collect(out)["test"] if r["run"] == args.row]
+        lines[name] = [r for r in collect(out)["test"] if r["run"] == args.row and r["split"] in cfg.splits]
     ref = lines["bf16 seed 0"]
     print(f"\n{args.row}, test, splits {args.splits} (x100)\n")
     print("| setting | " + " | ".join(METRIC_KEYS) + " | mean paired diff vs bf16 seed 0 (uAP, mAP) |")
