@@ -256,10 +256,14 @@ def read_attrs(path: str | os.PathLike) -> CacheAttrs:
         return CacheAttrs.from_h5(h5.attrs)
 
 
+def _ids(h5: h5py.File) -> list[str]:
+    return [str(s) for s in h5["ids"].asstr()[:]]
+
+
 def read_ids(path: str | os.PathLike) -> list[str]:
     """The trailer ids of a cache without loading its features."""
     with _open(path) as h5:
-        return [str(s) for s in h5["ids"].asstr()[:]]
+        return _ids(h5)
 
 
 def _check_index(path: Path, offsets: np.ndarray, ids: list[str], num_clips: int, F: int, attr_F: int) -> None:
@@ -298,7 +302,7 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None) -> FeatureSe
         if ds.shape[0]:
             ds.read_direct(feats)
         offsets = h5["offsets"][:].astype(np.int64)
-        ids = [str(s) for s in h5["ids"].asstr()[:]]
+        ids = _ids(h5)
         clip_start, clip_end, shot = h5["clip_start"][:], h5["clip_end"][:], h5["shot"][:]
     _check_index(path, offsets, ids, feats.shape[0], feats.shape[1], attrs.feature_dim)
     features = torch.from_numpy(feats)
@@ -316,7 +320,7 @@ def validate(path: str | os.PathLike, chunk_rows: int = 65536) -> CacheAttrs:
         attrs = CacheAttrs.from_h5(h5.attrs)
         ds = h5["features"]
         offsets = h5["offsets"][:].astype(np.int64)
-        ids = [str(s) for s in h5["ids"].asstr()[:]]
+        ids = _ids(h5)
         _check_index(path, offsets, ids, ds.shape[0], ds.shape[1], attrs.feature_dim)
         for name in ("clip_start", "clip_end", "shot"):
             if h5[name].shape != (ds.shape[0],):
@@ -362,5 +366,5 @@ def summary(path: str | os.PathLike) -> dict[str, Any]:
             },
             "trailers_under_30_clips": int((lengths < 30).sum()),
         }
-    out.update({k: v for k, v in dataclasses.asdict(attrs).items()})
+    out.update(dataclasses.asdict(attrs))
     return out
