@@ -1,0 +1,454 @@
+"""Stage 1: videos -> per-clip embeddings of frozen backbones -> the HDF5 feature cache.
+
+One decoding pass per video feeds every requested backbone. Decoding, shot detection,
+clip building and the uint8 resize/crop run in worker processes (``workers``); the main
+process batches clips across shots and trailers, normalises them on the device and runs the
+backbones. Finished trailers are flushed to crash-safe segments (see store.py), so a killed
+run resumes where it stopped; bad videos are skipped and listed in a failure report.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from tqdm import tqdm
+
+from trailers12k_feats import __version__
+from trailers12k_feats import backbones as bb
+from trailers12k_feats import store
+from trailers12k_feats.cache import CacheAttrs
+from trailers12k_feats.utils import T12kError, config_dict
+from trailers12k_feats.video import VIDEO_EXTENSIONS, ClipSpec, VideoError, clips, find_videos
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+FRAME_POOLS = ("mean", "center")
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Stage 1 settings. Those under `features` decide the embeddings and must match on resume."""
+
+    backbones: tuple[str, ...] = ("mobilenet_v2",)
+    clip: ClipSpec = field(default_factory=ClipSpec)
+    frame_pool: str = "mean"  # 2D backbones: "mean" of the clip's frame embeddings or the "center" frame's
+    image_frames: int = 0  # 2D backbones: embed this many evenly spaced frames per clip; 0 = all fpc
+    precision: str = "fp32"  # autocast dtype: "fp32", "bf16" or "fp16" (see README for the check)
+    device: str = "cpu"
+    batch_size: int = 16  # clips per forward pass, across shots and trailers
+    max_images: int = 256  # 2D backbones: frames per forward pass at most (bounds memory)
+    workers: int = 0  # decoding processes; 0 decodes in the main process
+    decode_threads: int = 0  # FFmpeg threads per video; 0 = FFmpeg's choice
+    chunk: int = 8  # clips a worker sends at once
+    shard: tuple[int, int] = (1, 1)  # (K, N): this process takes every N-th video from the K-th
+    flush_trailers: int = 100  # write finished trailers to a segment after this many...
+    flush_seconds: float = 120.0  # ...or this many seconds, whichever comes first
+    weights: tuple[tuple[str, str], ...] = ()  # (backbone, path or "random") overriding the torch hub cache
+    random_weights: bool = False  # every backbone random (tests and smoke runs; recorded in the cache)
+    dtype: str = "float16"  # cache storage
+
+    def __post_init__(self) -> None:
+        if not self.backbones:
+            raise T12kError("give at least one --backbone; `t12k backbones` lists them.")
+        if len(set(self.backbones)) != len(self.backbones):
+            raise T12kError(f"a backbone is requested twice: {', '.join(self.backbones)}.")
+        if self.frame_pool not in FRAME_POOLS:
+            raise T12kError(f"frame_pool must be one of {', '.join(FRAME_POOLS)}, got {self.frame_pool!r}.")
+        if not 0 <= self.image_frames <= self.clip.fpc:
+            raise T12kError(f"image_frames must be within 0..fpc ({self.clip.fpc}), got {self.image_frames}.")
+        if self.precision not in PRECISIONS:
+            raise T12kError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}.")
+        if self.precision == "fp16" and not self.device.startswith("cuda"):
+            raise T12kError("fp16 autocast needs a CUDA device; use --precision bf16 or fp32 on the CPU.")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise T12kError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}.")
+        if min(self.batch_size, self.max_images, self.chunk, self.flush_trailers) < 1 or self.workers < 0:
+            raise T12kError("batch_size, max_images, chunk and flush_trailers must be >= 1, workers >= 0.")
+        k, n = self.shard
+        if not 1 <= k <= n:
+            raise T12kError(f"--shard must be K/N with 1 <= K <= N, got {k}/{n}.")
+        unknown = {b for b, _ in self.weights} - set(self.backbones)
+        if unknown:
+            raise T12kError(f"--weights names backbone(s) not requested: {', '.join(sorted(unknown))}.")
+
+    def is_random(self, backbone: str) -> bool:
+        return self.random_weights or dict(self.weights).get(backbone) == "random"
+
+    def features(self, entry: bb.Backbone) -> dict:
+        """The settings that decide one backbone's embeddings (compared when resuming)."""
+        d = {"backbone": entry.name, "weights": bb.weights_tag(entry, self.is_random(entry.name)),
+             "precision": self.precision, **dataclasses.asdict(self.clip)}
+        if entry.kind == "2d":
+            d.update(frame_pool=self.frame_pool, image_frames=self.image_frames)
+        return d
+
+
+@dataclass
+class ExtractResult:
+    caches: list[Path]
+    extracted: int
+    skipped: int
+    failures: list[dict]
+    seconds: float
+    clips: int
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+# ---------------------------------------------------------------------------- inputs
+
+def resolve_inputs(items: list[str | os.PathLike]) -> list[tuple[str, Path]]:
+    """(trailer id, path) pairs from video files, folders of videos, or list files.
+
+    A list file (.txt/.csv/.tsv) has one video per line: `path` or `path,id` (a header line
+    `path,id` is allowed); relative paths are relative to the list. Otherwise the id is the
+    file stem. Duplicate ids are an error.
+    """
+    pairs: list[tuple[str, Path]] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = find_videos(p)
+            if not found:
+                raise T12kError(f"{p} holds no video files ({', '.join(VIDEO_EXTENSIONS)}).")
+            pairs += [(v.stem, v) for v in found]
+        elif p.suffix.lower() in (".txt", ".csv", ".tsv"):
+            pairs += _read_list(p)
+        elif p.suffix.lower() in VIDEO_EXTENSIONS:
+            pairs.append((p.stem, p))  # a missing file is reported as a failure, not a stop
+        elif not p.exists():
+            raise T12kError(f"{p} does not exist; give video files, folders of videos or a list file.")
+        else:
+            raise T12kError(f"{p} is not a video ({', '.join(VIDEO_EXTENSIONS)}), a folder or a list file (.txt/.csv).")
+    seen: dict[str, Path] = {}
+    for tid, path in pairs:
+        if tid in seen and seen[tid] != path:
+            raise T12kError(f"trailer id {tid} is given twice ({seen[tid]} and {path}); ids must be unique: "
+                            "rename a file or give ids in a list file.")
+        seen[tid] = path
+    return sorted(seen.items())
+
+
+def _read_list(path: Path) -> list[tuple[str, Path]]:
+    if not path.is_file():
+        raise T12kError(f"list file {path} does not exist.")
+    out = []
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ","))
+    for lineno, row in enumerate(rows, 1):
+        row = [c.strip() for c in row]
+        if not row or not row[0] or row[0].startswith("#") or (lineno == 1 and row[0].lower() == "path"):
+            continue
+        if len(row) > 2:
+            raise T12kError(f"{path}, line {lineno}: expected `path` or `path,id`, got {len(row)} fields.")
+        v = Path(row[0]) if Path(row[0]).is_absolute() else path.parent / row[0]
+        out.append((row[1] if len(row) == 2 and row[1] else v.stem, v))
+    if not out:
+        raise T12kError(f"list file {path} names no videos.")
+    return out
+
+
+# ---------------------------------------------------------------------------- decoding side
+
+@dataclass(frozen=True)
+class _Group:
+    """Backbones that share frame selection and geometry share one uint8 tensor."""
+
+    key: int
+    pre: bb.Preprocess
+    frames: tuple[int, ...]  # which of the clip's fpc frames the models see
+
+
+def _frame_index(entry: bb.Backbone, cfg: ExtractConfig) -> tuple[int, ...]:
+    fpc = cfg.clip.fpc
+    if entry.kind == "3d":
+        n = entry.num_frames or fpc  # a fixed-length model gets the clip resampled in time
+    elif cfg.frame_pool == "center":
+        return (fpc // 2,)
+    else:
+        n = cfg.image_frames or fpc
+    return tuple(int(i) for i in np.linspace(0, fpc - 1, n).round())
+
+
+class ClipDataset(IterableDataset):
+    """Yields chunks of preprocessed clips per video, a final marker, or a failure."""
+
+    def __init__(self, videos: list[tuple[str, Path]], spec: ClipSpec, groups: list[_Group], chunk: int,
+                 threads: int) -> None:
+        self.videos, self.spec, self.groups, self.chunk, self.threads = videos, spec, groups, chunk, threads
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        mine = self.videos if info is None else self.videos[info.id::info.num_workers]
+        for tid, path in mine:
+            yield from self._video(tid, path)
+
+    def _video(self, tid: str, path: Path) -> Iterator[dict]:
+        n = 0
+        buf = []
+        try:
+            for clip in clips(path, self.spec, self.threads):
+                buf.append(clip)
+                if len(buf) == self.chunk:
+                    yield self._pack(tid, buf)
+                    n, buf = n + len(buf), []
+            if buf:
+                yield self._pack(tid, buf)
+                n += len(buf)
+            if n == 0:
+                raise VideoError(f"{path}: shorter than one clip ({self.spec.fpc} frames at {self.spec.fps} fps "
+                                 f"within one shot); try --leftover pad or --segmentation fixed")
+            yield {"tid": tid, "clips": n}
+        except Exception as e:  # noqa: BLE001 - a bad video must never stop the run
+            reason = str(e) if isinstance(e, VideoError) else f"{path}: {type(e).__name__}: {e}"
+            yield {"tid": tid, "path": str(path), "error": reason, "sent": n}
+
+    def _pack(self, tid: str, buf: list) -> dict:
+        frames = torch.from_numpy(np.stack([c.frames for c in buf]))  # (n, fpc, H, W, 3) uint8
+        x = {}
+        for g in self.groups:
+            f = frames[:, list(g.frames)]  # (n, t, H, W, 3)
+            n, t, H, W, _ = f.shape
+            f = g.pre.geometric(f.reshape(n * t, H, W, 3).permute(0, 3, 1, 2))  # (n*t, 3, h, w)
+            x[g.key] = f.reshape(n, t, *f.shape[1:]).contiguous()  # (n, t, 3, h, w) uint8
+        return {"tid": tid, "x": x,
+                "start": np.array([c.start for c in buf], np.float32),
+                "end": np.array([c.end for c in buf], np.float32),
+                "shot": np.array([c.shot for c in buf], np.int32)}
+
+
+def _as_is(item: dict) -> dict:
+    return item  # DataLoader would turn numbers and arrays into tensors
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # workers resize with torch; one thread each avoids oversubscription
+
+
+# ---------------------------------------------------------------------------- model side
+
+@dataclass
+class _Model:
+    entry: bb.Backbone
+    net: torch.nn.Module
+    group: _Group
+    attrs: CacheAttrs
+    done: set[str]  # trailers already in the cache
+    buf: list = field(default_factory=list)  # (tid, index of first clip, uint8 clips)
+    rows: int = 0
+
+    def embed(self, x: torch.Tensor, cfg: ExtractConfig) -> torch.Tensor:
+        """(B, t, 3, h, w) uint8 on the device -> (B, F) float32."""
+        dtype = PRECISIONS[cfg.precision]
+        dev = x.device.type
+        with torch.inference_mode(), torch.autocast(dev, dtype=dtype or torch.float32, enabled=dtype is not None):
+            if self.entry.kind == "3d":
+                v = self.group.pre.normalize(x).permute(0, 2, 1, 3, 4)  # (B, 3, t, h, w)
+                return self.net(v.contiguous(memory_format=torch.channels_last_3d)).float()
+            B, t = x.shape[:2]
+            flat = x.reshape(B * t, *x.shape[2:])  # (B*t, 3, h, w)
+            step = max(1, cfg.max_images)
+            out = torch.cat([self.net(self.group.pre.normalize(flat[i:i + step])
+                                      .contiguous(memory_format=torch.channels_last)).float()
+                             for i in range(0, B * t, step)])  # (B*t, F)
+            return out.view(B, t, -1).mean(1)  # (B, F): the clip is the mean of its frames
+
+
+class _Trailer:
+    def __init__(self) -> None:
+        self.n = 0  # clips received
+        self.total: int | None = None  # set by the end marker
+        self.meta: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.feats: dict[str, dict[int, np.ndarray]] = {}  # backbone -> first clip -> (n, F)
+        self.embedded: dict[str, int] = {}
+
+
+def build_models(cfg: ExtractConfig) -> list[_Model]:
+    """Look up, check and load every requested backbone before any video is touched."""
+    entries = [bb.get_backbone(n) for n in cfg.backbones]
+    given = dict(cfg.weights)
+    missing = []  # every missing file is named at once, before loading any
+    for e in entries:
+        if not cfg.is_random(e.name):
+            try:
+                bb.weights_path(e, given.get(e.name))
+            except T12kError as err:
+                missing.append(str(err))
+    if missing:
+        raise T12kError(" ".join(missing))
+    streams = [e.stream for e in entries]
+    if len(set(streams)) != len(streams):
+        raise T12kError(f"two backbones write the same cache: {', '.join(streams)}.")
+    groups: dict[tuple, _Group] = {}
+    models = []
+    for e in entries:
+        pre = e.preprocess()
+        idx = _frame_index(e, cfg)
+        g = groups.setdefault((pre.geometry, idx), _Group(len(groups), pre, idx))
+        net = bb.load(e, given.get(e.name), random=cfg.is_random(e.name))
+        net = net.to(cfg.device, memory_format=torch.channels_last if e.kind == "2d" else torch.channels_last_3d)
+        feats = cfg.features(e)
+        attrs = CacheAttrs(name=e.stream, backbone=e.name, feature_dim=e.feature_dim, weights=feats["weights"],
+                           pretraining=e.pretraining, kind=e.kind, fps=cfg.clip.fps, fpc=cfg.clip.fpc,
+                           segmentation=cfg.clip.segmentation, source="t12k extract", package_version=__version__,
+                           config={"extract": config_dict(cfg), "features": feats})
+        models.append(_Model(e, net, g, attrs, set()))
+    return models
+
+
+# ---------------------------------------------------------------------------- the run
+
+def extract(inputs: list[str | os.PathLike], cache_dir: str | os.PathLike, cfg: ExtractConfig,
+            progress: bool = True) -> ExtractResult:
+    """Extract every requested backbone's clip embeddings of `inputs` into `cache_dir`.
+
+    Checks inputs, weights and any existing cache first; skips finished trailers; never
+    stops on a bad video (it goes to the failure report). With one shard the segments are
+    merged into `<cache_dir>/<stream>.h5` at the end; with several, run :func:`store.merge_all`
+    (`t12k cache merge`) once all shards are done.
+    """
+    t0 = time.perf_counter()
+    cache_dir = Path(cache_dir)
+    k, n = cfg.shard
+    videos = resolve_inputs(inputs)[k - 1::n]
+    models = build_models(cfg)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    for m in models:
+        store.clean_stale(cache_dir, m.attrs.name)
+        store.check_compatible(cache_dir, m.attrs.name, m.attrs.config["features"])
+        m.done = store.finished_ids(cache_dir, m.attrs.name)
+    todo = [(t, p) for t, p in videos if any(t not in m.done for m in models)]
+    skipped = len(videos) - len(todo)
+    if skipped:
+        log.info("skipping %d trailer(s) already in %s", skipped, cache_dir)
+    tag = f"shard{k}of{n}"
+    report = cache_dir / ("failures.jsonl" if n == 1 else f"failures.{tag}.jsonl")
+    groups = list({m.group.key: m.group for m in models}.values())
+    cuda = cfg.device.startswith("cuda")
+    loader = DataLoader(ClipDataset(todo, cfg.clip, groups, cfg.chunk, cfg.decode_threads), batch_size=None,
+                        collate_fn=_as_is, num_workers=cfg.workers, pin_memory=cuda, worker_init_fn=_worker_init if cfg.workers else None,
+                        prefetch_factor=4 if cfg.workers else None)
+    run = _Run(models, cfg, cache_dir, tag, report)
+    bar = tqdm(total=len(todo), unit="trailer", desc="extract", disable=not progress, dynamic_ncols=True)
+    try:
+        for item in loader:
+            run.take(item)
+            bar.update(run.completed - bar.n)
+            bar.set_postfix(clips_s=f"{run.clips / max(time.perf_counter() - t0, 1e-9):.1f}", failed=len(run.failures))
+        for m in models:
+            run.forward(m)
+        bar.update(run.completed - bar.n)
+    finally:
+        bar.close()
+        run.flush()  # also on Ctrl-C: every finished trailer is kept
+        store.write_failures(report, run.failures)
+    caches = []
+    for m in models:
+        if n == 1:
+            out = store.merge(cache_dir, m.attrs.name)
+            if out is not None:
+                caches.append(out)
+    if n > 1:
+        log.info("shard %d/%d done; once every shard has finished run `t12k cache merge %s`", k, n, cache_dir)
+    if run.failures:
+        log.warning("%d video(s) failed; reasons in %s", len(run.failures), report)
+    return ExtractResult(caches, run.completed, skipped, run.failures, time.perf_counter() - t0, run.clips)
+
+
+class _Run:
+    """Book-keeping of one extraction: buffers per backbone, trailers in flight, flushes."""
+
+    def __init__(self, models: list[_Model], cfg: ExtractConfig, cache_dir: Path, tag: str, report: Path) -> None:
+        self.models, self.cfg, self.cache_dir, self.tag, self.report = models, cfg, cache_dir, tag, report
+        self.trailers: dict[str, _Trailer] = {}
+        self.finished: list[str] = []
+        self.failures: list[dict] = []
+        self.completed = 0
+        self.clips = 0
+        self.last_flush = time.monotonic()
+
+    def take(self, item: dict) -> None:
+        tid = item["tid"]
+        tr = self.trailers.setdefault(tid, _Trailer())
+        if "error" in item:
+            self.failures.append({"id": tid, "path": item["path"], "reason": item["error"]})
+            del self.trailers[tid]
+            for m in self.models:  # forget clips of it still waiting in a batch
+                m.buf = [b for b in m.buf if b[0] != tid]
+                m.rows = sum(len(b[2]) for b in m.buf)
+            return
+        if "clips" in item:
+            tr.total = item["clips"]
+            self._check(tid)
+            return
+        i0, c = tr.n, len(item["start"])
+        tr.n += c
+        tr.meta.append((item["start"], item["end"], item["shot"]))
+        for m in self.models:
+            m.buf.append((tid, i0, item["x"][m.group.key]))
+            m.rows += c
+            if m.rows >= self.cfg.batch_size:
+                self.forward(m)
+
+    def forward(self, m: _Model) -> None:
+        if not m.buf:
+            return
+        x = torch.cat([b[2] for b in m.buf]).to(self.cfg.device, non_blocking=True)  # (B, t, 3, h, w) uint8
+        out = m.embed(x, self.cfg).cpu().numpy()  # (B, F)
+        r = 0
+        touched = []
+        for tid, i0, xb in m.buf:
+            tr = self.trailers.get(tid)
+            if tr is not None:
+                tr.feats.setdefault(m.entry.name, {})[i0] = out[r:r + len(xb)]
+                tr.embedded[m.entry.name] = tr.embedded.get(m.entry.name, 0) + len(xb)
+                touched.append(tid)
+            r += len(xb)
+        m.buf, m.rows = [], 0
+        for tid in dict.fromkeys(touched):
+            self._check(tid)
+
+    def _check(self, tid: str) -> None:
+        tr = self.trailers.get(tid)
+        if tr is None or tr.total is None or tid in self.finished:
+            return
+        if all(tr.embedded.get(m.entry.name, 0) == tr.total for m in self.models):
+            self.finished.append(tid)
+            self.completed += 1
+            self.clips += tr.total
+            if len(self.finished) >= self.cfg.flush_trailers or time.monotonic() - self.last_flush >= self.cfg.flush_seconds:
+                self.flush()
+
+    def flush(self) -> None:
+        """Write finished trailers to one new segment per backbone; update the failure report."""
+        if self.finished:
+            for m in self.models:
+                items = []
+                for tid in self.finished:
+                    if tid in m.done:
+                        continue  # written by an earlier run that died between two segment renames
+                    tr = self.trailers[tid]
+                    parts = tr.feats[m.entry.name]
+                    feats = np.concatenate([parts[i] for i in sorted(parts)])  # (C, F) in clip order
+                    start, end, shot = (np.concatenate(col) for col in zip(*tr.meta))
+                    items.append((tid, feats, start, end, shot))
+                store.write_segment(self.cache_dir, m.attrs, items, self.tag, self.cfg.dtype)
+                m.done.update(t for t, *_ in items)
+            for tid in self.finished:
+                del self.trailers[tid]
+            self.finished = []
+        store.write_failures(self.report, self.failures)
+        self.last_flush = time.monotonic()

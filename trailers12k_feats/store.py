@@ -1,0 +1,163 @@
+"""Crash-safe, resumable writing of a feature cache during extraction.
+
+Finished trailers are written in batches as small complete caches ("segments") under
+``<cache>/.segments/<stream>/``, each renamed into place only when whole, so a killed run
+loses at most the trailers since its last flush and never leaves a partial one. The
+cache's finished trailers are those of ``<stream>.h5`` plus those of its segments; a rerun
+skips them. :func:`merge` folds the segments (from any number of shards) into
+``<stream>.h5`` in trailer-id order, keeping each trailer once, then deletes them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from trailers12k_feats import cache as cache_mod
+from trailers12k_feats.cache import CacheAttrs, CacheWriter
+from trailers12k_feats.utils import T12kError
+
+log = logging.getLogger(__name__)
+
+SEGMENTS = ".segments"
+
+
+def segment_dir(cache_dir: str | os.PathLike, stream: str) -> Path:
+    return Path(cache_dir) / SEGMENTS / stream
+
+
+def segments(cache_dir: str | os.PathLike, stream: str) -> list[Path]:
+    """Complete segment files of a stream, oldest first."""
+    d = segment_dir(cache_dir, stream)
+    return sorted(p for p in d.glob(f"*{cache_mod.SUFFIX}") if not p.name.startswith(".")) if d.is_dir() else []
+
+
+def sources(cache_dir: str | os.PathLike, stream: str) -> list[Path]:
+    """The merged cache (if any) followed by the stream's segments."""
+    final = cache_mod.stream_path(cache_dir, stream)
+    return ([final] if final.is_file() else []) + segments(cache_dir, stream)
+
+
+def finished_ids(cache_dir: str | os.PathLike, stream: str) -> set[str]:
+    """Trailers already extracted for a stream (merged or in segments)."""
+    done: set[str] = set()
+    for p in sources(cache_dir, stream):
+        done.update(cache_mod.read_ids(p))
+    return done
+
+
+def check_compatible(cache_dir: str | os.PathLike, stream: str, features: dict) -> None:
+    """Refuse to add to a cache whose existing trailers were made with other feature settings."""
+    for p in sources(cache_dir, stream):
+        old = cache_mod.read_attrs(p).config.get("features")
+        if old != features:
+            diff = {k: (old.get(k) if old else None, v) for k, v in features.items() if not old or old.get(k) != v}
+            raise T12kError(
+                f"{p} was extracted with other settings ({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in diff.items())}); "
+                "use the same settings to resume, or another --cache folder.")
+
+
+def clean_stale(cache_dir: str | os.PathLike, stream: str) -> None:
+    """Remove temporary files left by killed writers (their process is gone)."""
+    for d in (segment_dir(cache_dir, stream), Path(cache_dir)):
+        for tmp in d.glob(f".*{cache_mod.SUFFIX}.tmp-*") if d.is_dir() else []:
+            pid = tmp.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and not _alive(int(pid)):
+                tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def write_segment(cache_dir: str | os.PathLike, attrs: CacheAttrs, items: list[tuple], tag: str,
+                  dtype: str = "float16") -> Path | None:
+    """Write finished trailers `(tid, feats (C, F), start, end, shot)` as one new segment."""
+    if not items:
+        return None
+    path = segment_dir(cache_dir, attrs.name) / f"{tag}-{time.time_ns()}{cache_mod.SUFFIX}"
+    with CacheWriter(path, attrs, dtype=dtype) as w:
+        for tid, feats, start, end, shot in items:
+            w.add(tid, feats, start, end, shot)
+    return path
+
+
+def merge(cache_dir: str | os.PathLike, stream: str) -> Path | None:
+    """Fold `<stream>.h5` and its segments into a new `<stream>.h5` (sorted ids, each once).
+
+    Reads one trailer at a time, so memory stays small for any cache size. The new file
+    replaces the old one atomically; segments are deleted only after that.
+    """
+    srcs = sources(cache_dir, stream)
+    segs = segments(cache_dir, stream)
+    if not segs:
+        return cache_mod.stream_path(cache_dir, stream) if srcs else None
+    files = [h5py.File(p, "r") for p in srcs]
+    try:
+        where: dict[str, tuple[int, int, int]] = {}  # tid -> (file, row0, row1); first source wins
+        for i, h5 in enumerate(files):
+            offsets = h5["offsets"][:]
+            for j, tid in enumerate(h5["ids"].asstr()[:]):
+                where.setdefault(str(tid), (i, int(offsets[j]), int(offsets[j + 1])))
+        attrs = CacheAttrs.from_h5(files[-1].attrs)
+        features = attrs.config.get("features")
+        for p, h5 in zip(srcs, files):
+            if CacheAttrs.from_h5(h5.attrs).config.get("features") != features:
+                raise T12kError(f"{p} was extracted with other settings than {srcs[-1]}; move one of them away and merge again.")
+        dtype = str(files[0]["features"].dtype)
+        out = cache_mod.stream_path(cache_dir, stream)
+        with CacheWriter(out, attrs, dtype=dtype) as w:
+            for tid in sorted(where):
+                i, r0, r1 = where[tid]
+                h5 = files[i]
+                w.add(tid, h5["features"][r0:r1], h5["clip_start"][r0:r1], h5["clip_end"][r0:r1], h5["shot"][r0:r1])
+    finally:
+        for h5 in files:
+            h5.close()
+    for p in segs:
+        p.unlink(missing_ok=True)
+    log.info("merged %d segment(s) into %s (%d trailers)", len(segs), out, len(where))
+    return out
+
+
+def merge_all(cache_dir: str | os.PathLike) -> list[Path]:
+    """Merge every stream that has segments under `cache_dir`."""
+    root = Path(cache_dir) / SEGMENTS
+    streams = sorted(d.name for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
+    out = [p for s in streams if (p := merge(cache_dir, s)) is not None]
+    return out
+
+
+def write_failures(path: Path, failures: list[dict]) -> None:
+    """The failure report: one JSON object per line (id, path, reason); removed when empty."""
+    if not failures:
+        path.unlink(missing_ok=True)
+        return
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        for row in failures:
+            f.write(json.dumps(row) + "\n")
+    os.replace(tmp, path)
+
+
+def read_failures(path: str | os.PathLike) -> list[dict]:
+    p = Path(path)
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.is_file() else []
+
+
+def segment_rows(path: str | os.PathLike) -> np.ndarray:
+    """Clip counts per trailer of a cache or segment (for tests and reports)."""
+    with h5py.File(path, "r") as h5:
+        return np.diff(h5["offsets"][:])
