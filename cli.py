@@ -142,6 +142,107 @@ def cache_validate(paths: tuple[Path, ...]) -> None:
         click.echo(f"ok  {f}")
 
 
+@cache.command("merge")
+@click.argument("cache_dir", type=click.Path(path_type=Path))
+@_errors
+def cache_merge(cache_dir: Path) -> None:
+    """Merge extraction segments (from `t12k extract --shard`) into <stream>.h5 caches."""
+    from trailers12k_feats.store import merge_all
+
+    merged = merge_all(cache_dir)
+    if not merged:
+        raise T12kError(f"{cache_dir} has no extraction segments to merge.")
+    for p in merged:
+        click.echo(f"merged {p}")
+
+
+def _shard(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise click.BadParameter(f"expected K/N such as 2/4, got {text!r}") from None
+    return k, n
+
+
+def _weights(items: tuple[str, ...]) -> tuple[tuple[str, str], ...] | None:
+    out = []
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise click.BadParameter(f"expected NAME=PATH (or NAME=random), got {item!r}")
+        out.append((name, path))
+    return tuple(out) or None
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-b", "--backbone", "backbones", multiple=True, required=True,
+              help="Backbone to run (repeat for several); `t12k backbones` lists them, or timm:<model>.")
+@click.option("--cache", "cache_dir", type=click.Path(path_type=Path), default=Path("cache"), show_default=True,
+              help="Folder of the <stream>.h5 caches to write or extend.")
+@click.option("--fps", type=float, help="Frames per second after resampling [24].")
+@click.option("--fpc", type=int, help="Frames per clip [24].")
+@click.option("--segmentation", type=click.Choice(["shots", "fixed"]), help="Clips within shots, or ignore cuts [shots].")
+@click.option("--leftover", type=click.Choice(["drop", "pad"]), help="Shot remainder shorter than a clip [drop].")
+@click.option("--shot-threshold", type=float, help="ContentDetector threshold [27].")
+@click.option("--min-shot-frames", type=int, help="Minimum frames between cuts [15].")
+@click.option("--frame-pool", type=click.Choice(["mean", "center"]), help="2D backbones: clip = mean of frames or centre frame [mean].")
+@click.option("--image-frames", type=int, help="2D backbones: frames embedded per clip, evenly spaced; 0 = all [0].")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), help="Autocast precision [fp32].")
+@click.option("--device", help="cpu or cuda[:N] [cpu].")
+@click.option("--batch-size", type=int, help="Clips per forward pass [16].")
+@click.option("--workers", type=int, help="Decoding processes [0: decode in the main process].")
+@click.option("--shard", help="K/N: process every N-th video starting at the K-th (merge with `t12k cache merge`).")
+@click.option("--weights", "weights", multiple=True, help="NAME=PATH of a weight file, or NAME=random (repeatable).")
+@click.option("--random-weights", is_flag=True, default=None, help="Random weights for every backbone (smoke tests).")
+@_errors
+def extract(inputs, backbones, cache_dir, shard, weights, fps, fpc, segmentation, leftover, shot_threshold,
+            min_shot_frames, **opts) -> None:
+    """Embed the clips of videos (files, folders or list files) into feature caches.
+
+    Resumable: finished trailers are skipped. Bad videos are skipped and listed in
+    CACHE/failures.jsonl; the exit status is 3 when any failed.
+    """
+    from trailers12k_feats.extract import ExtractConfig, extract as run
+    from trailers12k_feats.video import ClipSpec
+
+    clip = {"fps": fps, "fpc": fpc, "segmentation": segmentation, "leftover": leftover,
+            "shot_threshold": shot_threshold, "min_shot_frames": min_shot_frames}
+    cfg = ExtractConfig(backbones=backbones, clip=ClipSpec(**{k: v for k, v in clip.items() if v is not None}),
+                        **{k: v for k, v in {**opts, "shard": _shard(shard), "weights": _weights(weights)}.items()
+                           if v is not None})
+    res = run(list(inputs), cache_dir, cfg)
+    click.echo(f"{res.extracted} trailer(s) extracted ({res.clips} clips, {res.seconds:.0f} s), "
+               f"{res.skipped} already done, {len(res.failures)} failed")
+    for p in res.caches:
+        click.echo(f"  {p}")
+    if res.failures:
+        click.echo(f"failures listed in {cache_dir / 'failures.jsonl'}" if cfg.shard[1] == 1
+                   else f"failures listed in {cache_dir}/failures.shard*.jsonl", err=True)
+        sys.exit(3)
+
+
+@main.command("backbones")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_errors
+def backbones_(as_json: bool) -> None:
+    """List the backbone registry: dims, inputs, pretraining and whether weights are present."""
+    from trailers12k_feats.backbones import describe, weights_dir
+
+    rows = describe()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    cols = ("name", "stream", "kind", "dim", "input", "pretraining", "weights", "found")
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    click.echo("  ".join(c.ljust(widths[c]) for c in cols))
+    for r in rows:
+        click.echo("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
+    click.echo(f"\nweights are read from {weights_dir()} or --weights NAME=PATH; any timm 2D model: timm:<name>")
+
+
 @main.command()
 @_data_options
 @click.option("--row", help="A Table 6 row (sets --image/--video), e.g. ik_swin or shufflenet_fusion.")

@@ -346,11 +346,11 @@ def extract(inputs: list[str | os.PathLike], cache_dir: str | os.PathLike, cfg: 
     try:
         for item in loader:
             run.take(item)
-            bar.update(run.completed - bar.n)
+            bar.update(run.completed + len(run.failures) - bar.n)
             bar.set_postfix(clips_s=f"{run.clips / max(time.perf_counter() - t0, 1e-9):.1f}", failed=len(run.failures))
         for m in models:
             run.forward(m)
-        bar.update(run.completed - bar.n)
+        bar.update(run.completed + len(run.failures) - bar.n)
     finally:
         bar.close()
         run.flush()  # also on Ctrl-C: every finished trailer is kept

@@ -65,7 +65,7 @@ class ClipSpec:
     @property
     def rate(self) -> Fraction:
         """The target rate as an exact fraction (23.976 -> 24000/1001)."""
-        return Fraction(self.fps).limit_denominator(1001)
+        return exact_rate(self.fps)
 
     @property
     def leftover_frames(self) -> int:
@@ -91,6 +91,14 @@ class VideoInfo:
     rotation: int  # degrees counter-clockwise applied to the coded frames
     duration: float  # seconds (0 when the container does not say)
     rate: float  # average frame rate the container reports (0 when unknown)
+
+
+def exact_rate(fps: float | Fraction) -> Fraction:
+    """`fps` as a fraction; the NTSC rates (23.976, 29.97, 59.94) become n * 1000/1001."""
+    for base in (24, 30, 48, 60, 120):
+        if abs(float(fps) - base * 1000 / 1001) < 5e-4:
+            return Fraction(base * 1000, 1001)
+    return Fraction(fps).limit_denominator(1001)
 
 
 def _open(path: str | os.PathLike) -> av.container.InputContainer:
@@ -143,7 +151,7 @@ def frames(path: str | os.PathLike, fps: float | Fraction = 24, short_side: int 
     time, so a 23.976 or variable-rate source becomes an exact `fps` sequence. Frames are
     rotated to how a player shows them. Raises VideoError when nothing can be decoded.
     """
-    rate = Fraction(fps).limit_denominator(1001)
+    rate = exact_rate(fps)
     with _open(path) as c:
         s = _video_stream(c, path)
         s.thread_type = "AUTO"  # frame + slice threads inside the decoder
