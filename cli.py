@@ -197,6 +197,7 @@ def _weights(items: tuple[str, ...]) -> tuple[tuple[str, str], ...] | None:
 @click.option("--shard", help="K/N: process every N-th video starting at the K-th (merge with `t12k cache merge`).")
 @click.option("--weights", "weights", multiple=True, help="NAME=PATH of a weight file, or NAME=random (repeatable).")
 @click.option("--random-weights", is_flag=True, default=None, help="Random weights for every backbone (smoke tests).")
+@click.option("--flush-every", "flush_trailers", type=int, help="Save finished trailers every N trailers [100].")
 @_errors
 def extract(inputs, backbones, cache_dir, shard, weights, fps, fpc, segmentation, leftover, shot_threshold,
             min_shot_frames, **opts) -> None:

@@ -1,0 +1,167 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from click.testing import CliRunner
+
+from cli import main
+from trailers12k_feats import backbones as bb
+from trailers12k_feats import cache, store, video
+from trailers12k_feats.extract import ExtractConfig, extract, resolve_inputs
+from trailers12k_feats.synthvideo import cut_video
+from trailers12k_feats.utils import T12kError
+from trailers12k_feats.video import ClipSpec
+
+SPEC = ClipSpec(fpc=8, short_side=128)
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    d = tmp_path_factory.mktemp("videos")
+    cut_video(d / "tt0000001.mp4", [30, 50, 20], size=(160, 96), seed=1)
+    cut_video(d / "tt0000002.mkv", [40, 26], size=(128, 96), seed=2, fps=30)
+    cut_video(d / "tt0000003.mp4", [5], size=(160, 96), seed=3)  # shorter than one clip
+    (d / "tt0000004.mp4").write_bytes(b"\x00corrupt" * 64)
+    return d
+
+
+def _cfg(**kw):
+    base = dict(backbones=("mobilenet_v2", "r2plus1d_18"), clip=SPEC, image_frames=2, batch_size=5,
+                weights=(("mobilenet_v2", str(bb.offline_weights())), ("r2plus1d_18", "random")))
+    return ExtractConfig(**{**base, **kw})
+
+
+def _read(path):
+    fs = cache.load(path, dtype=torch.float32)
+    return {tid: fs.clips(tid).numpy() for tid in fs.ids}
+
+
+def test_cached_features_equal_the_models_run_directly(videos, tmp_path):
+    res = extract([videos], tmp_path, _cfg(), progress=False)
+    assert sorted(p.name for p in res.caches) == ["i_mobilenet.h5", "k_r2plus1d.h5"]
+    reasons = {f["id"]: f["reason"] for f in store.read_failures(tmp_path / "failures.jsonl")}
+    assert set(reasons) == {"tt0000003", "tt0000004"} and not res.ok
+    assert "shorter than one clip" in reasons["tt0000003"] and "cannot be opened" in reasons["tt0000004"]
+
+    image = torchvision.models.mobilenet_v2()
+    image.load_state_dict(torch.load(bb.offline_weights(), weights_only=True))
+    image.classifier = torch.nn.Identity()
+    torch.manual_seed(0)  # the registry builds random weights from seed 0
+    clipnet = torchvision.models.video.r2plus1d_18()
+    clipnet.fc = torch.nn.Identity()
+    tf_image = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1.transforms()
+    tf_clip = torchvision.models.video.R2Plus1D_18_Weights.KINETICS400_V1.transforms()
+
+    with torch.no_grad():
+        for tid in ("tt0000001", "tt0000002"):
+            path = next(videos.glob(f"{tid}.*"))
+            clips = list(video.clips(path, SPEC))
+            frames = torch.stack([torch.from_numpy(c.frames) for c in clips]).permute(0, 1, 4, 2, 3)  # (C, 8, 3, H, W)
+            ref_i = torch.stack([image.eval()(tf_image(f[[0, 7]])).mean(0) for f in frames])  # frames 0 and 7 of 8
+            ref_k = clipnet.eval()(tf_clip(frames))
+            for name, ref in (("i_mobilenet", ref_i), ("k_r2plus1d", ref_k)):
+                fs = cache.load(tmp_path / f"{name}.h5", dtype=torch.float32)
+                torch.testing.assert_close(fs.clips(tid), ref, rtol=2e-3, atol=2e-3)  # fp16 storage
+            with cache._open(tmp_path / "i_mobilenet.h5") as h5:
+                i = list(h5["ids"].asstr()[:]).index(tid)
+                r0, r1 = h5["offsets"][i:i + 2]
+                assert np.allclose(h5["clip_start"][r0:r1], [c.start for c in clips], atol=1e-5)
+                assert np.allclose(h5["clip_end"][r0:r1], [c.end for c in clips], atol=1e-5)
+                assert list(h5["shot"][r0:r1]) == [c.shot for c in clips]
+    attrs = cache.read_attrs(tmp_path / "k_r2plus1d.h5")
+    assert attrs.weights == "random" and attrs.fpc == 8 and attrs.config["features"]["backbone"] == "r2plus1d_18"
+    assert cache.read_attrs(tmp_path / "i_mobilenet.h5").weights == "MobileNet_V2_Weights.IMAGENET1K_V1"
+
+
+def test_rerun_skips_finished_trailers_and_refuses_other_settings(videos, tmp_path):
+    extract([videos], tmp_path, _cfg(backbones=("r2plus1d_18",), weights=(("r2plus1d_18", "random"),)),
+            progress=False)
+    before = _read(tmp_path / "k_r2plus1d.h5")
+    res = extract([videos], tmp_path, _cfg(backbones=("r2plus1d_18",), weights=(("r2plus1d_18", "random"),)),
+                  progress=False)
+    assert res.skipped == 2 and res.extracted == 0 and len(res.failures) == 2  # bad ones are retried
+    assert _read(tmp_path / "k_r2plus1d.h5").keys() == before.keys()
+    with pytest.raises(T12kError, match="fpc: 8 there, 16 now"):
+        extract([videos], tmp_path, _cfg(backbones=("r2plus1d_18",), clip=ClipSpec(fpc=16, short_side=128),
+                                         weights=(("r2plus1d_18", "random"),)), progress=False)
+
+
+def test_shards_merge_into_the_same_cache(videos, tmp_path):
+    kw = dict(backbones=("r2plus1d_18",), weights=(("r2plus1d_18", "random"),))
+    extract([videos], tmp_path / "one", _cfg(**kw), progress=False)
+    for k in (1, 2):
+        extract([videos], tmp_path / "two", _cfg(shard=(k, 2), **kw), progress=False)
+    assert not (tmp_path / "two" / "k_r2plus1d.h5").exists()
+    assert (tmp_path / "two" / "failures.shard1of2.jsonl").exists()
+    out = CliRunner().invoke(main, ["cache", "merge", str(tmp_path / "two")])
+    assert out.exit_code == 0, out.output
+    a, b = _read(tmp_path / "one" / "k_r2plus1d.h5"), _read(tmp_path / "two" / "k_r2plus1d.h5")
+    assert a.keys() == b.keys() == {"tt0000001", "tt0000002"}
+    for tid in a:
+        np.testing.assert_allclose(a[tid], b[tid], rtol=1e-3, atol=1e-3)
+    assert not store.segments(tmp_path / "two", "k_r2plus1d")
+
+
+@pytest.mark.slow
+def test_kill_9_then_rerun_keeps_every_finished_trailer_once(tmp_path):
+    vids = tmp_path / "v"
+    for i in range(8):
+        cut_video(vids / f"tt{i:07d}.mp4", [40, 40], size=(160, 96), seed=i)
+    args = [sys.executable, "-m", "cli", "extract", str(vids), "-b", "r2plus1d_18", "--weights", "r2plus1d_18=random",
+            "--fpc", "8", "--flush-every", "1", "--cache", str(tmp_path / "c")]
+    proc = subprocess.Popen(args, cwd=Path(__file__).parents[1], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not store.segments(tmp_path / "c", "k_r2plus1d") and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    assert proc.poll() is None, "extraction ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = store.finished_ids(tmp_path / "c", "k_r2plus1d")
+    assert 1 <= len(done) < 8 and not (tmp_path / "c" / "k_r2plus1d.h5").exists()
+    for seg in store.segments(tmp_path / "c", "k_r2plus1d"):
+        cache.validate(seg)  # every file that exists is complete
+    out = CliRunner().invoke(main, args[3:])
+    assert out.exit_code == 0, out.output
+    assert f"{len(done)} already done" in out.output
+    final = cache.load(tmp_path / "c" / "k_r2plus1d.h5")
+    assert sorted(final.ids) == [f"tt{i:07d}" for i in range(8)]  # each once (ids are checked unique)
+    assert not list((tmp_path / "c").rglob(".*tmp-*"))
+
+
+def test_cli_reports_failures_with_exit_status_3(videos, tmp_path):
+    out = CliRunner().invoke(main, ["extract", str(videos), "-b", "r2plus1d_18", "--weights", "r2plus1d_18=random",
+                                    "--fpc", "8", "--cache", str(tmp_path)])
+    assert out.exit_code == 3
+    assert "2 trailer(s) extracted" in out.output and "2 failed" in out.output
+    assert len((tmp_path / "failures.jsonl").read_text().splitlines()) == 2
+
+
+def test_missing_weights_stop_before_any_work(videos, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    out = CliRunner().invoke(main, ["extract", str(videos), "-b", "swin3d_t", "-b", "resnet50",
+                                    "--cache", str(tmp_path / "c")])
+    assert out.exit_code == 1
+    assert "swin3d_t-7615ae03.pth" in out.output and "resnet50-0676ba61.pth" in out.output
+    assert not (tmp_path / "c").exists()
+
+
+def test_inputs_from_list_files_and_duplicate_ids(videos, tmp_path):
+    lst = tmp_path / "list.csv"
+    lst.write_text(f"path,id\n{videos / 'tt0000001.mp4'},movieA\n{videos / 'tt0000002.mkv'}\n")
+    assert resolve_inputs([lst]) == [("movieA", videos / "tt0000001.mp4"), ("tt0000002", videos / "tt0000002.mkv")]
+    (tmp_path / "tt0000001.mp4").write_bytes(b"")
+    with pytest.raises(T12kError, match="trailer id tt0000001 is given twice"):
+        resolve_inputs([videos, tmp_path / "tt0000001.mp4"])
+    with pytest.raises(T12kError, match="does not exist"):
+        resolve_inputs([tmp_path / "nowhere"])
+    with pytest.raises(T12kError, match="fp16 autocast needs a CUDA device"):
+        ExtractConfig(precision="fp16")
+    assert json.loads(json.dumps(store.read_failures(tmp_path / "none.jsonl"))) == []
