@@ -108,6 +108,32 @@ def _split_data(meta: Metadata, sets: dict, rows: np.ndarray, split: int) -> dic
     return out
 
 
+def batch_logits(model: torch.nn.Module, batch, dev: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(B, 10) float32 logits of a Batch, moved to `dev`, under autocast to `dtype`."""
+    x = {k: v.to(dev, non_blocking=True) for k, v in batch.x.items()}
+    mask = batch.mask.to(dev, non_blocking=True)
+    with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+        logits = model(ix=x.get("image"), vx=x.get("video"), ix_mask=mask, vx_mask=mask)
+    return logits.float()
+
+
+@torch.no_grad()
+def snippet_probs(model: torch.nn.Module, d: TrailerData, cfg: TrainConfig) -> torch.Tensor:
+    """The protocol's evaluation: each trailer cut into `cfg.window`-clip snippets (the last
+    zero-padded and masked), sigmoid probabilities averaged over its snippets. (n, 10)."""
+    model.eval()
+    dev = next(model.parameters()).device
+    dtype = PRECISIONS[cfg.precision]
+    owner, first = d.snippets(torch.arange(len(d)), cfg.window)  # (S,), (S,)
+    probs = torch.zeros(len(d), d.labels.shape[1])
+    for s in range(0, len(owner), cfg.eval_batch_size):
+        batch = d.gather(owner[s:s + cfg.eval_batch_size], first[s:s + cfg.eval_batch_size], cfg.window,
+                         torch.float32)
+        probs.index_add_(0, batch.rows, torch.sigmoid(batch_logits(model, batch, dev, dtype)).cpu())
+    counts = torch.bincount(owner, minlength=len(d)).clamp(min=1)
+    return probs / counts[:, None]  # (n, 10)
+
+
 class Trainer:
     """Holds the model, optimiser and data of one run; `fit()` runs the protocol."""
 
@@ -127,12 +153,7 @@ class Trainer:
         self.dtype = PRECISIONS[cfg.precision]
 
     def _logits(self, batch) -> torch.Tensor:
-        dev = self.device
-        x = {k: v.to(dev, non_blocking=True) for k, v in batch.x.items()}
-        mask = batch.mask.to(dev, non_blocking=True)
-        with torch.autocast(dev.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            logits = self.model(ix=x.get("image"), vx=x.get("video"), ix_mask=mask, vx_mask=mask)
-        return logits.float()  # (B, 10)
+        return batch_logits(self.model, batch, self.device, self.dtype)
 
     def train_epoch(self, progress: bool = False) -> float:
         cfg, d = self.cfg, self.data["train"]
@@ -151,19 +172,9 @@ class Trainer:
             count += len(rows)
         return float(total) / count
 
-    @torch.no_grad()
     def predict(self, d: TrailerData) -> torch.Tensor:
         """Snippet-averaged sigmoid probabilities (n, 10) for every trailer of `d`."""
-        cfg = self.cfg
-        self.model.eval()
-        owner, first = d.snippets(torch.arange(len(d)), cfg.window)  # (S,), (S,)
-        probs = torch.zeros(len(d), d.labels.shape[1])
-        for s in range(0, len(owner), cfg.eval_batch_size):
-            batch = d.gather(owner[s:s + cfg.eval_batch_size], first[s:s + cfg.eval_batch_size], cfg.window,
-                             torch.float32)
-            probs.index_add_(0, batch.rows, torch.sigmoid(self._logits(batch)).cpu())
-        counts = torch.bincount(owner, minlength=len(d)).clamp(min=1)
-        return probs / counts[:, None]  # (n, 10)
+        return snippet_probs(self.model, d, self.cfg)
 
     def evaluate(self, d: TrailerData) -> tuple[float, dict[str, float], torch.Tensor]:
         p = self.predict(d)
@@ -234,7 +245,10 @@ def train_run(cfg: TrainConfig, meta: Metadata, sets: dict[str, cache_mod.Featur
             "config": config_dict(cfg),
             "streams": {r: {"name": fs.name, "path": str(fs.path), "feature_dim": fs.feature_dim,
                             "backbone": fs.attrs.backbone, "kind": fs.attrs.kind, "fps": fs.attrs.fps,
-                            "fpc": fs.attrs.fpc, "segmentation": fs.attrs.segmentation}
+                            "fpc": fs.attrs.fpc, "segmentation": fs.attrs.segmentation,
+                            "weights": fs.attrs.weights,
+                            # how `t12k extract` made the features: what `t12k predict` repeats
+                            "features": fs.attrs.config.get("features")}
                         for r, fs in sets.items()},
             "metadata": str(meta.path),
             "trailers": {k: len(v) for k, v in data.items()},

@@ -1,0 +1,130 @@
+"""Extraction speed on one set of videos, in one run: decoding alone, each backbone alone, everything.
+
+Prints
+  * decode: frames/s of decoding + resampling + scaling alone, and with shot detection and
+    clip building (what the workers do, without the backbones' uint8 resize/crop),
+  * per backbone: clips/s of the model alone on already decoded, preprocessed clips,
+  * full extraction (`extract.extract`) with all requested backbones: clips/s, seconds and
+    the ratio full / decode-only (the aim is <= 1.2: compute hidden behind decoding),
+  * precision check: each backbone's features in the chosen autocast dtype against fp32 on the
+    same clips (max relative error, minimum cosine similarity).
+
+    python bench/bench_extract.py [--backbones mobilenet_v2] [--videos 6] [--seconds 12]
+        [--device cpu] [--precision fp32] [--workers 0] [--image-frames 0]
+
+Weights: mobilenet_v2 from the offline package when present, others from the torch hub
+cache, or random with --random-weights (speed does not depend on the values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trailers12k_feats import backbones as bb
+from trailers12k_feats import video
+from trailers12k_feats.extract import ExtractConfig, _frame_index, build_models, extract
+from trailers12k_feats.synthvideo import cut_video
+from trailers12k_feats.video import ClipSpec
+
+
+def make_videos(root: Path, n: int, seconds: float, size: tuple[int, int]) -> list[Path]:
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(n):
+        lengths, total = [], 0
+        while total < seconds * 24:
+            lengths.append(int(rng.integers(30, 100)))  # shots of 1.25-4 s, trailer-like
+            total += lengths[-1]
+        out.append(cut_video(root / f"tt{i:07d}.mp4", lengths, size=size, seed=i, crf=23))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--backbones", default="mobilenet_v2", help="comma-separated registry names")
+    ap.add_argument("--videos", type=int, default=6)
+    ap.add_argument("--seconds", type=float, default=12.0, help="length of each video")
+    ap.add_argument("--size", default="640x360", help="source video size WxH")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--image-frames", type=int, default=0)
+    ap.add_argument("--random-weights", action="store_true")
+    args = ap.parse_args()
+
+    names = tuple(args.backbones.split(","))
+    weights = tuple((n, str(bb.offline_weights())) for n in names if n == "mobilenet_v2" and bb.offline_weights())
+    cfg = ExtractConfig(backbones=names, device=args.device, precision=args.precision, workers=args.workers,
+                        batch_size=args.batch_size, image_frames=args.image_frames,
+                        random_weights=args.random_weights, weights=() if args.random_weights else weights)
+    spec = cfg.clip
+    dev = args.device
+    gpu = torch.cuda.get_device_name(0) if dev.startswith("cuda") else None
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+          + (f", {gpu}" if gpu else ""))
+    W, H = (int(x) for x in args.size.split("x"))
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        paths = make_videos(tmp / "videos", args.videos, args.seconds, (W, H))
+        print(f"{len(paths)} videos {W}x{H}, {args.seconds:.0f} s each; fps {spec.fps}, fpc {spec.fpc}, "
+              f"short side {spec.short_side}; backbones {', '.join(names)}; {args.precision} on {dev}, "
+              f"workers {args.workers}")
+
+        t0 = time.perf_counter()
+        n_frames = sum(1 for p in paths for _ in video.frames(p, spec.rate, spec.short_side))
+        t_decode = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        all_clips = [c for p in paths for c in video.clips(p, spec)]
+        t_clips = time.perf_counter() - t0
+        n_clips = len(all_clips)
+        print(f"\ndecode alone:             {n_frames / t_decode:8.0f} frames/s  ({n_frames} frames, {t_decode:.1f} s)")
+        print(f"decode + shots + clips:   {n_frames / t_clips:8.0f} frames/s  ({n_clips} clips, "
+              f"{n_clips / t_clips:.1f} clips/s)")
+
+        models = build_models(cfg)
+        sample = all_clips[: min(len(all_clips), 4 * args.batch_size)]
+        frames = torch.from_numpy(np.stack([c.frames for c in sample]))  # (n, fpc, H, W, 3)
+        print()
+        for m in models:
+            idx = list(_frame_index(m.entry, cfg))
+            f = frames[:, idx]
+            n, t = f.shape[:2]
+            x = m.group.pre.geometric(f.reshape(n * t, *f.shape[2:]).permute(0, 3, 1, 2))
+            x = x.reshape(n, t, *x.shape[1:]).to(dev)  # (n, t, 3, h, w) uint8
+            batches = [x[i:i + args.batch_size] for i in range(0, n, args.batch_size)]
+            m.embed(batches[0], cfg)  # warm-up
+            if dev.startswith("cuda"):
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for b in batches:
+                out = m.embed(b, cfg)
+            if dev.startswith("cuda"):
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            print(f"{m.entry.name:22} alone: {n / dt:8.1f} clips/s  ({t} frames of {x.shape[-1]}px per clip)")
+            if args.precision != "fp32":
+                ref = m.embed(batches[0], ExtractConfig(backbones=names, device=dev, precision="fp32"))
+                low = m.embed(batches[0], cfg)
+                rel = ((low - ref).norm(dim=1) / ref.norm(dim=1)).max().item()
+                cos = torch.nn.functional.cosine_similarity(low, ref, dim=1).min().item()
+                print(f"{'':22} {args.precision} vs fp32: max relative error {rel:.2e}, min cosine {cos:.6f}")
+            del out
+
+        t0 = time.perf_counter()
+        res = extract([tmp / "videos"], tmp / "cache", cfg, progress=False)
+        t_full = time.perf_counter() - t0
+        print(f"\nfull extraction:          {res.clips / t_full:8.1f} clips/s  ({res.clips} clips, {t_full:.1f} s, "
+              f"incl. model loading)")
+        print(f"ratio full / decode+clips: {t_full / t_clips:.2f}x  (aim <= 1.2x)")
+
+
+if __name__ == "__main__":
+    main()

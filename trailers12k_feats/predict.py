@@ -1,0 +1,171 @@
+"""Genre probabilities of new videos with a trained run: extract what the run needs, apply its head.
+
+A run directory records, per stream, how `t12k extract` made its features (backbone,
+weights, clip settings). Prediction repeats exactly that extraction (a trailer already in
+the run's own cache is read from it instead), then evaluates the best checkpoint with the
+protocol's snippet averaging, fusing both streams when the run has two.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from trailers12k_feats import GENRES, GENRES_SHORT
+from trailers12k_feats import cache as cache_mod
+from trailers12k_feats.cache import FeatureSet
+from trailers12k_feats.data import Metadata, TrailerData
+from trailers12k_feats.extract import ExtractConfig, extract, resolve_inputs
+from trailers12k_feats.heads import build_divita
+from trailers12k_feats.train import TrainConfig, snippet_probs
+from trailers12k_feats.utils import T12kError
+from trailers12k_feats.video import ClipSpec
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("table", "csv", "json")
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    run_dir: Path
+    cache_dir: Path | None = None  # keep extracted features here (reused next time); None = temporary
+    device: str = "cpu"
+    workers: int = 0
+    weights: tuple[tuple[str, str], ...] = ()  # (backbone, path) when not in the torch hub cache
+
+    def __post_init__(self) -> None:
+        for name in ("config.json", "best.pt"):
+            if not (Path(self.run_dir) / name).is_file():
+                raise T12kError(f"{self.run_dir} is not a finished run directory ({name} is missing); "
+                                "give a folder written by `t12k train` or `t12k reproduce` (runs/<row>/split<k>).")
+
+
+@dataclass
+class Run:
+    """A trained head and what its inputs were."""
+
+    model: torch.nn.Module
+    train: TrainConfig
+    streams: dict[str, dict]  # role ("image"/"video") -> provenance recorded at training
+
+
+def load_run(run_dir: str | os.PathLike, device: str = "cpu") -> Run:
+    """The best checkpoint of a run directory, rebuilt and in eval mode."""
+    run_dir = Path(run_dir)
+    info = json.loads((run_dir / "config.json").read_text())
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    train = TrainConfig(**{k: v for k, v in info["config"].items() if k in fields} | {"device": device})
+    streams = info["streams"]
+    model = build_divita(streams.get("image", {}).get("feature_dim"), streams.get("video", {}).get("feature_dim"),
+                         temporal=train.temporal, fusion=train.fusion, dropout=train.dropout)
+    state = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    return Run(model.to(device).eval(), train, streams)
+
+
+def _extract_config(stream: dict, cfg: PredictConfig) -> ExtractConfig:
+    feats = stream.get("features")
+    if not feats:
+        where = stream.get("path", "?")
+        raise T12kError(f"stream {stream.get('name')} of this run comes from {where}, which was not made by "
+                        "`t12k extract` (synthetic or imported features); predict needs a run trained on "
+                        "features extracted by this tool, so it can extract the same ones from your video.")
+    clip = ClipSpec(**{f.name: feats[f.name] for f in dataclasses.fields(ClipSpec) if f.name in feats})
+    weights = dict(cfg.weights)
+    if feats["weights"] == "random":
+        weights[feats["backbone"]] = "random"  # the run was trained on random-weight features: same seed, same net
+    extra = {k: feats[k] for k in ("frame_pool", "image_frames") if k in feats}
+    return ExtractConfig(backbones=(feats["backbone"],), clip=clip, precision=feats["precision"], device=cfg.device,
+                         workers=cfg.workers, weights=tuple((k, v) for k, v in weights.items()
+                                                            if k == feats["backbone"]), **extra)
+
+
+def _read(path: Path, ids: list[str]) -> dict[str, tuple[np.ndarray, ...]]:
+    """Clips of the given trailers that a cache holds: tid -> (features, start, end, shot)."""
+    out = {}
+    if not path.is_file():
+        return out
+    with h5py.File(path, "r") as h5:
+        index = {t: i for i, t in enumerate(h5["ids"].asstr()[:])}
+        offsets = h5["offsets"][:]
+        for tid in ids:
+            if tid in index:
+                r0, r1 = offsets[index[tid]], offsets[index[tid] + 1]
+                out[tid] = tuple(h5[k][r0:r1] for k in ("features", "clip_start", "clip_end", "shot"))
+    return out
+
+
+def _feature_set(name: str, clips: dict[str, tuple[np.ndarray, ...]], ids: list[str]) -> FeatureSet:
+    lengths = [len(clips[t][0]) for t in ids]
+    cols = [np.concatenate([clips[t][j] for t in ids]) for j in range(4)]
+    attrs = cache_mod.CacheAttrs(name=name, backbone="-", feature_dim=cols[0].shape[1])
+    return FeatureSet(Path(name), attrs, list(ids), torch.from_numpy(cols[0].astype(np.float32)),
+                      torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)),
+                      cols[1], cols[2], cols[3])
+
+
+def predict(videos: list[str | os.PathLike], cfg: PredictConfig, progress: bool = True) -> dict:
+    """Probabilities of the 10 genres for each video: {"predictions": [...], "failures": [...]}."""
+    run = load_run(cfg.run_dir, cfg.device)
+    pairs = resolve_inputs(videos)
+    ids = [t for t, _ in pairs]
+    clips: dict[str, dict] = {}
+    failures: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="t12k-predict-") as tmp:
+        out_dir = Path(cfg.cache_dir) if cfg.cache_dir else Path(tmp)
+        for role, stream in run.streams.items():
+            ecfg = _extract_config(stream, cfg)
+            have = _read(Path(stream.get("path", "")), ids)  # trailers already in the run's own cache
+            todo = [str(p) for t, p in pairs if t not in have]
+            if todo:
+                res = extract(todo, out_dir, ecfg, progress=progress)
+                failures += [f for f in res.failures if f["id"] not in {x["id"] for x in failures}]
+                have |= _read(cache_mod.stream_path(out_dir, stream["name"]), ids)
+            clips[role] = have
+    ok = [t for t in ids if all(t in c for c in clips.values())]
+    rows = []
+    if ok:
+        sets = {role: _feature_set(run.streams[role]["name"], c, ok) for role, c in clips.items()}
+        meta = Metadata(Path("<predict>"), ok, np.zeros((len(ok), len(GENRES)), np.uint8),
+                        np.zeros((len(ok), 3), np.int8))
+        probs = snippet_probs(run.model, TrailerData(meta, sets, np.arange(len(ok))), run.train)  # (n, 10)
+        paths = dict(pairs)
+        for tid, p in zip(ok, probs.tolist()):
+            rows.append({"id": tid, "path": str(paths[tid]), "clips": int(sets[next(iter(sets))].lengths[ok.index(tid)]),
+                         "probabilities": dict(zip(GENRES, (round(v, 6) for v in p)))})
+    return {"run": str(cfg.run_dir), "streams": {r: s["name"] for r, s in run.streams.items()},
+            "predictions": rows, "failures": failures}
+
+
+def format_predictions(result: dict, fmt: str = "table", threshold: float = 0.5) -> str:
+    """The predictions as an aligned table, CSV or JSON."""
+    if fmt not in FORMATS:
+        raise T12kError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}.")
+    rows = result["predictions"]
+    if fmt == "json":
+        return json.dumps(result, indent=2)
+    if fmt == "csv":
+        lines = [",".join(["id", "path", "clips", *GENRES])]
+        lines += [",".join([r["id"], r["path"], str(r["clips"]), *(f"{v:.6f}" for v in r["probabilities"].values())])
+                  for r in rows]
+        return "\n".join(lines)
+    width = max([len("trailer")] + [len(r["id"]) for r in rows])
+    head = f"{'trailer':<{width}}  " + " ".join(f"{g:>5}" for g in GENRES_SHORT) + "  genres (p >= 0.5)"
+    out = [head]
+    for r in rows:
+        p = list(r["probabilities"].values())
+        top = [g for g, v in sorted(zip(GENRES, p), key=lambda x: -x[1]) if v >= threshold]
+        out.append(f"{r['id']:<{width}}  " + " ".join(f"{v:5.2f}" for v in p) + "  " + (", ".join(top) or "-"))
+    for f in result["failures"]:
+        out.append(f"{f['id']:<{width}}  failed: {f['reason']}")
+    return "\n".join(out)
