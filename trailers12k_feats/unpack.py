@@ -24,6 +24,10 @@ from trailers12k_feats.utils import T12kError
 
 log = logging.getLogger(__name__)
 
+# tarfile's extraction filters exist from Python 3.11.4 on; before that only check_member guards.
+_FILTER = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+_FilterError = getattr(tarfile, "FilterError", ())
+
 
 def _inside(rel: str) -> bool:
     """Whether a relative POSIX path stays inside its root once `..` are resolved."""
@@ -92,13 +96,13 @@ def unpack_store(archive: Path, dest: Path, progress: bool = True) -> Path:
             with tarfile.open(fileobj=_Counted(fh, bar), mode="r|*") as tar:
                 for m in tar:
                     check_member(m, links, archive)
-                    tar.extract(m, tmp, filter="data")
+                    tar.extract(m, tmp, **_FILTER)
         group = find_group(tmp, dest.name)
         if group is None:
             raise T12kError(f"{archive} holds no zarr group (.zgroup) at its top level or in {dest.name}/; it is "
                             f"not a released feature archive.")
         os.replace(group, dest)
-    except tarfile.FilterError as e:  # what the "data" filter caught beyond check_member
+    except _FilterError as e:  # what the "data" filter caught beyond check_member
         raise T12kError(f"{archive} is unsafe: {e}; nothing was kept. Delete the archive and download it again "
                         f"from a trusted source.") from None
     except (tarfile.TarError, EOFError, OSError) as e:
