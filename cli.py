@@ -325,6 +325,57 @@ def probe(data_dir, metadata, cache_dir, on_missing, rows, splits, pool, alpha) 
 
 
 @main.command()
+@click.option("--data-dir", type=click.Path(path_type=Path), default=Path("cache"), show_default=True,
+              help="Folder to fill: mtgc.csv, one <stream>.h5 cache per stream, downloads under released/.")
+@click.option("--only", multiple=True, metavar="NAME",
+              help="Fetch only these (repeat or comma-separate): mtgc, a stream name, or a file name [all seven].")
+@click.option("--base-url", envvar="T12K_BASE_URL",
+              help="A mirror: a URL containing {file}, or a folder URL the file names are appended to "
+                   "[Zenodo record 5716410; env T12K_BASE_URL].")
+@click.option("--no-import", is_flag=True, help="Download, verify and unpack the zarr stores; do not import them.")
+@click.option("--keep-zarr", is_flag=True, help="Keep the unpacked zarr stores after importing them.")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
+              help="Dtype of the imported caches.")
+@click.option("--timeout", type=float, default=60.0, show_default=True,
+              help="Seconds without data before a connection counts as failed.")
+@click.option("--retries", type=int, default=3, show_default=True,
+              help="Further attempts after a failed transfer, each resuming it.")
+@_errors
+def download(data_dir, only, base_url, no_import, keep_zarr, dtype, timeout, retries) -> None:
+    """Download the authors' released features (about 40 GB), verify their md5, unpack and import them."""
+    from trailers12k_feats.download import DownloadConfig, download as run
+
+    kw = {"base_url": base_url} if base_url else {}
+    cfg = DownloadConfig(data_dir=data_dir, only=tuple(n for o in only for n in _names(o) or ()),
+                         import_caches=not no_import, keep_zarr=keep_zarr, dtype=dtype, timeout=timeout,
+                         retries=retries, **kw)
+    for file, what in run(cfg):
+        click.echo(f"{file}: {what}")
+    if not no_import:
+        click.echo(f"\nnext: t12k reproduce --data-dir {data_dir}")
+
+
+@main.command("import-zarr")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("--name", help="Stream name of the cache [from SRC's name: trailers_i_swin_fpc24.zarr -> i_swin].")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=Path("cache"), show_default=True,
+              help="Folder to write <name>.h5 into.")
+@click.option("--out", type=click.Path(path_type=Path), help="Cache file to write [DATA_DIR/<name>.h5].")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
+              help="Dtype of the cache.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing cache.")
+@_errors
+def import_zarr(src, name, data_dir, out, dtype, overwrite) -> None:
+    """Convert a released zarr store (SRC.zarr folder) into an HDF5 feature cache, every trailer and clip."""
+    from trailers12k_feats.download import provenance
+    from trailers12k_feats.importer import ImportConfig, import_zarr as run
+
+    cfg = ImportConfig(src, out_dir=data_dir, out=out, name=name, dtype=dtype, overwrite=overwrite,
+                       provenance=provenance(src))
+    click.echo(f"wrote {run(cfg)}")
+
+
+@main.command()
 @click.option("--out", type=click.Path(path_type=Path), default=Path("demo_out"), show_default=True)
 @click.option("--trailers", type=int, default=1500, show_default=True, help="Size of the synthetic corpus.")
 @click.option("--max-epochs", type=int, help="Epoch limit per run [100, the paper's].")

@@ -28,6 +28,19 @@ STREAMS: dict[str, Stream] = {s.name: s for s in (
     Stream("ik_swin", 768, "swin3d_t", "3d", "ImageNet-1K + Kinetics-400", "trailers_ik_swin_fps24_fpc24.zarr.tar.gz"),
 )}
 
+# The files of the authors' release (Zenodo record 5716410) and their md5 (PAPER.md).
+RELEASE_URL = "https://zenodo.org/record/5716410/files/{file}?download=1"
+METADATA_FILE = "mtgc.csv"
+RELEASED_MD5: dict[str, str] = {
+    METADATA_FILE: "d730579950345b2c0f9c4a9779bd9d44",
+    "trailers_i_shufflenet_fpc24.zarr.tar.gz": "15eac938134322e8e6c611f844ef3d32",
+    "trailers_k_shufflenet_fps24_fpc24.zarr.tar.gz": "cbf2016ad294c50b75baaf8e25c7aaaf",
+    "trailers_i_resnet_fpc24.zarr.tar.gz": "ed284507adcd04d067ba48a1ceab1b3d",
+    "trailers_k_r2plus1d_fps24_fpc24.zarr.tar.gz": "90897c9508790e67aab3c3b8c69ce668",
+    "trailers_i_swin_fpc24.zarr.tar.gz": "d544acb04179bc723d46c88adfa43aa0",
+    "trailers_ik_swin_fps24_fpc24.zarr.tar.gz": "e4f57101c465b6426bc3d9909ba36bdb",
+}
+
 
 @dataclass(frozen=True)
 class Row:
