@@ -225,6 +225,29 @@ def extract(inputs, backbones, cache_dir, shard, weights, fps, fpc, segmentation
         sys.exit(3)
 
 
+@main.command()
+@click.argument("videos", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path),
+              help="A run directory of `t12k train` / `t12k reproduce` trained on extracted features.")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+@click.option("--cache", "cache_dir", type=click.Path(path_type=Path),
+              help="Keep the extracted features here and reuse them next time [a temporary folder].")
+@click.option("--device", help="cpu or cuda[:N] [cpu].")
+@click.option("--workers", type=int, help="Decoding processes [0].")
+@click.option("--weights", "weights", multiple=True, help="NAME=PATH of a backbone's weight file (repeatable).")
+@_errors
+def predict(videos, run_dir, fmt, cache_dir, weights, **opts) -> None:
+    """The 10 genre probabilities of videos (files, folders or list files) with a trained run."""
+    from trailers12k_feats.predict import PredictConfig, format_predictions, predict as run
+
+    cfg = PredictConfig(run_dir=run_dir, cache_dir=cache_dir,
+                        **{k: v for k, v in {**opts, "weights": _weights(weights)}.items() if v is not None})
+    result = run(list(videos), cfg, progress=fmt == "table")
+    click.echo(format_predictions(result, fmt))
+    if result["failures"]:
+        sys.exit(3)
+
+
 @main.command("backbones")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @_errors

@@ -31,7 +31,6 @@ from trailers12k_feats import backbones as bb
 from trailers12k_feats import video
 from trailers12k_feats.extract import ExtractConfig, _frame_index, build_models, extract
 from trailers12k_feats.synthvideo import cut_video
-from trailers12k_feats.video import ClipSpec
 
 
 def make_videos(root: Path, n: int, seconds: float, size: tuple[int, int]) -> list[Path]:
