@@ -151,7 +151,7 @@ def table6_chart(summary: Summary, metrics: Sequence[str] = METRIC_KEYS,
     Rows of `summary` that are not Table 6 rows get our bar only.
     """
     rows = list(summary)
-    fig = Figure(figsize=(max(8.0, 1.3 * len(rows) * 2), 7.5), layout="constrained")
+    fig = Figure(figsize=(max(8.0, 4 + 1.3 * len(rows)), 7.5), layout="constrained")
     axes = fig.subplots(2, 2, sharex=True).ravel()
     x = np.arange(len(rows))
     w = 0.4
