@@ -399,6 +399,19 @@ def import_zarr(src, name, data_dir, out, dtype, overwrite) -> None:
 
 
 @main.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), help="Report folder to write [PATH/report].")
+@click.option("--metadata", type=click.Path(path_type=Path),
+              help="mtgc.csv with the runs' labels, for PR curves [the one in each run's config.json].")
+@_errors
+def report(path: Path, out: Path | None, metadata: Path | None) -> None:
+    """Plots and an HTML page for a run directory (train) or a results folder (reproduce)."""
+    from trailers12k_feats.report import write_report
+
+    click.echo(f"report written to {write_report(path, out, metadata)}")
+
+
+@main.command()
 @click.option("--out", type=click.Path(path_type=Path), default=Path("demo_out"), show_default=True)
 @click.option("--trailers", type=int, default=1500, show_default=True, help="Size of the synthetic corpus.")
 @click.option("--max-epochs", type=int, help="Epoch limit per run [100, the paper's].")
