@@ -413,24 +413,19 @@ def report(path: Path, out: Path | None, metadata: Path | None) -> None:
 
 @main.command()
 @click.option("--out", type=click.Path(path_type=Path), default=Path("demo_out"), show_default=True)
-@click.option("--trailers", type=int, default=1500, show_default=True, help="Size of the synthetic corpus.")
-@click.option("--max-epochs", type=int, help="Epoch limit per run [100, the paper's].")
+@click.option("--trailers", type=int, help="Synthetic trailer videos to make [160].")
+@click.option("--max-epochs", type=int, help="Epoch limit per run [100].")
+@click.option("--seed", type=int, help="Seed of the videos, labels, splits and heads [0].")
 @_errors
-def demo(out: Path, trailers: int, max_epochs: int | None) -> None:
-    """Synthetic corpus -> linear probe -> Table 6 reproduction, printed beside the paper."""
-    from trailers12k_feats.probe import ProbeConfig, probe as run_probe
-    from trailers12k_feats.reproduce import ReproduceConfig, format_table, reproduce as run, summarise
-    from trailers12k_feats.synthetic import SynthConfig, make_corpus
+def demo(out: Path, **opts) -> None:
+    """The whole pipeline: synthetic trailer videos -> extraction (real ImageNet MobileNetV2 and a
+    3D ShuffleNet) -> image, video and fusion heads -> results, plots -> genres of a held-out video."""
+    from trailers12k_feats.demo import DemoConfig, run
 
-    data = out / "data"
-    if not (data / "mtgc.csv").exists():
-        make_corpus(data, SynthConfig(num_trailers=trailers))
-    table = run_probe(ProbeConfig(metadata=data / "mtgc.csv", cache_dir=data))
-    click.echo(format_table(summarise(table["test"]), "test, linear probe") + "\n")
-    cfg = ReproduceConfig(metadata=data / "mtgc.csv", cache_dir=data, out_dir=out / "transfer",
-                          train=_train_config(max_epochs=max_epochs))
-    click.echo(run(cfg))
-    click.echo(f"\nresults in {out / 'transfer'}")
+    res = run(out, DemoConfig(**{k: v for k, v in opts.items() if v is not None}))
+    click.echo("\ntest set of split 0:\n" + res["table"])
+    click.echo("\nplots: " + ", ".join(str(p) for p in res["reports"]))
+    click.echo("\nheld-out video, fusion head:\n" + res["prediction"] + f"\ntrue genres: {res['truth']}")
 
 
 if __name__ == "__main__":

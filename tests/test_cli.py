@@ -46,10 +46,3 @@ def test_errors_are_one_clear_line(tmp_path):
         "k_r2plus1d, resnet_fusion, i_swin, ik_swin."]
     r = run("probe", "--data-dir", tmp_path)
     assert r.exit_code == 1 and "mtgc.csv does not exist" in r.output and "Traceback" not in r.output
-
-
-def test_demo(tmp_path):
-    r = run("demo", "--out", tmp_path / "demo", "--trailers", 60, "--max-epochs", 1)
-    assert r.exit_code == 0, r.output
-    assert "linear probe" in r.output and "| Swin-3D | 3 |" in r.output and "75.71±2.43" in r.output
-    assert len((tmp_path / "demo" / "transfer" / "tst.csv").read_text().splitlines()) == 1 + 24

