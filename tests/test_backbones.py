@@ -117,3 +117,16 @@ def test_shufflenet3d_loads_efficient3dcnns_checkpoints(tmp_path):
     torch.save(ckpt, path)
     with pytest.raises(T12kError, match="missing .'conv1.0.weight'"):
         bb.load(bb.get_backbone("shufflenet_v2_3d_x1_0"), weights=path)
+
+
+def test_timm_weights_load_from_a_file(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(3)
+    src = timm.create_model("resnet10t", pretrained=False)  # with its classifier, as published
+    save_file(src.state_dict(), str(tmp_path / "resnet10t.safetensors"))
+    model = bb.load(bb.get_backbone("timm:resnet10t"), weights=tmp_path / "resnet10t.safetensors")
+    src.reset_classifier(0)
+    x = torch.rand(1, 3, 64, 64)
+    assert torch.allclose(model.forward_features(x), src.eval()(x), atol=1e-5)
