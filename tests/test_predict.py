@@ -27,6 +27,9 @@ def test_demo_runs_the_whole_pipeline(pipeline):
     for name in ("image", "video", "fusion"):
         assert (out / "runs" / name / "metrics.json").exists()
     assert all(p.exists() and p.name == "index.html" for p in res["reports"])
+    # k_shufflenet from a random-weight backbone is not the paper's ShuffleNet-3D: no Table 6 chart.
+    assert (out / "runs" / "video" / "report" / "training.png").exists()
+    assert not (out / "runs" / "video" / "report" / "table6.png").exists()
     assert demo.HELD_OUT in res["prediction"] and res["truth"]
     cfg = json.loads((out / "runs" / "fusion" / "config.json").read_text())
     assert cfg["streams"]["image"]["features"]["backbone"] == "mobilenet_v2"

@@ -118,6 +118,8 @@ def _labels(meta: Metadata, ids: list[str], where: Path) -> np.ndarray:
 
 def _row_of(config: dict) -> str | None:
     streams = config.get("streams", {})
+    if any(s.get("weights") == "random" for s in streams.values()):
+        return None  # features of a random-weight backbone are no Table 6 row, whatever their name
     image, video = (streams.get(k, {}).get("name") for k in ("image", "video"))
     return next((r.name for r in TABLE6.values() if (r.image, r.video) == (image, video)), None)
 
