@@ -193,7 +193,8 @@ def _weights(items: tuple[str, ...]) -> tuple[tuple[str, str], ...] | None:
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), help="Autocast precision [fp32].")
 @click.option("--device", help="cpu or cuda[:N] [cpu].")
 @click.option("--batch-size", type=int, help="Clips per forward pass [16].")
-@click.option("--workers", type=int, help="Decoding processes [0: decode in the main process].")
+@click.option("--workers", type=int, help="Decoding processes; 0 decodes in the main process [0 on the CPU, "
+              "up to 8 with CUDA].")
 @click.option("--shard", help="K/N: process every N-th video starting at the K-th (merge with `t12k cache merge`).")
 @click.option("--weights", "weights", multiple=True, help="NAME=PATH of a weight file, or NAME=random (repeatable).")
 @click.option("--random-weights", is_flag=True, default=None, help="Random weights for every backbone (smoke tests).")
@@ -233,7 +234,7 @@ def extract(inputs, backbones, cache_dir, shard, weights, fps, fpc, segmentation
 @click.option("--cache", "cache_dir", type=click.Path(path_type=Path),
               help="Keep the extracted features here and reuse them next time [a temporary folder].")
 @click.option("--device", help="cpu or cuda[:N] [cpu].")
-@click.option("--workers", type=int, help="Decoding processes [0].")
+@click.option("--workers", type=int, help="Decoding processes [0 on the CPU, up to 8 with CUDA].")
 @click.option("--weights", "weights", multiple=True, help="NAME=PATH of a backbone's weight file (repeatable).")
 @_errors
 def predict(videos, run_dir, fmt, cache_dir, weights, **opts) -> None:

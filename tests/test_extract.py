@@ -166,3 +166,18 @@ def test_inputs_from_list_files_and_duplicate_ids(videos, tmp_path):
     with pytest.raises(T12kError, match="fp16 autocast needs a CUDA device"):
         ExtractConfig(precision="fp16")
     assert json.loads(json.dumps(store.read_failures(tmp_path / "none.jsonl"))) == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_workers_and_fp16_match_the_cpu(videos, tmp_path):
+    kw = dict(backbones=("mobilenet_v2", LIGHT), weights=(("mobilenet_v2", str(bb.offline_weights())),
+                                                           (LIGHT, "random")))
+    extract([videos], tmp_path / "cpu", _cfg(**kw), progress=False)
+    extract([videos], tmp_path / "gpu", _cfg(device="cuda", precision="fp16", workers=2, **kw), progress=False)
+    for name in ("i_mobilenet", "k_shufflenet"):
+        a, b = _read(tmp_path / "cpu" / f"{name}.h5"), _read(tmp_path / "gpu" / f"{name}.h5")
+        assert a.keys() == b.keys()
+        for tid in a:
+            cos = (a[tid] * b[tid]).sum(1) / np.linalg.norm(a[tid], axis=1) / np.linalg.norm(b[tid], axis=1)
+            assert cos.min() > 0.999, (name, tid, cos.min())

@@ -48,7 +48,7 @@ class ExtractConfig:
     device: str = "cpu"
     batch_size: int = 16  # clips per forward pass, across shots and trailers
     max_images: int = 256  # 2D backbones: frames per forward pass at most (bounds memory)
-    workers: int = 0  # decoding processes; 0 decodes in the main process
+    workers: int = -1  # decoding processes; 0 decodes in the main process; -1: 0 on the CPU, up to 8 on CUDA
     decode_threads: int = 0  # FFmpeg threads per video; 0 = FFmpeg's choice
     chunk: int = 8  # clips a worker sends at once
     shard: tuple[int, int] = (1, 1)  # (K, N): this process takes every N-th video from the K-th
@@ -73,14 +73,21 @@ class ExtractConfig:
             raise T12kError("fp16 autocast needs a CUDA device; use --precision bf16 or fp32 on the CPU.")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise T12kError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}.")
-        if min(self.batch_size, self.max_images, self.chunk, self.flush_trailers) < 1 or self.workers < 0:
-            raise T12kError("batch_size, max_images, chunk and flush_trailers must be >= 1, workers >= 0.")
+        if min(self.batch_size, self.max_images, self.chunk, self.flush_trailers) < 1 or self.workers < -1:
+            raise T12kError("batch_size, max_images, chunk and flush_trailers must be >= 1, workers >= -1 (auto).")
         k, n = self.shard
         if not 1 <= k <= n:
             raise T12kError(f"--shard must be K/N with 1 <= K <= N, got {k}/{n}.")
         unknown = {b for b, _ in self.weights} - set(self.backbones)
         if unknown:
             raise T12kError(f"--weights names backbone(s) not requested: {', '.join(sorted(unknown))}.")
+
+    @property
+    def num_workers(self) -> int:
+        """Decoding processes: on the CPU inference needs the cores; a GPU needs decoding in parallel."""
+        if self.workers >= 0:
+            return self.workers
+        return min(8, max(1, (os.cpu_count() or 2) - 1)) if self.device.startswith("cuda") else 0
 
     def is_random(self, backbone: str) -> bool:
         return self.random_weights or dict(self.weights).get(backbone) == "random"
@@ -339,8 +346,9 @@ def extract(inputs: list[str | os.PathLike], cache_dir: str | os.PathLike, cfg: 
     groups = list({m.group.key: m.group for m in models}.values())
     cuda = cfg.device.startswith("cuda")
     loader = DataLoader(ClipDataset(todo, cfg.clip, groups, cfg.chunk, cfg.decode_threads), batch_size=None,
-                        collate_fn=_as_is, num_workers=cfg.workers, pin_memory=cuda, worker_init_fn=_worker_init if cfg.workers else None,
-                        prefetch_factor=4 if cfg.workers else None)
+                        collate_fn=_as_is, num_workers=cfg.num_workers, pin_memory=cuda,
+                        worker_init_fn=_worker_init if cfg.num_workers else None,
+                        prefetch_factor=4 if cfg.num_workers else None)
     run = _Run(models, cfg, cache_dir, tag, report)
     bar = tqdm(total=len(todo), unit="trailer", desc="extract", disable=not progress, dynamic_ncols=True)
     try:
