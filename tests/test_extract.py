@@ -165,6 +165,9 @@ def test_inputs_from_list_files_and_duplicate_ids(videos, tmp_path):
         resolve_inputs([tmp_path / "nowhere"])
     with pytest.raises(T12kError, match="fp16 autocast needs a CUDA device"):
         ExtractConfig(precision="fp16")
+    if not torch.cuda.is_available():
+        with pytest.raises(T12kError, match="CUDA is not available"):
+            ExtractConfig(device="cuda")
     assert json.loads(json.dumps(store.read_failures(tmp_path / "none.jsonl"))) == []
 
 

@@ -73,6 +73,8 @@ class ExtractConfig:
             raise T12kError("fp16 autocast needs a CUDA device; use --precision bf16 or fp32 on the CPU.")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise T12kError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}.")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise T12kError(f"device {self.device!r} was asked for but CUDA is not available; use --device cpu.")
         if min(self.batch_size, self.max_images, self.chunk, self.flush_trailers) < 1 or self.workers < -1:
             raise T12kError("batch_size, max_images, chunk and flush_trailers must be >= 1, workers >= -1 (auto).")
         k, n = self.shard
