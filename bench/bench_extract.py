@@ -29,7 +29,8 @@ import torch
 
 from trailers12k_feats import backbones as bb
 from trailers12k_feats import video
-from trailers12k_feats.extract import ExtractConfig, _frame_index, build_models, extract
+from trailers12k_feats.extract import ExtractConfig, build_models, extract
+from trailers12k_feats.inputs import frame_index
 from trailers12k_feats.synthvideo import cut_video
 
 
@@ -93,7 +94,7 @@ def main() -> None:
         frames = torch.from_numpy(np.stack([c.frames for c in sample]))  # (n, fpc, H, W, 3)
         print()
         for m in models:
-            idx = list(_frame_index(m.entry, cfg))
+            idx = list(frame_index(m.entry, cfg))
             f = frames[:, idx]
             n, t = f.shape[:2]
             x = m.group.pre.geometric(f.reshape(n * t, *f.shape[2:]).permute(0, 3, 1, 2))

@@ -15,7 +15,8 @@ from click.testing import CliRunner
 from cli import main
 from trailers12k_feats import backbones as bb
 from trailers12k_feats import cache, store, video
-from trailers12k_feats.extract import ExtractConfig, extract, resolve_inputs
+from trailers12k_feats.extract import ExtractConfig, extract
+from trailers12k_feats.inputs import resolve_inputs
 from trailers12k_feats.synthvideo import cut_video
 from trailers12k_feats.utils import T12kError
 from trailers12k_feats.video import ClipSpec

@@ -24,8 +24,9 @@ from trailers12k_feats import GENRES, GENRES_SHORT
 from trailers12k_feats import cache as cache_mod
 from trailers12k_feats.cache import FeatureSet
 from trailers12k_feats.data import Metadata, TrailerData
-from trailers12k_feats.extract import ExtractConfig, extract, resolve_inputs
+from trailers12k_feats.extract import ExtractConfig, extract
 from trailers12k_feats.heads import build_divita
+from trailers12k_feats.inputs import resolve_inputs
 from trailers12k_feats.train import TrainConfig, snippet_probs
 from trailers12k_feats.utils import T12kError
 from trailers12k_feats.video import ClipSpec
