@@ -89,7 +89,9 @@ def main() -> None:
         print(f"decode + shots + clips:   {n_frames / t_clips:8.0f} frames/s  ({n_clips} clips, "
               f"{n_clips / t_clips:.1f} clips/s)")
 
+        t0 = time.perf_counter()
         models = build_models(cfg)
+        t_load = time.perf_counter() - t0
         sample = all_clips[: min(len(all_clips), 4 * args.batch_size)]
         frames = torch.from_numpy(np.stack([c.frames for c in sample]))  # (n, fpc, H, W, 3)
         print()
@@ -121,9 +123,11 @@ def main() -> None:
         t0 = time.perf_counter()
         res = extract([tmp / "videos"], tmp / "cache", cfg, progress=False)
         t_full = time.perf_counter() - t0
+        t_run = t_full - t_load  # the same models were loaded once above: that is the loading cost
         print(f"\nfull extraction:          {res.clips / t_full:8.1f} clips/s  ({res.clips} clips, {t_full:.1f} s, "
-              f"incl. model loading)")
-        print(f"ratio full / decode+clips: {t_full / t_clips:.2f}x  (aim <= 1.2x)")
+              f"of which {t_load:.1f} s loading the models)")
+        print(f"ratio full / decode+clips: {t_full / t_clips:.2f}x, {t_run / t_clips:.2f}x without model loading "
+              "(aim <= 1.2x)")
 
 
 if __name__ == "__main__":

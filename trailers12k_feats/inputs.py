@@ -94,7 +94,8 @@ def frame_index(entry: bb.Backbone, cfg: "ExtractConfig") -> tuple[int, ...]:
         return (fpc // 2,)
     else:
         n = cfg.image_frames or fpc
-    return tuple(int(i) for i in np.linspace(0, fpc - 1, n).round())
+    # The centres of n equal segments of the clip: all frames when n == fpc, the middle one when n == 1.
+    return tuple(int(i) for i in ((np.arange(n) + 0.5) * fpc / n - 0.5).round())
 
 
 class ClipDataset(IterableDataset):
