@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import h5py
-import numpy as np
 
 from trailers12k_feats import cache as cache_mod
 from trailers12k_feats.cache import CacheAttrs, CacheWriter
@@ -156,8 +155,3 @@ def read_failures(path: str | os.PathLike) -> list[dict]:
     p = Path(path)
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.is_file() else []
 
-
-def segment_rows(path: str | os.PathLike) -> np.ndarray:
-    """Clip counts per trailer of a cache or segment (for tests and reports)."""
-    with h5py.File(path, "r") as h5:
-        return np.diff(h5["offsets"][:])
