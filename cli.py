@@ -56,7 +56,7 @@ def _resolve(data_dir: Path, metadata: Path | None, cache_dir: Path | None) -> t
 
 def _train_options(fn):
     """Options of TrainConfig; unset ones keep the config's defaults (the paper's protocol)."""
-    from trailers12k_feats.heads import TEMPORAL
+    from trailers12k_feats.training.heads import TEMPORAL
 
     opts = [
         click.option("--temporal", type=click.Choice(list(TEMPORAL)), help="Temporal module [tsfm]."),
@@ -74,7 +74,7 @@ def _train_options(fn):
 
 
 def _train_config(split: int = 0, **opts):
-    from trailers12k_feats.train import TrainConfig
+    from trailers12k_feats.training.train import TrainConfig
 
     return TrainConfig(split=split, **{k: v for k, v in opts.items() if v is not None})
 
@@ -95,7 +95,7 @@ def main(verbose: bool) -> None:
 @_errors
 def synth(out_dir: Path, trailers: int, seed: int, streams: str | None) -> None:
     """Write a synthetic Trailers12k-shaped corpus: mtgc.csv and one cache per stream."""
-    from trailers12k_feats.synthetic import SynthConfig, make_corpus
+    from trailers12k_feats.sources.synthetic import SynthConfig, make_corpus
 
     kw = {"streams": _names(streams)} if streams else {}
     make_corpus(out_dir, SynthConfig(num_trailers=trailers, seed=seed, **kw))
@@ -147,7 +147,7 @@ def cache_validate(paths: tuple[Path, ...]) -> None:
 @_errors
 def cache_merge(cache_dir: Path) -> None:
     """Merge extraction segments (from `t12k extract --shard`) into <stream>.h5 caches."""
-    from trailers12k_feats.store import merge_all
+    from trailers12k_feats.extraction.store import merge_all
 
     merged = merge_all(cache_dir)
     if not merged:
@@ -207,8 +207,9 @@ def extract(inputs, backbones, cache_dir, shard, weights, fps, fpc, segmentation
     Resumable: finished trailers are skipped. Bad videos are skipped and listed in
     CACHE/failures.jsonl; the exit status is 3 when any failed.
     """
-    from trailers12k_feats.extract import ExtractConfig, extract as run
-    from trailers12k_feats.video import ClipSpec
+    from trailers12k_feats.extraction.extract import ExtractConfig
+    from trailers12k_feats.extraction.extract import extract as run
+    from trailers12k_feats.extraction.video import ClipSpec
 
     clip = {"fps": fps, "fpc": fpc, "segmentation": segmentation, "leftover": leftover,
             "shot_threshold": shot_threshold, "min_shot_frames": min_shot_frames}
@@ -239,7 +240,8 @@ def extract(inputs, backbones, cache_dir, shard, weights, fps, fpc, segmentation
 @_errors
 def predict(videos, run_dir, fmt, cache_dir, weights, **opts) -> None:
     """The 10 genre probabilities of videos (files, folders or list files) with a trained run."""
-    from trailers12k_feats.predict import PredictConfig, format_predictions, predict as run
+    from trailers12k_feats.apps.predict import PredictConfig, format_predictions
+    from trailers12k_feats.apps.predict import predict as run
 
     cfg = PredictConfig(run_dir=run_dir, cache_dir=cache_dir,
                         **{k: v for k, v in {**opts, "weights": _weights(weights)}.items() if v is not None})
@@ -254,7 +256,7 @@ def predict(videos, run_dir, fmt, cache_dir, weights, **opts) -> None:
 @_errors
 def backbones_(as_json: bool) -> None:
     """List the backbone registry: dims, inputs, pretraining and whether weights are present."""
-    from trailers12k_feats.backbones import describe, weights_dir
+    from trailers12k_feats.extraction.backbones import describe, weights_dir
 
     rows = describe()
     if as_json:
@@ -280,10 +282,10 @@ def backbones_(as_json: bool) -> None:
 def train(data_dir, metadata, cache_dir, on_missing, row, image, video, split, out, **opts) -> None:
     """Train one head on one split and save a run directory."""
     from trailers12k_feats import cache as cache_mod
-    from trailers12k_feats.data import load_metadata
-    from trailers12k_feats.metrics import format_metrics
     from trailers12k_feats.paper import get_row
-    from trailers12k_feats.train import load_streams, train_run
+    from trailers12k_feats.training.data import load_metadata
+    from trailers12k_feats.training.metrics import format_metrics
+    from trailers12k_feats.training.train import load_streams, train_run
 
     cfg = _train_config(split, **opts)
     metadata, cache_dir = _resolve(data_dir, metadata, cache_dir)
@@ -319,7 +321,8 @@ def _rows_splits(rows: str | None, splits: str) -> dict:
 @_errors
 def reproduce(data_dir, metadata, cache_dir, on_missing, rows, splits, out, **opts) -> None:
     """Run Table 6 (rows x splits), resuming finished runs; print it beside the paper."""
-    from trailers12k_feats.reproduce import ReproduceConfig, reproduce as run
+    from trailers12k_feats.training.reproduce import ReproduceConfig
+    from trailers12k_feats.training.reproduce import reproduce as run
 
     metadata, cache_dir = _resolve(data_dir, metadata, cache_dir)
     cfg = ReproduceConfig(metadata=metadata, cache_dir=cache_dir, out_dir=out, on_missing=on_missing,
@@ -338,8 +341,9 @@ def reproduce(data_dir, metadata, cache_dir, on_missing, rows, splits, out, **op
 @_errors
 def probe(data_dir, metadata, cache_dir, on_missing, rows, splits, pool, alpha) -> None:
     """Linear probe on pooled clip features: the Table 6 rows in seconds."""
-    from trailers12k_feats.probe import ProbeConfig, probe as run
-    from trailers12k_feats.reproduce import format_table, summarise
+    from trailers12k_feats.training.probe import ProbeConfig
+    from trailers12k_feats.training.probe import probe as run
+    from trailers12k_feats.training.reproduce import format_table, summarise
 
     metadata, cache_dir = _resolve(data_dir, metadata, cache_dir)
     cfg = ProbeConfig(metadata=metadata, cache_dir=cache_dir, pool=pool, alpha=alpha, on_missing=on_missing,
@@ -367,7 +371,8 @@ def probe(data_dir, metadata, cache_dir, on_missing, rows, splits, pool, alpha) 
 @_errors
 def download(data_dir, only, base_url, no_import, keep_zarr, dtype, timeout, retries) -> None:
     """Download the authors' released features (about 40 GB), verify their md5, unpack and import them."""
-    from trailers12k_feats.download import DownloadConfig, download as run
+    from trailers12k_feats.sources.download import DownloadConfig
+    from trailers12k_feats.sources.download import download as run
 
     kw = {"base_url": base_url} if base_url else {}
     cfg = DownloadConfig(data_dir=data_dir, only=tuple(n for o in only for n in _names(o) or ()),
@@ -391,8 +396,9 @@ def download(data_dir, only, base_url, no_import, keep_zarr, dtype, timeout, ret
 @_errors
 def import_zarr(src, name, data_dir, out, dtype, overwrite) -> None:
     """Convert a released zarr store (SRC.zarr folder) into an HDF5 feature cache, every trailer and clip."""
-    from trailers12k_feats.download import provenance
-    from trailers12k_feats.importer import ImportConfig, import_zarr as run
+    from trailers12k_feats.sources.download import provenance
+    from trailers12k_feats.sources.zarr_import import ImportConfig
+    from trailers12k_feats.sources.zarr_import import import_zarr as run
 
     cfg = ImportConfig(src, out_dir=data_dir, out=out, name=name, dtype=dtype, overwrite=overwrite,
                        provenance=provenance(src))
@@ -407,7 +413,7 @@ def import_zarr(src, name, data_dir, out, dtype, overwrite) -> None:
 @_errors
 def report(path: Path, out: Path | None, metadata: Path | None) -> None:
     """Plots and an HTML page for a run directory (train) or a results folder (reproduce)."""
-    from trailers12k_feats.report import write_report
+    from trailers12k_feats.apps.report import write_report
 
     click.echo(f"report written to {write_report(path, out, metadata)}")
 
@@ -421,7 +427,7 @@ def report(path: Path, out: Path | None, metadata: Path | None) -> None:
 def demo(out: Path, **opts) -> None:
     """The whole pipeline: synthetic trailer videos -> extraction (real ImageNet MobileNetV2 and a
     3D ShuffleNet) -> image, video and fusion heads -> results, plots -> genres of a held-out video."""
-    from trailers12k_feats.demo import DemoConfig, run
+    from trailers12k_feats.apps.demo import DemoConfig, run
 
     res = run(out, DemoConfig(**{k: v for k, v in opts.items() if v is not None}))
     click.echo("\ntest set of split 0:\n" + res["table"])

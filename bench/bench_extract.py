@@ -27,11 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trailers12k_feats import backbones as bb
-from trailers12k_feats import video
-from trailers12k_feats.extract import ExtractConfig, build_models, extract
-from trailers12k_feats.inputs import frame_index
-from trailers12k_feats.synthvideo import cut_video
+from trailers12k_feats.extraction import backbones as bb
+from trailers12k_feats.extraction import video
+from trailers12k_feats.extraction.clipstream import frame_index
+from trailers12k_feats.extraction.extract import ExtractConfig, build_models, extract
+from trailers12k_feats.sources.synthvideo import cut_video
 
 
 def make_videos(root: Path, n: int, seconds: float, size: tuple[int, int]) -> list[Path]:
@@ -82,7 +82,7 @@ def main() -> None:
         n_frames = sum(1 for p in paths for _ in video.frames(p, spec.rate, spec.short_side))
         t_decode = time.perf_counter() - t0
         t0 = time.perf_counter()
-        all_clips = [c for p in paths for c in video.clips(p, spec)]
+        all_clips = [c for p in paths for c in video.decode_clips(p, spec)]
         t_clips = time.perf_counter() - t0
         n_clips = len(all_clips)
         print(f"\ndecode alone:             {n_frames / t_decode:8.0f} frames/s  ({n_frames} frames, {t_decode:.1f} s)")
@@ -96,7 +96,7 @@ def main() -> None:
         frames = torch.from_numpy(np.stack([c.frames for c in sample]))  # (n, fpc, H, W, 3)
         print()
         for m in models:
-            idx = list(frame_index(m.entry, cfg))
+            idx = list(frame_index(m.entry.kind, cfg.clip.fpc, cfg.frame_pool, cfg.image_frames))
             f = frames[:, idx]
             n, t = f.shape[:2]
             x = m.group.pre.geometric(f.reshape(n * t, *f.shape[2:]).permute(0, 3, 1, 2))

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from trailers12k_feats.metrics import METRIC_KEYS
-from trailers12k_feats.reproduce import ReproduceConfig, collect, reproduce
-from trailers12k_feats.train import TrainConfig
+from trailers12k_feats.training.metrics import METRIC_KEYS
+from trailers12k_feats.training.reproduce import ReproduceConfig, collect, reproduce
+from trailers12k_feats.training.train import TrainConfig
 from trailers12k_feats.utils import setup_logging
 
 SETTINGS = {"bf16 seed 0": TrainConfig(), "fp32 seed 0": TrainConfig(precision="fp32"),
@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("--splits", default="0,1,2", help="comma-separated splits")
     args = ap.parse_args()
     setup_logging()
-    logging.getLogger("trailers12k_feats.train").setLevel(logging.WARNING)
+    logging.getLogger("trailers12k_feats.training.train").setLevel(logging.WARNING)
     lines = {}
     for name, train in SETTINGS.items():
         out = args.out / name.replace(" ", "_")

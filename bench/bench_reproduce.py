@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from trailers12k_feats.reproduce import ReproduceConfig, reproduce
-from trailers12k_feats.synthetic import SynthConfig, make_corpus
+from trailers12k_feats.sources.synthetic import SynthConfig, make_corpus
+from trailers12k_feats.training.reproduce import ReproduceConfig, reproduce
 from trailers12k_feats.utils import setup_logging
 
 
@@ -28,7 +28,7 @@ def main() -> None:
     ap.add_argument("--trailers", type=int, default=12000)
     args = ap.parse_args()
     setup_logging()
-    logging.getLogger("trailers12k_feats.train").setLevel(logging.WARNING)
+    logging.getLogger("trailers12k_feats.training.train").setLevel(logging.WARNING)
     if not (args.data / "mtgc.csv").exists():
         t0 = time.perf_counter()
         make_corpus(args.data, SynthConfig(num_trailers=args.trailers))

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from trailers12k_feats.heads import build_divita
+from trailers12k_feats.training.heads import build_divita
 from trailers12k_feats.utils import tune_malloc
 
 SHAPES = [(2048, 2048, 2048), (4096, 1024, 1024), (960, 1024, 128), (960, 128, 768), (960, 768, 128)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trailers12k_feats.synthetic import SynthConfig, make_corpus
+from trailers12k_feats.sources.synthetic import SynthConfig, make_corpus
 
 torch.set_num_threads(2)
 

@@ -2,8 +2,8 @@ import pytest
 import torch
 import torchvision
 
-from trailers12k_feats import backbones as bb
-from trailers12k_feats import shufflenet3d
+from trailers12k_feats.extraction import backbones as bb
+from trailers12k_feats.extraction import shufflenet3d
 from trailers12k_feats.utils import T12kError
 
 TABLE6 = ("shufflenet_v2_x1_0", "resnet50", "swin_t", "r2plus1d_18", "swin3d_t", "shufflenet_v2_3d_x1_0")

@@ -26,7 +26,7 @@ def test_roundtrip(tmp_path):
     assert fs.features.dtype == torch.float16 and fs.features.shape == (9, 8)
     assert fs.lengths.tolist() == [3, 1, 5]
     for tid, x in items:
-        np.testing.assert_allclose(fs.clips(tid).float().numpy(), x, atol=2e-3)
+        np.testing.assert_allclose(fs.trailer(tid).float().numpy(), x, atol=2e-3)
     assert fs.attrs.config == {"a": 1} and fs.attrs.backbone == "toy_net"
     assert np.isnan(fs.clip_start).all() and (fs.shot == -1).all()
     assert cache.validate(p).name == "toy"

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from trailers12k_feats import GENRES, cache, data
+from trailers12k_feats import GENRES, cache
+from trailers12k_feats.training import data
 from trailers12k_feats.utils import T12kError
 
 HEADER = "mid," + ",".join(GENRES) + ",split0,split1,split2\n"
@@ -92,9 +93,9 @@ def test_windows_and_masks(tmp_path):
         # A window is 30 consecutive clips of its own trailer; padding is zero.
         x = b.x["image"][0]
         first = int(x[0, 0] / 4)
-        assert torch.equal(x, fs.clips("t0")[first:first + 30])
-        assert (b.x["image"][1, 5:] == 0).all() and torch.equal(b.x["image"][1, :5], fs.clips("t1"))
-        assert torch.equal(b.x["image"][2], fs.clips("t2"))
+        assert torch.equal(x, fs.trailer("t0")[first:first + 30])
+        assert (b.x["image"][1, 5:] == 0).all() and torch.equal(b.x["image"][1, :5], fs.trailer("t1"))
+        assert torch.equal(b.x["image"][2], fs.trailer("t2"))
 
 
 def test_snippets_cover_every_clip_once(tmp_path):
@@ -106,7 +107,7 @@ def test_snippets_cover_every_clip_once(tmp_path):
     b = d.gather(owner, first, 30, torch.float32)
     assert b.mask.sum().item() == 61 + 5 + 30
     got = torch.cat([b.x["image"][i][b.mask[i]] for i in range(3)])
-    assert torch.equal(got, fs.clips("t0"))
+    assert torch.equal(got, fs.trailer("t0"))
 
 
 def test_streams_use_shorter_length(tmp_path):

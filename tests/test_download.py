@@ -12,14 +12,19 @@ from urllib.parse import unquote, urlsplit
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from test_importer import make_store
 
 from cli import main
-from test_importer import make_store
 from trailers12k_feats import NUM_GENRES, cache, paper
-from trailers12k_feats.data import write_metadata
-from trailers12k_feats.download import DownloadConfig, ReleasedFile, download, released_files
-from trailers12k_feats.importer import ZARR_MISSING
-from trailers12k_feats.unpack import unpack_store
+from trailers12k_feats.sources.download import (
+    DownloadConfig,
+    ReleasedFile,
+    download,
+    released_files,
+)
+from trailers12k_feats.sources.unpack import unpack_store
+from trailers12k_feats.sources.zarr_import import ZARR_MISSING
+from trailers12k_feats.training.data import write_metadata
 from trailers12k_feats.utils import T12kError
 
 ARCHIVE = "trailers_k_r2plus1d_fps24_fpc24.zarr.tar.gz"
@@ -154,7 +159,7 @@ def test_good_download_imports_and_is_idempotent(server, release, tmp_path):
     fs = cache.load(data / "k_r2plus1d.h5")
     assert fs.ids == sorted(arrays)
     for tid, x in arrays.items():
-        np.testing.assert_array_equal(fs.clips(tid).numpy(), x.astype(np.float16))
+        np.testing.assert_array_equal(fs.trailer(tid).numpy(), x.astype(np.float16))
     assert fs.attrs.source == ARCHIVE and fs.attrs.config["md5"] == files[1].md5
     assert fs.attrs.config["url"] == server.url + ARCHIVE
     # the archive and the unpacked store are gone, nothing temporary is left

@@ -1,8 +1,10 @@
 import numpy as np
 import pytest
 
-from trailers12k_feats import cache, data, explore
+from trailers12k_feats import cache
+from trailers12k_feats.apps import explore
 from trailers12k_feats.cache import CacheAttrs, CacheWriter
+from trailers12k_feats.training import data
 from trailers12k_feats.utils import T12kError
 
 
@@ -16,7 +18,7 @@ def test_trailer_embeddings_are_clip_means(swin):
     ids = meta.ids[5:8][::-1]
     x = explore.trailer_embeddings(fs, ids)
     assert x.shape == (3, 768)
-    np.testing.assert_allclose(x[0], fs.clips(ids[0]).float().mean(0).numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(x[0], fs.trailer(ids[0]).float().mean(0).numpy(), rtol=1e-5, atol=1e-5)
     assert explore.trailer_embeddings(fs, pool="meanmax").shape == (len(fs), 2 * 768)
     with pytest.raises(T12kError, match="1 trailers .*tt_nope.* are not in cache"):
         explore.trailer_embeddings(fs, ["tt_nope"])

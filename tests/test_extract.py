@@ -13,13 +13,14 @@ import torchvision
 from click.testing import CliRunner
 
 from cli import main
-from trailers12k_feats import backbones as bb
-from trailers12k_feats import cache, store, video
-from trailers12k_feats.extract import ExtractConfig, extract
-from trailers12k_feats.inputs import resolve_inputs
-from trailers12k_feats.synthvideo import cut_video
+from trailers12k_feats import cache
+from trailers12k_feats.extraction import backbones as bb
+from trailers12k_feats.extraction import store, video
+from trailers12k_feats.extraction.extract import ExtractConfig, extract
+from trailers12k_feats.extraction.inputs import resolve_inputs
+from trailers12k_feats.extraction.video import ClipSpec
+from trailers12k_feats.sources.synthvideo import cut_video
 from trailers12k_feats.utils import T12kError
-from trailers12k_feats.video import ClipSpec
 
 SPEC = ClipSpec(fpc=8, short_side=128)
 LIGHT = "shufflenet_v2_3d_x1_0"  # a small 3D model keeps the tests quick
@@ -43,7 +44,7 @@ def _cfg(**kw):
 
 def _read(path):
     fs = cache.load(path, dtype=torch.float32)
-    return {tid: fs.clips(tid).numpy() for tid in fs.ids}
+    return {tid: fs.trailer(tid).numpy() for tid in fs.ids}
 
 
 def test_cached_features_equal_the_models_run_directly(videos, tmp_path):
@@ -65,13 +66,13 @@ def test_cached_features_equal_the_models_run_directly(videos, tmp_path):
     with torch.no_grad():
         for tid in ("tt0000001", "tt0000002"):
             path = next(videos.glob(f"{tid}.*"))
-            clips = list(video.clips(path, SPEC))
+            clips = list(video.decode_clips(path, SPEC))
             frames = torch.stack([torch.from_numpy(c.frames) for c in clips]).permute(0, 1, 4, 2, 3)  # (C, 8, 3, H, W)
             ref_i = torch.stack([image.eval()(tf_image(f[[2, 6]])).mean(0) for f in frames])  # centres of 0-3, 4-7
             ref_k = clipnet.eval()(tf_clip(frames))
             for name, ref in (("i_mobilenet", ref_i), ("k_r2plus1d", ref_k)):
                 fs = cache.load(tmp_path / f"{name}.h5", dtype=torch.float32)
-                torch.testing.assert_close(fs.clips(tid), ref, rtol=2e-3, atol=2e-3)  # fp16 storage
+                torch.testing.assert_close(fs.trailer(tid), ref, rtol=2e-3, atol=2e-3)  # fp16 storage
             with cache._open(tmp_path / "i_mobilenet.h5") as h5:
                 i = list(h5["ids"].asstr()[:]).index(tid)
                 r0, r1 = h5["offsets"][i:i + 2]

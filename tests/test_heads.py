@@ -2,8 +2,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trailers12k_feats.heads import (TEMPORAL, MaskedBatchNorm1d, TransformerBlock, build_divita, count_params,
-                                     register_temporal)
+from trailers12k_feats.training.heads import (
+    TEMPORAL,
+    MaskedBatchNorm1d,
+    TransformerBlock,
+    build_divita,
+    count_params,
+    register_temporal,
+)
 
 PAPER_PARAMS = {512: 331_530, 768: 364_810, 1024: 398_090, 2048: 531_210}
 FUSIONS = ("late", "early")

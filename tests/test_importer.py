@@ -8,7 +8,12 @@ from click.testing import CliRunner
 
 from cli import main
 from trailers12k_feats import cache
-from trailers12k_feats.importer import ZARR_MISSING, ImportConfig, import_zarr, parse_name
+from trailers12k_feats.sources.zarr_import import (
+    ZARR_MISSING,
+    ImportConfig,
+    import_zarr,
+    parse_name,
+)
 from trailers12k_feats.utils import T12kError
 
 
@@ -48,7 +53,7 @@ def test_import_value_for_value(tmp_path, dtype):
     assert fs.ids == sorted(arrays)
     assert int(fs.lengths.sum()) == sum(len(x) for x in arrays.values())
     for tid, x in arrays.items():
-        got = fs.clips(tid).numpy()
+        got = fs.trailer(tid).numpy()
         assert got.dtype == np.dtype(dtype)
         np.testing.assert_array_equal(got, x.astype(dtype))  # exactly the cast, every clip
         # and the cast is within float16's rounding of the source: half an ulp, or 2^-25 near zero
@@ -96,7 +101,7 @@ def test_bad_stores_name_the_trailer_and_leave_nothing(tmp_path):
         import_zarr(cfg, progress=False)
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
     fs = cache.load(import_zarr(ImportConfig(src, out_dir=tmp_path / "out", dtype="float32"), progress=False))
-    assert float(fs.clips("tt9999999")[2, 7]) == 7e4
+    assert float(fs.trailer("tt9999999")[2, 7]) == 7e4
 
     g.attrs["num_features"] = 768
     with pytest.raises(T12kError, match="has 768 features per clip but stream k_r2plus1d has 512"):

@@ -1,4 +1,4 @@
-"""Tests for trailers12k_feats.metrics: hand-computed curves and sklearn cross-checks."""
+"""Tests for trailers12k_feats.training.metrics: hand-computed curves and sklearn cross-checks."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from sklearn.metrics import auc, average_precision_score, precision_recall_curve
 
 from trailers12k_feats import GENRES_SHORT
-from trailers12k_feats.metrics import (
+from trailers12k_feats.training.metrics import (
     AP_KEYS,
     METRIC_KEYS,
     average_precision,
@@ -18,7 +18,6 @@ from trailers12k_feats.metrics import (
     multilabel_metrics,
     pr_auc,
 )
-
 
 # ---------------------------------------------------------------------------------------
 # sklearn references (slow, loop-based, obviously correct)

@@ -8,8 +8,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from trailers12k_feats.reproduce import ReproduceConfig, reproduce
-from trailers12k_feats.train import TrainConfig
+from trailers12k_feats.training.reproduce import ReproduceConfig, reproduce
+from trailers12k_feats.training.train import TrainConfig
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 NAMES = ("explore_embeddings.ipynb", "results.ipynb")

@@ -8,8 +8,9 @@ import pytest
 from click.testing import CliRunner
 
 from cli import main
-from trailers12k_feats import GENRES, demo
-from trailers12k_feats.predict import PredictConfig, format_predictions, predict
+from trailers12k_feats import GENRES
+from trailers12k_feats.apps import demo
+from trailers12k_feats.apps.predict import PredictConfig, format_predictions, predict
 from trailers12k_feats.utils import T12kError
 
 

@@ -2,7 +2,12 @@ import numpy as np
 import pytest
 
 from trailers12k_feats import cache
-from trailers12k_feats.probe import ProbeConfig, fit_predict, pool_features, probe
+from trailers12k_feats.training.probe import (
+    ProbeConfig,
+    fit_predict,
+    pool_features,
+    probe,
+)
 from trailers12k_feats.utils import T12kError
 
 

@@ -8,11 +8,13 @@ from click.testing import CliRunner
 from matplotlib.image import imread
 
 from cli import main
-from trailers12k_feats import cache, data, plots
-from trailers12k_feats import report as report_mod
-from trailers12k_feats.report import figures, load, write_report
-from trailers12k_feats.reproduce import ReproduceConfig, reproduce
-from trailers12k_feats.train import TrainConfig, load_streams, train_run
+from trailers12k_feats import cache
+from trailers12k_feats.apps import plots
+from trailers12k_feats.apps import report as report_mod
+from trailers12k_feats.apps.report import figures, load, write_report
+from trailers12k_feats.training import data
+from trailers12k_feats.training.reproduce import ReproduceConfig, reproduce
+from trailers12k_feats.training.train import TrainConfig, load_streams, train_run
 from trailers12k_feats.utils import T12kError
 
 ROWS = ("k_r2plus1d", "i_swin")
@@ -58,7 +60,7 @@ def test_loaded_data_match_the_files(results):
     assert [(r.row, r.split) for r in obj.runs] == [(r, s) for r in ROWS for s in (0, 1)]
     run = obj.runs[0]
     metrics = json.loads((run.path / "metrics.json").read_text())
-    from trailers12k_feats.metrics import multilabel_metrics
+    from trailers12k_feats.training.metrics import multilabel_metrics
     # Labels joined from the metadata + saved probabilities give back the saved metrics.
     m = multilabel_metrics(run.labels["test"], run.probs["test"])
     assert m["uAP"] == pytest.approx(metrics["test"]["uAP"], abs=1e-3)

@@ -5,10 +5,10 @@ import h5py
 import numpy as np
 import pytest
 
-from trailers12k_feats import data
 from trailers12k_feats.paper import TABLE6, get_row
-from trailers12k_feats.reproduce import ReproduceConfig, reproduce, summarise
-from trailers12k_feats.train import TrainConfig
+from trailers12k_feats.training import data
+from trailers12k_feats.training.reproduce import ReproduceConfig, reproduce, summarise
+from trailers12k_feats.training.train import TrainConfig
 from trailers12k_feats.utils import T12kError
 
 FAST = TrainConfig(max_epochs=1)
@@ -43,7 +43,7 @@ def test_reproduce_writes_tables_and_resumes(corpus, tmp_path, monkeypatch):
     assert row["paper_mean"] == "71.76"
 
     # A second call with one more split trains only the new runs.
-    from trailers12k_feats import reproduce as rep_mod
+    from trailers12k_feats.training import reproduce as rep_mod
     calls = []
     real = rep_mod.train_run
     monkeypatch.setattr(rep_mod, "train_run", lambda cfg, *a, **k: calls.append(cfg.split) or real(cfg, *a, **k))
@@ -53,7 +53,7 @@ def test_reproduce_writes_tables_and_resumes(corpus, tmp_path, monkeypatch):
 
 
 def test_interrupted_reproduce_keeps_only_finished_runs(corpus, tmp_path, monkeypatch):
-    from trailers12k_feats import train as train_mod
+    from trailers12k_feats.training import train as train_mod
 
     real, count = train_mod.Trainer.fit, []
 

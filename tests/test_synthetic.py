@@ -1,9 +1,15 @@
 import numpy as np
 import pytest
 
-from trailers12k_feats import GENRES, cache, data
+from trailers12k_feats import GENRES, cache
 from trailers12k_feats.paper import STREAMS
-from trailers12k_feats.synthetic import PRIORS, SynthConfig, make_corpus, sample_labels
+from trailers12k_feats.sources.synthetic import (
+    PRIORS,
+    SynthConfig,
+    make_corpus,
+    sample_labels,
+)
+from trailers12k_feats.training import data
 from trailers12k_feats.utils import T12kError
 
 

@@ -4,9 +4,10 @@ import json
 import pytest
 import torch
 
-from trailers12k_feats import cache, data
-from trailers12k_feats.heads import build_divita
-from trailers12k_feats.train import TrainConfig, load_streams, train_run
+from trailers12k_feats import cache
+from trailers12k_feats.training import data
+from trailers12k_feats.training.heads import build_divita
+from trailers12k_feats.training.train import TrainConfig, load_streams, train_run
 from trailers12k_feats.utils import T12kError
 
 
@@ -76,7 +77,7 @@ def test_bad_config():
 
 def test_interrupted_run_leaves_nothing(corpus, tmp_path, monkeypatch):
     meta, sets, rows = setup(corpus)
-    from trailers12k_feats import train as train_mod
+    from trailers12k_feats.training import train as train_mod
 
     def boom(*a, **k):
         raise KeyboardInterrupt

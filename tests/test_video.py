@@ -4,10 +4,15 @@ import av
 import numpy as np
 import pytest
 
-from trailers12k_feats import video
-from trailers12k_feats.synthvideo import cut_video, shot_frames, shot_texture, write_video
+from trailers12k_feats.extraction import video
+from trailers12k_feats.extraction.video import ClipSpec, ShotDetector, VideoError
+from trailers12k_feats.sources.synthvideo import (
+    cut_video,
+    shot_frames,
+    shot_texture,
+    write_video,
+)
 from trailers12k_feats.utils import T12kError
-from trailers12k_feats.video import ClipSpec, ShotDetector, VideoError
 
 
 def _cuts(frames, fps=24):
@@ -28,7 +33,7 @@ def test_hard_cuts_are_found_at_their_frames(shots_video):
 
 
 def test_clips_stay_inside_shots_and_leftovers_follow_the_setting(shots_video):
-    drop = list(video.clips(shots_video, ClipSpec(fpc=8, short_side=64)))
+    drop = list(video.decode_clips(shots_video, ClipSpec(fpc=8, short_side=64)))
     # Shots of 30, 50, 20, 40 frames hold 3, 6, 2, 5 whole clips; remainders are dropped.
     assert [c.shot for c in drop] == [0] * 3 + [1] * 6 + [2] * 2 + [3] * 5
     assert all(c.frames.shape == (8, 64, 96, 3) for c in drop)
@@ -36,7 +41,7 @@ def test_clips_stay_inside_shots_and_leftovers_follow_the_setting(shots_video):
     assert starts == [0, 8, 16, 30, 38, 46, 54, 62, 70, 80, 88, 100, 108, 116, 124, 132]
     assert all(abs((c.end - c.start) * 24 - 8) < 1e-6 for c in drop)
     # "pad": remainders of >= 4 frames (half a clip) become clips padded with their last frame.
-    pad = list(video.clips(shots_video, ClipSpec(fpc=8, short_side=64, leftover="pad")))
+    pad = list(video.decode_clips(shots_video, ClipSpec(fpc=8, short_side=64, leftover="pad")))
     assert [(c.shot, round(c.start * 24), round(c.end * 24)) for c in pad if (c.end - c.start) * 24 < 7.5] == \
         [(0, 24, 30), (2, 96, 100)]
     assert len(pad) == len(drop) + 2
@@ -45,7 +50,7 @@ def test_clips_stay_inside_shots_and_leftovers_follow_the_setting(shots_video):
 
 
 def test_fixed_segmentation_ignores_cuts(shots_video):
-    fixed = list(video.clips(shots_video, ClipSpec(fpc=8, short_side=64, segmentation="fixed")))
+    fixed = list(video.decode_clips(shots_video, ClipSpec(fpc=8, short_side=64, segmentation="fixed")))
     assert len(fixed) == 140 // 8
     assert {c.shot for c in fixed} == {-1}
     assert [round(c.start * 24) for c in fixed] == list(range(0, 136, 8))
@@ -87,7 +92,7 @@ def test_rotation_metadata_is_applied(tmp_path):
     b = list(video.frames(rotated, 24, short_side=64))
     assert b[0].shape == (96, 64, 3)
     assert np.array_equal(b[5], np.rot90(a[5], 1))
-    info = video.probe(rotated)
+    info = video.video_info(rotated)
     assert (info.width, info.height, info.rotation) == (64, 96, 90)
 
 

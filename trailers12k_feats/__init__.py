@@ -7,7 +7,7 @@ the paper's multi-label AP metrics.
 
 __version__ = "0.1.0"
 
-# The ten Trailers12k genres, always in this order (PAPER.md).
+# The ten Trailers12k genres, always in this order (docs/paper.md).
 GENRES: tuple[str, ...] = (
     "action", "adventure", "comedy", "crime", "drama",
     "fantasy", "horror", "romance", "sci-fi", "thriller",

@@ -219,7 +219,7 @@ class FeatureSet:
     def lengths(self) -> torch.Tensor:
         return self.offsets[1:] - self.offsets[:-1]  # (n,)
 
-    def clips(self, tid: str) -> torch.Tensor:
+    def trailer(self, tid: str) -> torch.Tensor:
         """The (C, F) clip embeddings of one trailer (a view, no copy)."""
         try:
             i = self.index[tid]

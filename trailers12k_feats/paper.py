@@ -1,4 +1,4 @@
-"""The paper's feature streams and Table 6 (PAPER.md): names, dims and reported numbers."""
+"""The paper's feature streams and Table 6 (docs/paper.md): names, dims and reported numbers."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ STREAMS: dict[str, Stream] = {s.name: s for s in (
     Stream("ik_swin", 768, "swin3d_t", "3d", "ImageNet-1K + Kinetics-400", "trailers_ik_swin_fps24_fpc24.zarr.tar.gz"),
 )}
 
-# The files of the authors' release (Zenodo record 5716410) and their md5 (PAPER.md).
+# The files of the authors' release (Zenodo record 5716410) and their md5 (docs/paper.md).
 RELEASE_URL = "https://zenodo.org/record/5716410/files/{file}?download=1"
 METADATA_FILE = "mtgc.csv"
 RELEASED_MD5: dict[str, str] = {
@@ -82,8 +82,3 @@ def get_row(name: str) -> Row:
             return row
     raise T12kError(f"unknown Table 6 row {name!r}; valid rows: {', '.join(TABLE6)}.")
 
-
-def get_stream(name: str) -> Stream:
-    if name not in STREAMS:
-        raise T12kError(f"unknown feature stream {name!r}; valid streams: {', '.join(STREAMS)}.")
-    return STREAMS[name]

@@ -30,7 +30,7 @@ import torchvision.transforms.functional as TF
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms._presets import ImageClassification, VideoClassification
 
-from trailers12k_feats import shufflenet3d
+from trailers12k_feats.extraction import shufflenet3d
 from trailers12k_feats.utils import T12kError
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,6 @@ class Backbone:
     weights: WeightsFile | None
     preprocess: Callable[[], Preprocess] = field(repr=False)
     build: Callable[[dict | None], nn.Module] = field(repr=False)
-    num_frames: int | None = None  # a 3D model that needs a fixed clip length; None = any
 
 
 BACKBONES: dict[str, Backbone] = {}
@@ -293,8 +292,7 @@ def describe() -> list[dict]:
     for e in BACKBONES.values():
         p = e.preprocess()
         rows.append({"name": e.name, "stream": e.stream, "kind": e.kind, "dim": e.feature_dim,
-                     "pretraining": e.pretraining, "input": f"{p.crop_size[0]}x{p.crop_size[1]}"
-                     + (f"x{e.num_frames}f" if e.num_frames else ""),
+                     "pretraining": e.pretraining, "input": f"{p.crop_size[0]}x{p.crop_size[1]}",
                      "weights": e.weights.filename if e.weights else "-",
                      "found": (weights_dir() / e.weights.filename).is_file() if e.weights else False})
     return rows

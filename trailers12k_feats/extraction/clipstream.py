@@ -1,6 +1,5 @@
-"""What extraction reads: the videos to process, and the worker-side stream of preprocessed clips.
+"""The worker side of extraction: videos -> preprocessed clip chunks, ready for the models.
 
-`resolve_inputs` turns files, folders and list files into (trailer id, path) pairs.
 `ClipDataset` runs in DataLoader workers: it decodes each video, cuts shots and clips, applies
 every backbone group's uint8 resize and crop, and yields small chunks, so only compact crops
 cross process boundaries. A bad video yields a failure record instead of raising.
@@ -8,73 +7,16 @@ cross process boundaries. A bad video yields a failure record instead of raising
 
 from __future__ import annotations
 
-import csv
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from trailers12k_feats import backbones as bb
-from trailers12k_feats.utils import T12kError
-from trailers12k_feats.video import VIDEO_EXTENSIONS, ClipSpec, VideoError, clips, find_videos
-
-if TYPE_CHECKING:
-    from trailers12k_feats.extract import ExtractConfig
-
-
-def resolve_inputs(items: list[str | os.PathLike]) -> list[tuple[str, Path]]:
-    """(trailer id, path) pairs from video files, folders of videos, or list files.
-
-    A list file (.txt/.csv/.tsv) has one video per line: `path` or `path,id` (a header line
-    `path,id` is allowed); relative paths are relative to the list. Otherwise the id is the
-    file stem. Duplicate ids are an error.
-    """
-    pairs: list[tuple[str, Path]] = []
-    for item in items:
-        p = Path(item)
-        if p.is_dir():
-            found = find_videos(p)
-            if not found:
-                raise T12kError(f"{p} holds no video files ({', '.join(VIDEO_EXTENSIONS)}).")
-            pairs += [(v.stem, v) for v in found]
-        elif p.suffix.lower() in (".txt", ".csv", ".tsv"):
-            pairs += _read_list(p)
-        elif p.suffix.lower() in VIDEO_EXTENSIONS:
-            pairs.append((p.stem, p))  # a missing file is reported as a failure, not a stop
-        elif not p.exists():
-            raise T12kError(f"{p} does not exist; give video files, folders of videos or a list file.")
-        else:
-            raise T12kError(f"{p} is not a video ({', '.join(VIDEO_EXTENSIONS)}), a folder or a list file (.txt/.csv).")
-    seen: dict[str, Path] = {}
-    for tid, path in pairs:
-        if tid in seen and seen[tid] != path:
-            raise T12kError(f"trailer id {tid} is given twice ({seen[tid]} and {path}); ids must be unique: "
-                            "rename a file or give ids in a list file.")
-        seen[tid] = path
-    return sorted(seen.items())
-
-
-def _read_list(path: Path) -> list[tuple[str, Path]]:
-    if not path.is_file():
-        raise T12kError(f"list file {path} does not exist.")
-    out = []
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ","))
-    for lineno, row in enumerate(rows, 1):
-        row = [c.strip() for c in row]
-        if not row or not row[0] or row[0].startswith("#") or (lineno == 1 and row[0].lower() == "path"):
-            continue
-        if len(row) > 2:
-            raise T12kError(f"{path}, line {lineno}: expected `path` or `path,id`, got {len(row)} fields.")
-        v = Path(row[0]) if Path(row[0]).is_absolute() else path.parent / row[0]
-        out.append((row[1] if len(row) == 2 and row[1] else v.stem, v))
-    if not out:
-        raise T12kError(f"list file {path} names no videos.")
-    return out
+from trailers12k_feats.extraction import backbones as bb
+from trailers12k_feats.extraction.video import ClipSpec, VideoError, decode_clips
 
 
 @dataclass(frozen=True)
@@ -86,14 +28,18 @@ class Group:
     frames: tuple[int, ...]  # which of the clip's fpc frames the models see
 
 
-def frame_index(entry: bb.Backbone, cfg: "ExtractConfig") -> tuple[int, ...]:
-    fpc = cfg.clip.fpc
-    if entry.kind == "3d":
-        n = entry.num_frames or fpc  # a fixed-length model gets the clip resampled in time
-    elif cfg.frame_pool == "center":
+def frame_index(kind: str, fpc: int, frame_pool: str = "mean", image_frames: int = 0) -> tuple[int, ...]:
+    """Which of a clip's `fpc` frames a backbone of `kind` ("2d"/"3d") sees.
+
+    A 3D model sees every frame; a 2D model the centre frame (`frame_pool="center"`) or
+    `image_frames` evenly spaced ones (0: all).
+    """
+    if kind == "3d":
+        n = fpc
+    elif frame_pool == "center":
         return (fpc // 2,)
     else:
-        n = cfg.image_frames or fpc
+        n = image_frames or fpc
     # The centres of n equal segments of the clip: all frames when n == fpc, the middle one when n == 1.
     return tuple(int(i) for i in ((np.arange(n) + 0.5) * fpc / n - 0.5).round())
 
@@ -115,7 +61,7 @@ class ClipDataset(IterableDataset):
         n = 0
         buf = []
         try:
-            for clip in clips(path, self.spec, self.threads):
+            for clip in decode_clips(path, self.spec, self.threads):
                 buf.append(clip)
                 if len(buf) == self.chunk:
                     yield self._pack(tid, buf)

@@ -21,11 +21,11 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from trailers12k_feats import GENRES, GENRES_SHORT, __version__
-from trailers12k_feats import plots
-from trailers12k_feats.data import Metadata, load_metadata
-from trailers12k_feats.metrics import METRIC_KEYS
+from trailers12k_feats.apps import plots
 from trailers12k_feats.paper import TABLE6
-from trailers12k_feats.reproduce import COLUMNS, collect, summarise
+from trailers12k_feats.training.data import Metadata, load_metadata
+from trailers12k_feats.training.metrics import METRIC_KEYS
+from trailers12k_feats.training.reproduce import COLUMNS, collect, summarise
 from trailers12k_feats.utils import T12kError, atomic_path
 
 log = logging.getLogger(__name__)

@@ -23,13 +23,13 @@ import torch
 from trailers12k_feats import GENRES, GENRES_SHORT
 from trailers12k_feats import cache as cache_mod
 from trailers12k_feats.cache import FeatureSet
-from trailers12k_feats.data import Metadata, TrailerData
-from trailers12k_feats.extract import ExtractConfig, extract
-from trailers12k_feats.heads import build_divita
-from trailers12k_feats.inputs import resolve_inputs
-from trailers12k_feats.train import TrainConfig, snippet_probs
+from trailers12k_feats.extraction.extract import ExtractConfig, extract
+from trailers12k_feats.extraction.inputs import resolve_inputs
+from trailers12k_feats.extraction.video import ClipSpec
+from trailers12k_feats.training.data import Metadata, TrailerData
+from trailers12k_feats.training.heads import build_divita
+from trailers12k_feats.training.train import TrainConfig, snippet_probs
 from trailers12k_feats.utils import T12kError
-from trailers12k_feats.video import ClipSpec
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class PredictConfig:
 
 
 @dataclass
-class Run:
+class TrainedHead:
     """A trained head and what its inputs were."""
 
     model: torch.nn.Module
@@ -60,7 +60,7 @@ class Run:
     streams: dict[str, dict]  # role ("image"/"video") -> provenance recorded at training
 
 
-def load_run(run_dir: str | os.PathLike, device: str = "cpu") -> Run:
+def load_head(run_dir: str | os.PathLike, device: str = "cpu") -> TrainedHead:
     """The best checkpoint of a run directory, rebuilt and in eval mode."""
     run_dir = Path(run_dir)
     info = json.loads((run_dir / "config.json").read_text())
@@ -71,7 +71,7 @@ def load_run(run_dir: str | os.PathLike, device: str = "cpu") -> Run:
                          temporal=train.temporal, fusion=train.fusion, dropout=train.dropout)
     state = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
-    return Run(model.to(device).eval(), train, streams)
+    return TrainedHead(model.to(device).eval(), train, streams)
 
 
 def _extract_config(stream: dict, cfg: PredictConfig) -> ExtractConfig:
@@ -120,7 +120,7 @@ def _feature_set(name: str, clips: dict[str, tuple[np.ndarray, ...]], ids: list[
 
 def predict(videos: list[str | os.PathLike], cfg: PredictConfig, progress: bool = True) -> dict:
     """Probabilities of the 10 genres for each video: {"predictions": [...], "failures": [...]}."""
-    run = load_run(cfg.run_dir, cfg.device)
+    run = load_head(cfg.run_dir, cfg.device)
     pairs = resolve_inputs(videos)
     ids = [t for t, _ in pairs]
     clips: dict[str, dict] = {}

@@ -1,6 +1,6 @@
 """Multi-label AP metrics as the DIViTA / Trailers12k paper reports them.
 
-Every "AP" in the paper (PAPER.md, "Metrics") is the area under the precision-recall
+Every "AP" in the paper (docs/metrics.md) is the area under the precision-recall
 curve by the trapezoid rule, i.e. ``sklearn.metrics.auc(recall, precision)`` on
 ``sklearn.metrics.precision_recall_curve``, NOT ``average_precision_score``. Both are
 implemented here in numpy, vectorised over many curves at once so that the

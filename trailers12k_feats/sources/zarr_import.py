@@ -1,6 +1,6 @@
 """Import the authors' released zarr stores into the project's HDF5 feature cache.
 
-A released store (Zenodo record 5716410, PAPER.md) is a zarr format-2 group with one
+A released store (Zenodo record 5716410, docs/paper.md) is a zarr format-2 group with one
 float32 array per trailer id, shape (clips, num_features), and a group attribute
 ``num_features``. Its folder name says how it was made:
 ``trailers_<i|k|ik>_<model>[_fps<N>]_fpc<N>.zarr`` -> stream ``<i|k|ik>_<model>``.
@@ -190,7 +190,7 @@ def import_zarr(cfg: ImportConfig, progress: bool = True) -> Path:
             clips += len(y)
         # The statistics are known only now; the attributes are written by close().
         w.attrs = dataclasses.replace(attrs, config={
-            "importer": "trailers12k_feats.importer", "zarr": str(cfg.src.resolve()), "stream": cfg.name,
+            "importer": "trailers12k_feats.sources.zarr_import", "zarr": str(cfg.src.resolve()), "stream": cfg.name,
             "num_features": F, "trailers": len(ids), "clips": clips, "source_dtype": ",".join(sorted(src_dtypes)),
             "dtype": cfg.dtype, "max_abs_value": max_abs, "max_abs_cast_error": max_err,
             **({"fps_note": "the file name gives no fps: frames at the video's own rate"} if not attrs.fps else {}),

@@ -21,12 +21,20 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from trailers12k_feats import __version__, store
-from trailers12k_feats import backbones as bb
+from trailers12k_feats import __version__
 from trailers12k_feats.cache import CacheAttrs
-from trailers12k_feats.inputs import ClipDataset, Group, as_is, frame_index, resolve_inputs, worker_init
+from trailers12k_feats.extraction import backbones as bb
+from trailers12k_feats.extraction import store
+from trailers12k_feats.extraction.clipstream import (
+    ClipDataset,
+    Group,
+    as_is,
+    frame_index,
+    worker_init,
+)
+from trailers12k_feats.extraction.inputs import resolve_inputs
+from trailers12k_feats.extraction.video import ClipSpec
 from trailers12k_feats.utils import T12kError, config_dict
-from trailers12k_feats.video import ClipSpec
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +181,7 @@ def build_models(cfg: ExtractConfig) -> list[_Model]:
     models = []
     for e in entries:
         pre = e.preprocess()
-        idx = frame_index(e, cfg)
+        idx = frame_index(e.kind, cfg.clip.fpc, cfg.frame_pool, cfg.image_frames)
         g = groups.setdefault((pre.geometry, idx), Group(len(groups), pre, idx))
         net = bb.load(e, given.get(e.name), random=cfg.is_random(e.name))
         net = net.to(cfg.device, memory_format=torch.channels_last if e.kind == "2d" else torch.channels_last_3d)

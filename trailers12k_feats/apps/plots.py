@@ -17,8 +17,8 @@ from matplotlib.figure import Figure
 from sklearn.metrics import precision_recall_curve
 
 from trailers12k_feats import GENRES, GENRES_SHORT
-from trailers12k_feats.metrics import METRIC_KEYS, pr_auc
 from trailers12k_feats.paper import TABLE6
+from trailers12k_feats.training.metrics import METRIC_KEYS, pr_auc
 
 # summarise() output: row -> metric -> (mean, sample std or NaN, number of splits).
 Summary = Mapping[str, Mapping[str, tuple[float, float, int]]]

@@ -125,7 +125,7 @@ def _display_size(width: int, height: int, sar: Fraction | None, rotation: int) 
     return (height, width) if rotation % 180 else (width, height)
 
 
-def probe(path: str | os.PathLike) -> VideoInfo:
+def video_info(path: str | os.PathLike) -> VideoInfo:
     """Size, rotation, duration and rate of a video without decoding all of it."""
     with _open(path) as c:
         s = _video_stream(c, path)
@@ -234,7 +234,7 @@ class ShotDetector:
         return bool(cuts) and self._n > 1
 
 
-def clips(path: str | os.PathLike, spec: ClipSpec, threads: int = 0) -> Iterator[Clip]:
+def decode_clips(path: str | os.PathLike, spec: ClipSpec, threads: int = 0) -> Iterator[Clip]:
     """Yield the clips of a video: shots (or the fixed timeline) cut into `fpc`-frame clips."""
     rate = spec.rate
     detector = ShotDetector(spec.shot_threshold, spec.min_shot_frames, rate) if spec.segmentation == "shots" else None

@@ -2,7 +2,7 @@
 
 Training examples are random windows of `window` consecutive clips; evaluation cuts each
 trailer into consecutive non-overlapping snippets of `window` clips, the last one padded
-(PAPER.md). Everything is gathered with vectorised indexing from in-RAM tensors.
+(docs/paper.md). Everything is gathered with vectorised indexing from in-RAM tensors.
 """
 
 from __future__ import annotations

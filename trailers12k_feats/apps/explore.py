@@ -17,7 +17,7 @@ from sklearn.preprocessing import StandardScaler
 
 from trailers12k_feats import GENRES, GENRES_SHORT
 from trailers12k_feats.cache import FeatureSet
-from trailers12k_feats.probe import pool_features
+from trailers12k_feats.training.probe import pool_features
 from trailers12k_feats.utils import T12kError
 
 __all__ = ["trailer_embeddings", "project", "nearest_neighbours", "cooccurrence", "Trajectory", "clip_trajectory",
@@ -101,7 +101,7 @@ class Trajectory:
 
 def clip_trajectory(fs: FeatureSet, tid: str) -> Trajectory:
     """The path of trailer `tid`'s clip embeddings over time, with its shot cuts."""
-    x = fs.clips(tid).float().numpy()  # (C, F)
+    x = fs.trailer(tid).float().numpy()  # (C, F)
     i = fs.index[tid]
     a, b = int(fs.offsets[i]), int(fs.offsets[i + 1])
     start, shot = np.asarray(fs.clip_start[a:b], np.float64), np.asarray(fs.shot[a:b])

@@ -21,11 +21,17 @@ import numpy as np
 
 from trailers12k_feats import GENRES_SHORT
 from trailers12k_feats import cache as cache_mod
-from trailers12k_feats.data import load_metadata
-from trailers12k_feats.metrics import METRIC_KEYS
 from trailers12k_feats.paper import STREAMS, TABLE6, Row, get_row
-from trailers12k_feats.train import TrainConfig, load_streams, train_run
-from trailers12k_feats.utils import T12kError, atomic_path, config_dict, write_json, write_text
+from trailers12k_feats.training.data import load_metadata
+from trailers12k_feats.training.metrics import METRIC_KEYS
+from trailers12k_feats.training.train import TrainConfig, load_streams, train_run
+from trailers12k_feats.utils import (
+    T12kError,
+    atomic_path,
+    config_dict,
+    write_json,
+    write_text,
+)
 
 log = logging.getLogger(__name__)
 

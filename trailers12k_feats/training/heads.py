@@ -1,4 +1,4 @@
-"""The DIViTA head (PAPER.md): per stream BatchNorm -> Linear F->128 -> temporal module -> Linear 128->10.
+"""The DIViTA head (docs/paper.md): per stream BatchNorm -> Linear F->128 -> temporal module -> Linear 128->10.
 
 Masks are bool (B, S), True for a real clip. Padding sits at the end of each row (windows
 and snippets are left-aligned), every row has at least one real clip, and padded values

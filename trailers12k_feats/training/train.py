@@ -1,4 +1,4 @@
-"""Train and evaluate one DIViTA head on cached features (the protocol of PAPER.md).
+"""Train and evaluate one DIViTA head on cached features (the protocol of docs/paper.md).
 
 Random 30-clip windows for training; snippet-averaged sigmoid probabilities for evaluation;
 AdamW (amsgrad), ReduceLROnPlateau and early stopping on validation loss; the
@@ -26,10 +26,17 @@ from tqdm import tqdm
 
 from trailers12k_feats import GENRES, __version__
 from trailers12k_feats import cache as cache_mod
-from trailers12k_feats.data import Metadata, TrailerData, align
-from trailers12k_feats.heads import TEMPORAL, build_divita, count_params
-from trailers12k_feats.metrics import format_metrics, multilabel_metrics
-from trailers12k_feats.utils import T12kError, atomic_path, config_dict, seed_everything, tune_malloc, write_json
+from trailers12k_feats.training.data import Metadata, TrailerData, align
+from trailers12k_feats.training.heads import TEMPORAL, build_divita, count_params
+from trailers12k_feats.training.metrics import format_metrics, multilabel_metrics
+from trailers12k_feats.utils import (
+    T12kError,
+    atomic_path,
+    config_dict,
+    seed_everything,
+    tune_malloc,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 

@@ -17,16 +17,16 @@ from pathlib import Path
 import numpy as np
 
 from trailers12k_feats import GENRES, NUM_GENRES
-from trailers12k_feats.backbones import get_backbone, offline_weights
 from trailers12k_feats.cache import stream_path
-from trailers12k_feats.data import load_metadata, write_metadata
-from trailers12k_feats.extract import ExtractConfig, extract
-from trailers12k_feats.metrics import format_metrics
-from trailers12k_feats.synthetic import sample_labels, sample_splits
-from trailers12k_feats.synthvideo import shot_frames, shot_texture, write_video
-from trailers12k_feats.train import TrainConfig, load_streams, train_run
+from trailers12k_feats.extraction.backbones import get_backbone, offline_weights
+from trailers12k_feats.extraction.extract import ExtractConfig, extract
+from trailers12k_feats.extraction.video import ClipSpec
+from trailers12k_feats.sources.synthetic import sample_labels, sample_splits
+from trailers12k_feats.sources.synthvideo import shot_frames, shot_texture, write_video
+from trailers12k_feats.training.data import load_metadata, write_metadata
+from trailers12k_feats.training.metrics import format_metrics
+from trailers12k_feats.training.train import TrainConfig, load_streams, train_run
 from trailers12k_feats.utils import T12kError, write_json
-from trailers12k_feats.video import ClipSpec
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,11 @@ def make_videos(root: Path, cfg: DemoConfig) -> tuple[Path, Path]:
 
 def run(out: str | Path, cfg: DemoConfig = DemoConfig(), progress: bool = True) -> dict:
     """Videos -> caches -> three heads (image, video, fusion) on split 0 -> report -> prediction."""
-    from trailers12k_feats.predict import PredictConfig, format_predictions, predict
+    from trailers12k_feats.apps.predict import (
+        PredictConfig,
+        format_predictions,
+        predict,
+    )
 
     out = Path(out)
     weights = offline_weights(cfg.image)
@@ -124,6 +128,6 @@ def run(out: str | Path, cfg: DemoConfig = DemoConfig(), progress: bool = True) 
 
 
 def _reports(out: Path) -> list[Path]:
-    from trailers12k_feats.report import write_report
+    from trailers12k_feats.apps.report import write_report
 
     return [write_report(out / "runs" / name) for name in ("image", "video", "fusion")]

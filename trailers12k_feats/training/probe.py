@@ -22,9 +22,9 @@ from tqdm import tqdm
 
 from trailers12k_feats import cache as cache_mod
 from trailers12k_feats.cache import FeatureSet
-from trailers12k_feats.data import align, load_metadata
-from trailers12k_feats.metrics import multilabel_metrics
 from trailers12k_feats.paper import TABLE6, get_row
+from trailers12k_feats.training.data import align, load_metadata
+from trailers12k_feats.training.metrics import multilabel_metrics
 from trailers12k_feats.utils import T12kError
 
 log = logging.getLogger(__name__)

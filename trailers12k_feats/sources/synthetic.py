@@ -30,8 +30,8 @@ from tqdm import tqdm
 
 from trailers12k_feats import GENRES, NUM_GENRES
 from trailers12k_feats.cache import CacheAttrs, CacheWriter
-from trailers12k_feats.data import write_metadata
 from trailers12k_feats.paper import STREAMS
+from trailers12k_feats.training.data import write_metadata
 from trailers12k_feats.utils import T12kError, config_dict, write_json
 
 log = logging.getLogger(__name__)
