@@ -84,7 +84,7 @@ def test_align_reports_missing_both_ways(tmp_path, caplog):
 def test_windows_and_masks(tmp_path):
     fs = toy_sets(tmp_path, [50, 5, 30])
     meta = toy_meta(tmp_path, ["t0", "t1", "t2"])
-    d = data.TrailerData(meta, {"image": fs}, np.arange(3))
+    d = data.TrailerData.from_metadata(meta, {"image": fs}, np.arange(3))
     gen = torch.Generator().manual_seed(0)
     for _ in range(20):
         b = d.random_windows(torch.arange(3), 30, gen)
@@ -101,7 +101,7 @@ def test_windows_and_masks(tmp_path):
 def test_snippets_cover_every_clip_once(tmp_path):
     fs = toy_sets(tmp_path, [61, 5, 30])
     meta = toy_meta(tmp_path, ["t0", "t1", "t2"])
-    d = data.TrailerData(meta, {"image": fs}, np.arange(3))
+    d = data.TrailerData.from_metadata(meta, {"image": fs}, np.arange(3))
     owner, first = d.snippets(torch.arange(3), 30)
     assert owner.tolist() == [0, 0, 0, 1, 2] and first.tolist() == [0, 30, 60, 0, 0]
     b = d.gather(owner, first, 30, torch.float32)
@@ -115,7 +115,25 @@ def test_streams_use_shorter_length(tmp_path):
     (tmp_path / "c.h5").rename(tmp_path / "a.h5")
     b = toy_sets(tmp_path, [7])
     meta = toy_meta(tmp_path, ["t0"])
-    d = data.TrailerData(meta, {"image": a, "video": b}, np.arange(1))
+    d = data.TrailerData.from_metadata(meta, {"image": a, "video": b}, np.arange(1))
     assert d.lengths.tolist() == [7]
     batch = d.gather(torch.tensor([0]), torch.tensor([0]), 30, torch.float32)
     assert batch.mask.sum().item() == 7 and batch.x["video"].shape == (1, 30, 4)
+
+
+def test_unlabelled_trailers_give_the_same_windows_without_labels(tmp_path):
+    fs = toy_sets(tmp_path, [61, 5, 30])
+    meta = toy_meta(tmp_path, ["t0", "t1", "t2"])
+    labelled = data.TrailerData.from_metadata(meta, {"image": fs}, np.array([2, 0]))
+    assert labelled.ids == ["t2", "t0"] and labelled.labels.tolist() == [[1.0] + [0.0] * 9] * 2
+    bare = data.TrailerData(["t2", "t0"], {"image": fs})
+    assert bare.labels is None
+    owner, first = bare.snippets(torch.arange(2), 30)
+    a, b = labelled.gather(owner, first, 30, torch.float32), bare.gather(owner, first, 30, torch.float32)
+    assert b.y is None and a.y.shape == (len(owner), 10)
+    assert torch.equal(a.x["image"], b.x["image"]) and torch.equal(a.mask, b.mask)
+    assert bare.random_windows(torch.arange(2), 30, torch.Generator().manual_seed(0)).y is None
+    with pytest.raises(T12kError, match=r"labels must have shape \(2, 10\).*got \(2, 3\)"):
+        data.TrailerData(["t2", "t0"], {"image": fs}, np.zeros((2, 3)))
+    with pytest.raises(T12kError, match=r"1 trailers are not in cache .*c.h5 \(e.g. nope\)"):
+        data.TrailerData(["t0", "nope"], {"image": fs})

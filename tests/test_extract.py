@@ -43,8 +43,7 @@ def _cfg(**kw):
 
 
 def _read(path):
-    fs = cache.load(path, dtype=torch.float32)
-    return {tid: fs.trailer(tid).numpy() for tid in fs.ids}
+    return {c.id: c.features.astype(np.float32) for c in cache.iter_trailers(path)}
 
 
 def test_cached_features_equal_the_models_run_directly(videos, tmp_path):
@@ -73,12 +72,10 @@ def test_cached_features_equal_the_models_run_directly(videos, tmp_path):
             for name, ref in (("i_mobilenet", ref_i), ("k_r2plus1d", ref_k)):
                 fs = cache.load(tmp_path / f"{name}.h5", dtype=torch.float32)
                 torch.testing.assert_close(fs.trailer(tid), ref, rtol=2e-3, atol=2e-3)  # fp16 storage
-            with cache._open(tmp_path / "i_mobilenet.h5") as h5:
-                i = list(h5["ids"].asstr()[:]).index(tid)
-                r0, r1 = h5["offsets"][i:i + 2]
-                assert np.allclose(h5["clip_start"][r0:r1], [c.start for c in clips], atol=1e-5)
-                assert np.allclose(h5["clip_end"][r0:r1], [c.end for c in clips], atol=1e-5)
-                assert list(h5["shot"][r0:r1]) == [c.shot for c in clips]
+            got = cache.read_trailers(tmp_path / "i_mobilenet.h5", [tid])[tid]
+            assert np.allclose(got.clip_start, [c.start for c in clips], atol=1e-5)
+            assert np.allclose(got.clip_end, [c.end for c in clips], atol=1e-5)
+            assert list(got.shot) == [c.shot for c in clips]
     attrs = cache.read_attrs(tmp_path / "k_r2plus1d.h5")
     assert attrs.weights == "random" and attrs.fpc == 8 and attrs.config["features"]["backbone"] == "r2plus1d_18"
     assert cache.read_attrs(tmp_path / "i_mobilenet.h5").weights == "MobileNet_V2_Weights.IMAGENET1K_V1"
@@ -111,6 +108,69 @@ def test_shards_merge_into_the_same_cache(videos, tmp_path):
     for tid in a:
         np.testing.assert_allclose(a[tid], b[tid], rtol=1e-3, atol=1e-3)
     assert not store.segments(tmp_path / "two", "k_shufflenet")
+
+
+def _segment(cache_dir, tag, tids, value=1.0, fpc=8):
+    """A segment of stream k_toy holding `tids`, every feature equal to `value`."""
+    attrs = cache.CacheAttrs(name="k_toy", backbone="toy", feature_dim=4, kind="3d", config={"features": {"fpc": fpc}})
+    items = [(t, np.full((2, 4), value), np.arange(2.0), np.arange(1.0, 3.0), np.zeros(2)) for t in tids]
+    return store.write_segment(cache_dir, attrs, items, tag)
+
+
+def _files(root):
+    return {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_merge_keeps_the_first_source_of_each_trailer_in_id_order(tmp_path):
+    _segment(tmp_path, "shard1of1", ["tt3", "tt1"], value=1.0)
+    assert store.merge(tmp_path, "k_toy") == tmp_path / "k_toy.h5"
+    _segment(tmp_path, "shard1of2", ["tt2", "tt1"], value=2.0)
+    _segment(tmp_path, "shard2of2", ["tt2", "tt4"], value=3.0)
+    store.merge(tmp_path, "k_toy")
+    got = {c.id: float(c.features[0, 0]) for c in cache.iter_trailers(tmp_path / "k_toy.h5")}
+    assert list(got) == ["tt1", "tt2", "tt3", "tt4"] and got == {"tt1": 1.0, "tt2": 2.0, "tt3": 1.0, "tt4": 3.0}
+    assert not store.segments(tmp_path, "k_toy")
+    _segment(tmp_path, "shard1of1", ["tt5"], fpc=16)
+    with pytest.raises(T12kError, match="k_toy.h5 was extracted with other settings than .*shard1of1"):
+        store.merge(tmp_path, "k_toy")
+
+
+def test_damaged_segments_stop_the_merge_and_change_nothing(tmp_path, monkeypatch):
+    _segment(tmp_path, "shard1of2", ["tt1"])
+    store.merge(tmp_path, "k_toy")
+    good = _segment(tmp_path, "shard1of2", ["tt2"])
+    d = store.segment_dir(tmp_path, "k_toy")
+    (d / "shard2of2-1.h5").write_bytes(b"")
+    (d / "shard2of2-2.h5").write_bytes(good.read_bytes()[:good.stat().st_size // 2])
+    before = _files(tmp_path)
+    with pytest.raises(T12kError) as err:
+        store.merge(tmp_path, "k_toy")
+    msg = str(err.value)
+    assert "2 segment(s) cannot be read" in msg and "nothing was merged or deleted" in msg
+    for name in ("shard2of2-1.h5", "shard2of2-2.h5"):
+        assert f"feature cache {d / name} is not a readable HDF5 file" in msg
+        assert f"-> delete {d / name} and rerun shard 2/2 (`t12k extract ... --shard 2/2`)" in msg
+    assert str(good) not in msg
+    assert _files(tmp_path) == before
+    out = CliRunner().invoke(main, ["cache", "merge", str(tmp_path)])
+    assert out.exit_code == 1 and "and rerun shard 2/2" in out.output and "Traceback" not in out.output
+    assert _files(tmp_path) == before
+    # Damage found while copying (after the files opened) also leaves everything as it was.
+    for p in (d / "shard2of2-1.h5", d / "shard2of2-2.h5"):
+        p.unlink()
+    before = _files(tmp_path)
+    real_get = cache.CacheReader.get
+
+    def get(self, tid):
+        if tid == "tt2":
+            raise T12kError(f"feature cache {self.path}: trailer {tid} cannot be read (test)")
+        return real_get(self, tid)
+
+    monkeypatch.setattr(cache.CacheReader, "get", get)
+    damaged = r"(?s)1 segment\(s\) cannot be read.*trailer tt2 cannot be read.*delete .*shard1of2-\d+\.h5 and rerun shard 1/2"
+    with pytest.raises(T12kError, match=damaged):
+        store.merge(tmp_path, "k_toy")
+    assert _files(tmp_path) == before
 
 
 @pytest.mark.slow

@@ -7,7 +7,13 @@ import torch
 from trailers12k_feats import cache
 from trailers12k_feats.training import data
 from trailers12k_feats.training.heads import build_divita
-from trailers12k_feats.training.train import TrainConfig, load_streams, train_run
+from trailers12k_feats.training.train import (
+    TrainConfig,
+    Trainer,
+    load_streams,
+    snippet_probs,
+    train_run,
+)
 from trailers12k_feats.utils import T12kError
 
 
@@ -33,11 +39,15 @@ def test_run_directory(corpus, tmp_path):
     n_test = len(meta.subset(0, "test"))
     preds = list(csv.reader(open(run / "predictions.csv")))
     assert sum(r[0] == "test" for r in preds[1:]) == n_test
-    # The checkpoint loads safely and reproduces the saved test probabilities.
+    # The checkpoint loads safely and reproduces the saved test probabilities, without labels.
     ckpt = torch.load(run / "best.pt", weights_only=True)
     model = build_divita(768, 768)
     model.load_state_dict(ckpt["model"])
     assert ckpt["epoch"] == metrics["best_epoch"]
+    test = [r for r in preds[1:] if r[0] == "test"]
+    probs = snippet_probs(model, data.TrailerData([r[1] for r in test], sets), TrainConfig())  # (n, 10)
+    assert probs.shape == (n_test, 10)
+    torch.testing.assert_close(probs, torch.tensor([[float(v) for v in r[2:]] for r in test]), rtol=0, atol=2e-6)
 
 
 def test_same_seed_same_metrics(corpus):
@@ -64,6 +74,13 @@ def test_learns_something(corpus):
     res = train_run(TrainConfig(max_epochs=15, lr=1e-3), meta, sets, rows, progress=False)
     prevalence = 100 * meta.labels.mean()
     assert res.test["uAP"] > prevalence + 15  # chance level is the positive rate
+
+
+def test_training_needs_labels(corpus):
+    meta, sets, rows = setup(corpus)
+    labelled = data.TrailerData.from_metadata(meta, sets, rows[:20])
+    with pytest.raises(T12kError, match="training needs labelled trailers, but val has none"):
+        Trainer(TrainConfig(), {"train": labelled, "val": data.TrailerData(labelled.ids, sets), "test": labelled})
 
 
 def test_bad_config():

@@ -12,8 +12,11 @@ Schema (``schema_version`` 1)::
            feature_dim, fps, fpc, segmentation, source, package_version, config (JSON)
 
 Files are written to a temporary sibling and renamed into place when complete, so a
-reader never sees a half-written cache. Readers load a whole feature set into RAM once
-(:func:`load`) and slice views from it; nothing reads from disk per training sample.
+reader never sees a half-written cache. Training loads a whole feature set into RAM once
+(:func:`load`) and slices views from it; nothing reads from disk per training sample.
+Tools that copy or pick trailers (merging, prediction) read one trailer at a time
+(:class:`CacheReader`, :func:`read_trailers`, :func:`iter_trailers`). This module is the
+only code that opens HDF5 files.
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ import dataclasses
 import json
 import logging
 import os
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import h5py
 import numpy as np
@@ -38,6 +42,15 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 SUFFIX = ".h5"
 REQUIRED_DATASETS = ("features", "offsets", "ids", "clip_start", "clip_end", "shot")
+DTYPES = ("float16", "float32")  # how features may be stored
+
+
+def check_dtype(dtype: str) -> str:
+    """`dtype` if caches can store features in it (one of :data:`DTYPES`), else a T12kError."""
+    if dtype not in DTYPES:
+        raise T12kError(f"cache dtype must be one of {', '.join(DTYPES)}, got {dtype!r} "
+                        f"(float16 halves the size, float32 keeps full precision).")
+    return dtype
 
 
 @dataclass(frozen=True)
@@ -94,8 +107,7 @@ class CacheWriter:
 
     def __init__(self, path: str | os.PathLike, attrs: CacheAttrs, dtype: str = "float16",
                  chunk_rows: int = 4096) -> None:
-        if dtype not in ("float16", "float32"):
-            raise T12kError(f"cache dtype must be 'float16' or 'float32', got {dtype!r}.")
+        check_dtype(dtype)
         self.path = Path(path)
         self.attrs = attrs
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -188,6 +200,27 @@ def write_cache(path: str | os.PathLike, attrs: CacheAttrs, items: Iterable[tupl
     return Path(path)
 
 
+@dataclass(frozen=True)
+class TrailerClips:
+    """One trailer's clips as a cache stores them."""
+
+    id: str
+    features: np.ndarray  # (C, F) float16 or float32
+    clip_start: np.ndarray  # (C,) float32 seconds, NaN when unknown
+    clip_end: np.ndarray  # (C,) float32 seconds, NaN when unknown
+    shot: np.ndarray  # (C,) int32 shot index, -1 when unknown
+
+    def __post_init__(self) -> None:
+        C = self.features.shape[0] if self.features.ndim == 2 else 0
+        if C == 0 or any(x.shape != (C,) for x in (self.clip_start, self.clip_end, self.shot)):
+            raise T12kError(f"trailer {self.id}: features must be (clips >= 1, F) and clip_start, clip_end, shot "
+                            f"(clips,), got {self.features.shape}, {self.clip_start.shape}, "
+                            f"{self.clip_end.shape}, {self.shot.shape}.")
+
+    def __len__(self) -> int:
+        return int(self.features.shape[0])
+
+
 @dataclass
 class FeatureSet:
     """A whole feature set in RAM: one stacked tensor plus per-trailer offsets."""
@@ -264,6 +297,98 @@ def read_ids(path: str | os.PathLike) -> list[str]:
     """The trailer ids of a cache without loading its features."""
     with _open(path) as h5:
         return _ids(h5)
+
+
+class CacheReader:
+    """An open cache read one trailer at a time, so memory stays small for any cache size.
+
+    Opening reads the attributes, ids and index (and checks the index); use it as a context
+    manager. Damage found while reading a trailer raises T12kError naming the file.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._h5 = _open(self.path)
+        try:
+            self.attrs = CacheAttrs.from_h5(self._h5.attrs)
+            ds = self._h5["features"]
+            self.dtype = str(ds.dtype)
+            self.ids = _ids(self._h5)
+            self._offsets = self._h5["offsets"][:].astype(np.int64)
+            _check_index(self.path, self._offsets, self.ids, ds.shape[0], ds.shape[1], self.attrs.feature_dim)
+        except (OSError, KeyError, ValueError) as e:
+            self._h5.close()
+            raise T12kError(f"feature cache {self.path} is damaged ({e}); recreate it.") from None
+        except BaseException:
+            self._h5.close()
+            raise
+        self.index = {tid: i for i, tid in enumerate(self.ids)}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __contains__(self, tid: object) -> bool:
+        return tid in self.index
+
+    def get(self, tid: str) -> TrailerClips:
+        """The clips of trailer `tid`."""
+        i = self.index.get(tid)
+        if i is None:
+            raise T12kError(f"trailer {tid} is not in cache {self.path}.")
+        r0, r1 = int(self._offsets[i]), int(self._offsets[i + 1])
+        try:
+            cols = [self._h5[k][r0:r1] for k in ("features", "clip_start", "clip_end", "shot")]
+        except (OSError, KeyError, ValueError) as e:
+            raise T12kError(f"feature cache {self.path}: trailer {tid} cannot be read ({e}); the file is "
+                            f"damaged, recreate it.") from None
+        return TrailerClips(tid, *cols)
+
+    def __iter__(self) -> Iterator[TrailerClips]:
+        """Every trailer in file order."""
+        return (self.get(tid) for tid in self.ids)
+
+    def close(self) -> None:
+        self._h5.close()
+
+    def __enter__(self) -> CacheReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_trailers(path: str | os.PathLike, ids: Iterable[str]) -> dict[str, TrailerClips]:
+    """The clips of those of `ids` that a cache holds (the others are left out), in the order of `ids`."""
+    with CacheReader(path) as r:
+        return {tid: r.get(tid) for tid in ids if tid in r}
+
+
+def iter_trailers(path: str | os.PathLike) -> Iterator[TrailerClips]:
+    """Every trailer of a cache in file order, read one at a time."""
+    with CacheReader(path) as r:
+        yield from r
+
+
+def feature_set(trailers: Sequence[TrailerClips], attrs: CacheAttrs, path: str | os.PathLike | None = None,
+                dtype: torch.dtype | None = None) -> FeatureSet:
+    """An in-RAM feature set of `trailers` (in that order), checked as :func:`load` checks a file.
+
+    `attrs` says how the features were made; `path` is only shown in messages (default: the
+    set's name).
+    """
+    path = Path(path if path is not None else attrs.name)
+    if not trailers:
+        raise T12kError(f"feature set {path}: no trailers given.")
+    ids = [t.id for t in trailers]
+    offsets = np.concatenate([[0], np.cumsum([len(t) for t in trailers])]).astype(np.int64)  # (n + 1,)
+    feats = np.concatenate([t.features for t in trailers])  # (num_clips, F)
+    _check_index(path, offsets, ids, feats.shape[0], feats.shape[1], attrs.feature_dim)
+    features = torch.from_numpy(feats)
+    if dtype is not None:
+        features = features.to(dtype)
+    _check_finite(path, features, offsets, ids)
+    cols = [np.concatenate([getattr(t, k) for t in trailers]) for k in ("clip_start", "clip_end", "shot")]
+    return FeatureSet(path, attrs, ids, features, torch.from_numpy(offsets), *cols)
 
 
 def _check_index(path: Path, offsets: np.ndarray, ids: list[str], num_clips: int, F: int, attr_F: int) -> None:

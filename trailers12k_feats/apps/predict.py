@@ -16,17 +16,15 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
-import numpy as np
 import torch
 
 from trailers12k_feats import GENRES, GENRES_SHORT
 from trailers12k_feats import cache as cache_mod
-from trailers12k_feats.cache import FeatureSet
+from trailers12k_feats.cache import CacheAttrs, TrailerClips
 from trailers12k_feats.extraction.extract import ExtractConfig, extract
 from trailers12k_feats.extraction.inputs import resolve_inputs
 from trailers12k_feats.extraction.video import ClipSpec
-from trailers12k_feats.training.data import Metadata, TrailerData
+from trailers12k_feats.training.data import TrailerData
 from trailers12k_feats.training.heads import build_divita
 from trailers12k_feats.training.train import TrainConfig, snippet_probs
 from trailers12k_feats.utils import T12kError
@@ -94,28 +92,11 @@ def _extract_config(stream: dict, cfg: PredictConfig) -> ExtractConfig:
                                                             if k == feats["backbone"]), **extra)
 
 
-def _read(path: Path, ids: list[str]) -> dict[str, tuple[np.ndarray, ...]]:
-    """Clips of the given trailers that a cache holds: tid -> (features, start, end, shot)."""
-    out = {}
+def _read(path: Path, ids: list[str]) -> tuple[dict[str, TrailerClips], CacheAttrs | None]:
+    """Clips of the given trailers that a cache holds, and how it was made (nothing if there is no cache)."""
     if not path.is_file():
-        return out
-    with h5py.File(path, "r") as h5:
-        index = {t: i for i, t in enumerate(h5["ids"].asstr()[:])}
-        offsets = h5["offsets"][:]
-        for tid in ids:
-            if tid in index:
-                r0, r1 = offsets[index[tid]], offsets[index[tid] + 1]
-                out[tid] = tuple(h5[k][r0:r1] for k in ("features", "clip_start", "clip_end", "shot"))
-    return out
-
-
-def _feature_set(name: str, clips: dict[str, tuple[np.ndarray, ...]], ids: list[str]) -> FeatureSet:
-    lengths = [len(clips[t][0]) for t in ids]
-    cols = [np.concatenate([clips[t][j] for t in ids]) for j in range(4)]
-    attrs = cache_mod.CacheAttrs(name=name, backbone="-", feature_dim=cols[0].shape[1])
-    return FeatureSet(Path(name), attrs, list(ids), torch.from_numpy(cols[0].astype(np.float32)),
-                      torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)),
-                      cols[1], cols[2], cols[3])
+        return {}, None
+    return cache_mod.read_trailers(path, ids), cache_mod.read_attrs(path)
 
 
 def predict(videos: list[str | os.PathLike], cfg: PredictConfig, progress: bool = True) -> dict:
@@ -123,26 +104,31 @@ def predict(videos: list[str | os.PathLike], cfg: PredictConfig, progress: bool 
     run = load_head(cfg.run_dir, cfg.device)
     pairs = resolve_inputs(videos)
     ids = [t for t, _ in pairs]
-    clips: dict[str, dict] = {}
+    clips: dict[str, dict[str, TrailerClips]] = {}
+    made: dict[str, CacheAttrs] = {}  # role -> attributes of a cache its clips come from
     failures: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="t12k-predict-") as tmp:
         out_dir = Path(cfg.cache_dir) if cfg.cache_dir else Path(tmp)
         for role, stream in run.streams.items():
             ecfg = _extract_config(stream, cfg)
-            have = _read(Path(stream.get("path", "")), ids)  # trailers already in the run's own cache
+            have, attrs = _read(Path(stream.get("path", "")), ids)  # trailers already in the run's own cache
             todo = [str(p) for t, p in pairs if t not in have]
             if todo:
                 res = extract(todo, out_dir, ecfg, progress=progress)
                 failures += [f for f in res.failures if f["id"] not in {x["id"] for x in failures}]
-                have |= _read(cache_mod.stream_path(out_dir, stream["name"]), ids)
+                fresh, fresh_attrs = _read(cache_mod.stream_path(out_dir, stream["name"]), ids)
+                have |= fresh
+                attrs = fresh_attrs or attrs
             clips[role] = have
+            if attrs is not None:
+                made[role] = attrs
     ok = [t for t in ids if all(t in c for c in clips.values())]
     rows = []
     if ok:
-        sets = {role: _feature_set(run.streams[role]["name"], c, ok) for role, c in clips.items()}
-        meta = Metadata(Path("<predict>"), ok, np.zeros((len(ok), len(GENRES)), np.uint8),
-                        np.zeros((len(ok), 3), np.int8))
-        probs = snippet_probs(run.model, TrailerData(meta, sets, np.arange(len(ok))), run.train)  # (n, 10)
+        # A role's two sources were extracted with the same recorded settings: either's attributes describe both.
+        sets = {role: cache_mod.feature_set([c[t] for t in ok], made[role], dtype=torch.float32)
+                for role, c in clips.items()}
+        probs = snippet_probs(run.model, TrailerData(ok, sets), run.train)  # (n, 10)
         paths = dict(pairs)
         for tid, p in zip(ok, probs.tolist()):
             rows.append({"id": tid, "path": str(paths[tid]), "clips": int(sets[next(iter(sets))].lengths[ok.index(tid)]),

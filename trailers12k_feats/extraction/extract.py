@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from trailers12k_feats import __version__
-from trailers12k_feats.cache import CacheAttrs
+from trailers12k_feats.cache import CacheAttrs, check_dtype
 from trailers12k_feats.extraction import backbones as bb
 from trailers12k_feats.extraction import store
 from trailers12k_feats.extraction.clipstream import (
@@ -83,6 +83,7 @@ class ExtractConfig:
             raise T12kError(f"device {self.device!r} was asked for but CUDA is not available; use --device cpu.")
         if min(self.batch_size, self.max_images, self.chunk, self.flush_trailers) < 1 or self.workers < -1:
             raise T12kError("batch_size, max_images, chunk and flush_trailers must be >= 1, workers >= -1 (auto).")
+        check_dtype(self.dtype)
         k, n = self.shard
         if not 1 <= k <= n:
             raise T12kError(f"--shard must be K/N with 1 <= K <= N, got {k}/{n}.")

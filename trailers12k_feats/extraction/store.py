@@ -13,13 +13,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
-import h5py
-
 from trailers12k_feats import cache as cache_mod
-from trailers12k_feats.cache import CacheAttrs, CacheWriter
+from trailers12k_feats.cache import CacheAttrs, CacheReader, CacheWriter
 from trailers12k_feats.utils import T12kError
 
 log = logging.getLogger(__name__)
@@ -96,39 +96,64 @@ def write_segment(cache_dir: str | os.PathLike, attrs: CacheAttrs, items: list[t
 def merge(cache_dir: str | os.PathLike, stream: str) -> Path | None:
     """Fold `<stream>.h5` and its segments into a new `<stream>.h5` (sorted ids, each once).
 
+    The first source holding a trailer wins (the merged cache, then segments oldest first).
     Reads one trailer at a time, so memory stays small for any cache size. The new file
-    replaces the old one atomically; segments are deleted only after that.
+    replaces the old one atomically; segments are deleted only after that. A damaged
+    segment stops the merge before anything is changed, with advice on how to redo it.
     """
     srcs = sources(cache_dir, stream)
-    segs = segments(cache_dir, stream)
+    segs = set(segments(cache_dir, stream))
     if not segs:
         return cache_mod.stream_path(cache_dir, stream) if srcs else None
-    files = [h5py.File(p, "r") for p in srcs]
-    try:
-        where: dict[str, tuple[int, int, int]] = {}  # tid -> (file, row0, row1); first source wins
-        for i, h5 in enumerate(files):
-            offsets = h5["offsets"][:]
-            for j, tid in enumerate(h5["ids"].asstr()[:]):
-                where.setdefault(str(tid), (i, int(offsets[j]), int(offsets[j + 1])))
-        attrs = CacheAttrs.from_h5(files[-1].attrs)
+    out = cache_mod.stream_path(cache_dir, stream)
+    with ExitStack() as stack:
+        readers, damaged = [], []
+        for p in srcs:
+            try:
+                readers.append(stack.enter_context(CacheReader(p)))
+            except T12kError as e:
+                if p not in segs:
+                    raise
+                damaged.append((p, e))
+        if damaged:
+            raise _damaged_segments(damaged)
+        where: dict[str, CacheReader] = {}  # tid -> its first source
+        for r in readers:
+            for tid in r.ids:
+                where.setdefault(tid, r)
+        attrs = readers[-1].attrs
         features = attrs.config.get("features")
-        for p, h5 in zip(srcs, files):
-            if CacheAttrs.from_h5(h5.attrs).config.get("features") != features:
-                raise T12kError(f"{p} was extracted with other settings than {srcs[-1]}; move one of them away and merge again.")
-        dtype = str(files[0]["features"].dtype)
-        out = cache_mod.stream_path(cache_dir, stream)
-        with CacheWriter(out, attrs, dtype=dtype) as w:
+        for r in readers:
+            if r.attrs.config.get("features") != features:
+                raise T12kError(f"{r.path} was extracted with other settings than {srcs[-1]}; move one of them away "
+                                "and merge again.")
+        with CacheWriter(out, attrs, dtype=readers[0].dtype) as w:
             for tid in sorted(where):
-                i, r0, r1 = where[tid]
-                h5 = files[i]
-                w.add(tid, h5["features"][r0:r1], h5["clip_start"][r0:r1], h5["clip_end"][r0:r1], h5["shot"][r0:r1])
-    finally:
-        for h5 in files:
-            h5.close()
+                r = where[tid]
+                try:
+                    c = r.get(tid)
+                except T12kError as e:
+                    raise (_damaged_segments([(r.path, e)]) if r.path in segs else e) from None
+                w.add(tid, c.features, c.clip_start, c.clip_end, c.shot)
     for p in segs:
         p.unlink(missing_ok=True)
     log.info("merged %d segment(s) into %s (%d trailers)", len(segs), out, len(where))
     return out
+
+
+def _damaged_segments(damaged: list[tuple[Path, T12kError]]) -> T12kError:
+    """What to do about unreadable segments: delete them and extract their trailers again."""
+    lines = []
+    for p, e in damaged:
+        m = re.match(r"shard(\d+)of(\d+)-", p.name)
+        if m and m[2] != "1":
+            redo = f"shard {m[1]}/{m[2]} (`t12k extract ... --shard {m[1]}/{m[2]}`)"
+        else:
+            redo = "`t12k extract` on the same videos"
+        lines.append(f"  {e}\n    -> delete {p} and rerun {redo}")  # the error names the file too
+    return T12kError(f"{len(damaged)} segment(s) cannot be read (truncated or damaged, e.g. by a full disk); "
+                     f"nothing was merged or deleted:\n" + "\n".join(lines) +
+                     "\nThe rerun extracts only the trailers that are not in another segment; then merge again.")
 
 
 def merge_all(cache_dir: str | os.PathLike) -> list[Path]:

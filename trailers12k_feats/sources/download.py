@@ -34,7 +34,7 @@ from urllib.parse import quote, urlsplit
 from tqdm import tqdm
 
 from trailers12k_feats import __version__
-from trailers12k_feats.cache import read_attrs, stream_path
+from trailers12k_feats.cache import check_dtype, read_attrs, stream_path
 from trailers12k_feats.paper import RELEASE_URL, RELEASED_MD5, STREAMS
 from trailers12k_feats.sources.unpack import unpack_store
 from trailers12k_feats.sources.zarr_import import ImportConfig, import_zarr, zarr_module
@@ -94,8 +94,7 @@ class DownloadConfig:
                             f"fix --retries.")
         if self.chunk_bytes <= 0:
             raise T12kError(f"chunk size must be positive, got {self.chunk_bytes}.")
-        if self.dtype not in ("float16", "float32"):
-            raise T12kError(f"cache dtype must be float16 or float32, got {self.dtype!r}.")
+        check_dtype(self.dtype)
         for f in self.files:
             if not re.fullmatch(r"[0-9a-f]{32}", f.md5):
                 raise T12kError(f"md5 of {f.file} must be 32 lowercase hex digits, got {f.md5!r}.")

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from trailers12k_feats.cache import CacheAttrs, CacheWriter, stream_path
+from trailers12k_feats.cache import CacheAttrs, CacheWriter, check_dtype, stream_path
 from trailers12k_feats.paper import STREAMS
 from trailers12k_feats.utils import T12kError
 
@@ -81,8 +81,7 @@ class ImportConfig:
     def __post_init__(self) -> None:
         src = Path(self.src)
         object.__setattr__(self, "src", src)
-        if self.dtype not in ("float16", "float32"):
-            raise T12kError(f"import dtype must be float16 or float32, got {self.dtype!r}.")
+        check_dtype(self.dtype)
         if not src.is_dir():
             raise T12kError(f"zarr store {src} does not exist or is not a folder; give the unpacked .zarr folder.")
         parsed = parse_name(src.name)

@@ -144,27 +144,39 @@ def align(meta: Metadata, sets: Sequence[FeatureSet], on_missing: str = "error")
 class Batch:
     x: dict[str, torch.Tensor]  # stream -> (B, W, F)
     mask: torch.Tensor  # (B, W) bool, True = real clip
-    y: torch.Tensor  # (B, 10) float
+    y: torch.Tensor | None  # (B, 10) float; None when the trailers have no labels (prediction)
     rows: torch.Tensor  # (B,) index into the TrailerData (for snippets: owning trailer)
 
 
 class TrailerData:
-    """Trailers of one or more streams, aligned to metadata rows, held in RAM.
+    """Trailers of one or more streams held in RAM, with their genre labels when known.
 
-    With several streams a trailer's length is the smallest of its streams' clip counts,
-    and both streams are indexed at the same clip positions, so a window covers the same
-    stretch of the trailer in each (clip counts agree when the streams share clip settings).
+    `labels` (n, 10) are needed to train and evaluate; without them (new videos) batches
+    carry `y=None` and only predictions can be made. With several streams a trailer's
+    length is the smallest of its streams' clip counts, and both streams are indexed at the
+    same clip positions, so a window covers the same stretch of the trailer in each (clip
+    counts agree when the streams share clip settings).
     """
 
-    def __init__(self, meta: Metadata, sets: dict[str, FeatureSet], rows: np.ndarray) -> None:
+    def __init__(self, ids: Sequence[str], sets: dict[str, FeatureSet], labels: np.ndarray | None = None) -> None:
         if not sets:
             raise T12kError("at least one feature stream is required.")
-        self.ids = [meta.ids[i] for i in rows]
-        self.labels = torch.from_numpy(meta.labels[rows].astype(np.float32))  # (n, 10)
+        self.ids = list(ids)
+        self.labels: torch.Tensor | None = None  # (n, 10) float
+        if labels is not None:
+            labels = np.asarray(labels)
+            if labels.shape != (len(self.ids), NUM_GENRES):
+                raise T12kError(f"labels must have shape ({len(self.ids)}, {NUM_GENRES}) (one row of genres per "
+                                f"trailer), got {labels.shape}.")
+            self.labels = torch.from_numpy(labels.astype(np.float32))
         self.streams = list(sets)
         self.features = {k: fs.features for k, fs in sets.items()}
         starts, lengths = {}, []
         for k, fs in sets.items():
+            missing = [t for t in self.ids if t not in fs.index]
+            if missing:
+                raise T12kError(f"{len(missing)} trailers are not in cache {fs.path} (e.g. {', '.join(missing[:3])}); "
+                                f"select trailers that every stream holds (see align).")
             pos = torch.as_tensor([fs.index[t] for t in self.ids], dtype=torch.long)  # (n,)
             starts[k] = fs.offsets[pos]  # (n,)
             lengths.append(fs.offsets[pos + 1] - fs.offsets[pos])
@@ -173,6 +185,11 @@ class TrailerData:
         if len(lengths) > 1 and not bool((lengths[0] == lengths[1]).all()):
             n = int((lengths[0] != lengths[1]).sum())
             log.info("%d trailers have different clip counts across streams; using the shorter", n)
+
+    @classmethod
+    def from_metadata(cls, meta: Metadata, sets: dict[str, FeatureSet], rows: np.ndarray) -> TrailerData:
+        """The trailers at metadata rows `rows` (e.g. from :func:`align`), labelled from the metadata."""
+        return cls([meta.ids[i] for i in rows], sets, meta.labels[rows])
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -190,7 +207,7 @@ class TrailerData:
             idx = self.starts[k][rows, None] + pos  # (B, W)
             xk = self.features[k][idx].to(dtype)  # (B, W, F)
             x[k] = xk.masked_fill_(~mask[..., None], 0.0)
-        return Batch(x, mask, self.labels[rows], rows)
+        return Batch(x, mask, None if self.labels is None else self.labels[rows], rows)
 
     def random_windows(self, rows: torch.Tensor, window: int, gen: torch.Generator,
                        dtype: torch.dtype = torch.float32) -> Batch:

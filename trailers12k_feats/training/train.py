@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as Fn
 from tqdm import tqdm
 
-from trailers12k_feats import GENRES, __version__
+from trailers12k_feats import GENRES, NUM_GENRES, __version__
 from trailers12k_feats import cache as cache_mod
 from trailers12k_feats.training.data import Metadata, TrailerData, align
 from trailers12k_feats.training.heads import TEMPORAL, build_divita, count_params
@@ -111,7 +111,7 @@ def _split_data(meta: Metadata, sets: dict, rows: np.ndarray, split: int) -> dic
         sub = sub[present[sub]]
         if len(sub) == 0:
             raise T12kError(f"the {name} set of split{split} has no trailer present in the caches.")
-        out[name] = TrailerData(meta, sets, sub)
+        out[name] = TrailerData.from_metadata(meta, sets, sub)
     return out
 
 
@@ -132,7 +132,7 @@ def snippet_probs(model: torch.nn.Module, d: TrailerData, cfg: TrainConfig) -> t
     dev = next(model.parameters()).device
     dtype = PRECISIONS[cfg.precision]
     owner, first = d.snippets(torch.arange(len(d)), cfg.window)  # (S,), (S,)
-    probs = torch.zeros(len(d), d.labels.shape[1])
+    probs = torch.zeros(len(d), NUM_GENRES)  # (n, 10); no labels needed, so new videos work too
     for s in range(0, len(owner), cfg.eval_batch_size):
         batch = d.gather(owner[s:s + cfg.eval_batch_size], first[s:s + cfg.eval_batch_size], cfg.window,
                          torch.float32)
@@ -145,6 +145,10 @@ class Trainer:
     """Holds the model, optimiser and data of one run; `fit()` runs the protocol."""
 
     def __init__(self, cfg: TrainConfig, data: dict[str, TrailerData]) -> None:
+        unlabelled = [k for k, d in data.items() if d.labels is None]
+        if unlabelled:
+            raise T12kError(f"training needs labelled trailers, but {', '.join(unlabelled)} has none; "
+                            "build the data with TrailerData.from_metadata.")
         self.cfg = cfg
         self.data = data
         tune_malloc()
