@@ -119,3 +119,11 @@ def test_streams_use_shorter_length(tmp_path):
     assert d.lengths.tolist() == [7]
     batch = d.gather(torch.tensor([0]), torch.tensor([0]), 30, torch.float32)
     assert batch.mask.sum().item() == 7 and batch.x["video"].shape == (1, 30, 4)
+
+
+def test_check_splits():
+    assert data.check_splits([2, 0]) == (2, 0)
+    with pytest.raises(T12kError, match="split must be 0, 1 or 2, got 3, -1"):
+        data.check_splits([0, 3, -1])
+    with pytest.raises(T12kError, match="select at least one split among 0, 1, 2"):
+        data.check_splits([])
