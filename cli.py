@@ -1,4 +1,9 @@
-"""`t12k`: the command line of trailers12k_feats. It only turns options into configs."""
+"""`t12k`: the command line of trailers12k_feats. It only turns options into configs.
+
+Options left out stay None and are dropped (`given`), so every default lives in its config
+dataclass, which help reads when it is printed (see trailers12k_feats/cli_options.py); a
+command imports the package's modules it needs when it runs.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +12,34 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
+from trailers12k_feats.cli_options import LazyChoice, given, option
 from trailers12k_feats.utils import T12kError, setup_logging
 
 log = logging.getLogger("t12k")
 
+DATA_DIR = Path("cache")  # where `t12k download` puts mtgc.csv and the caches, and where commands look
 
-def _ints(text: str) -> tuple[int, ...]:
+# The config dataclasses behind the options, as module:Class references imported on demand.
+TRAIN = "trailers12k_feats.training.train:TrainConfig"
+TRAIN_JOB = "trailers12k_feats.training.train:TrainJob"
+REPRODUCE = "trailers12k_feats.training.reproduce:ReproduceConfig"
+PROBE = "trailers12k_feats.training.probe:ProbeConfig"
+EXTRACT = "trailers12k_feats.extraction.extract:ExtractConfig"
+CLIP = "trailers12k_feats.extraction.video:ClipSpec"
+PREDICT = "trailers12k_feats.apps.predict:PredictConfig"
+DEMO = "trailers12k_feats.apps.demo:DemoConfig"
+SYNTH = "trailers12k_feats.sources.synthetic:SynthConfig"
+DOWNLOAD = "trailers12k_feats.sources.download:DownloadConfig"
+IMPORT = "trailers12k_feats.sources.zarr_import:ImportConfig"
+
+
+def _ints(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
     try:
         return tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
@@ -37,17 +61,24 @@ def _errors(fn):
     return wrapper
 
 
-def _data_options(fn):
-    """--data-dir, or --metadata and --cache-dir separately."""
-    fn = click.option("--on-missing", type=click.Choice(["error", "warn"]), default="error", show_default=True,
-                      help="Trailers of the metadata missing from a cache: stop, or warn and drop them.")(fn)
-    fn = click.option("--cache-dir", type=click.Path(path_type=Path),
-                      help="Folder of <stream>.h5 caches [default: DATA_DIR].")(fn)
-    fn = click.option("--metadata", type=click.Path(path_type=Path),
-                      help="Labels and splits file [default: DATA_DIR/mtgc.csv].")(fn)
-    fn = click.option("--data-dir", type=click.Path(path_type=Path), default=Path("cache"), show_default=True,
-                      help="Folder holding mtgc.csv and the <stream>.h5 caches.")(fn)
-    return fn
+def _data_options(config: str):
+    """--data-dir, or --metadata and --cache-dir separately; --on-missing of `config`."""
+    def deco(fn):
+        fn = option(config, "--on-missing", type=click.Choice(["error", "warn"]),
+                    help="Trailers of the metadata missing from a cache: stop, or warn and drop them.")(fn)
+        fn = click.option("--cache-dir", type=click.Path(path_type=Path),
+                          help="Folder of <stream>.h5 caches  [default: DATA_DIR]")(fn)
+        fn = click.option("--metadata", type=click.Path(path_type=Path),
+                          help="Labels and splits file  [default: DATA_DIR/mtgc.csv]")(fn)
+        fn = click.option("--data-dir", type=click.Path(path_type=Path), default=DATA_DIR, show_default=True,
+                          help="Folder holding mtgc.csv and the <stream>.h5 caches.")(fn)
+        return fn
+    return deco
+
+
+def _clips_option(fn):
+    return click.option("--allow-mismatched-clips", is_flag=True,
+                        help="Fuse two streams even if their fps, fpc or segmentation differ.")(fn)
 
 
 def _resolve(data_dir: Path, metadata: Path | None, cache_dir: Path | None) -> tuple[Path, Path]:
@@ -56,27 +87,28 @@ def _resolve(data_dir: Path, metadata: Path | None, cache_dir: Path | None) -> t
 
 def _train_options(fn):
     """Options of TrainConfig; unset ones keep the config's defaults (the paper's protocol)."""
-    from trailers12k_feats.training.heads import TEMPORAL
-
     opts = [
-        click.option("--temporal", type=click.Choice(list(TEMPORAL)), help="Temporal module [tsfm]."),
-        click.option("--fusion", type=click.Choice(["late", "early"]), help="Fusion of two streams [late]."),
-        click.option("--max-epochs", type=int, help="Epoch limit [100]."),
-        click.option("--batch-size", type=int, help="Trailers per batch [32]."),
-        click.option("--lr", type=float, help="AdamW learning rate [1e-4]."),
-        click.option("--seed", type=int, help="Seed of weights, windows and dropout [0]."),
-        click.option("--precision", type=click.Choice(["bf16", "fp32"]), help="Autocast precision [bf16]."),
-        click.option("--device", help="cpu or cuda[:N] [cpu]."),
+        option(TRAIN, "--temporal", type=LazyChoice("trailers12k_feats.training.heads:TEMPORAL"),
+               help="Temporal module."),
+        option(TRAIN, "--fusion", type=LazyChoice("trailers12k_feats.training.heads:FUSIONS"),
+               help="Fusion of two streams."),
+        option(TRAIN, "--max-epochs", type=int, help="Epoch limit."),
+        option(TRAIN, "--batch-size", type=int, help="Trailers per batch."),
+        option(TRAIN, "--lr", type=float, help="AdamW learning rate."),
+        option(TRAIN, "--seed", type=int, help="Seed of weights, windows and dropout."),
+        option(TRAIN, "--precision", type=LazyChoice("trailers12k_feats.training.train:TRAIN_PRECISIONS"),
+               help="Autocast precision."),
+        option(TRAIN, "--device", help="cpu or cuda[:N]."),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
     return fn
 
 
-def _train_config(split: int = 0, **opts):
+def _train_config(**opts: Any):
     from trailers12k_feats.training.train import TrainConfig
 
-    return TrainConfig(split=split, **{k: v for k, v in opts.items() if v is not None})
+    return TrainConfig(**given(**opts))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -89,16 +121,15 @@ def main(verbose: bool) -> None:
 
 @main.command()
 @click.argument("out_dir", type=click.Path(path_type=Path))
-@click.option("--trailers", type=int, default=12000, show_default=True, help="Number of trailers.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--streams", help="Comma-separated streams [all six of Table 6].")
+@option(SYNTH, "--trailers", field="num_trailers", type=int, help="Number of trailers.")
+@option(SYNTH, "--seed", type=int, help="Seed of labels, splits and features.")
+@option(SYNTH, "--streams", help="Comma-separated streams.")
 @_errors
-def synth(out_dir: Path, trailers: int, seed: int, streams: str | None) -> None:
+def synth(out_dir: Path, trailers: int | None, seed: int | None, streams: str | None) -> None:
     """Write a synthetic Trailers12k-shaped corpus: mtgc.csv and one cache per stream."""
     from trailers12k_feats.sources.synthetic import SynthConfig, make_corpus
 
-    kw = {"streams": _names(streams)} if streams else {}
-    make_corpus(out_dir, SynthConfig(num_trailers=trailers, seed=seed, **kw))
+    make_corpus(out_dir, SynthConfig(**given(num_trailers=trailers, seed=seed, streams=_names(streams))))
     click.echo(f"wrote {out_dir}")
 
 
@@ -180,25 +211,30 @@ def _weights(items: tuple[str, ...]) -> tuple[tuple[str, str], ...] | None:
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-b", "--backbone", "backbones", multiple=True, required=True,
               help="Backbone to run (repeat for several); `t12k backbones` lists them, or timm:<model>.")
-@click.option("--cache", "cache_dir", type=click.Path(path_type=Path), default=Path("cache"), show_default=True,
+@click.option("--cache", "cache_dir", type=click.Path(path_type=Path), default=DATA_DIR, show_default=True,
               help="Folder of the <stream>.h5 caches to write or extend.")
-@click.option("--fps", type=float, help="Frames per second after resampling [24].")
-@click.option("--fpc", type=int, help="Frames per clip [24].")
-@click.option("--segmentation", type=click.Choice(["shots", "fixed"]), help="Clips within shots, or ignore cuts [shots].")
-@click.option("--leftover", type=click.Choice(["drop", "pad"]), help="Shot remainder shorter than a clip [drop].")
-@click.option("--shot-threshold", type=float, help="ContentDetector threshold [27].")
-@click.option("--min-shot-frames", type=int, help="Minimum frames between cuts [15].")
-@click.option("--frame-pool", type=click.Choice(["mean", "center"]), help="2D backbones: clip = mean of frames or centre frame [mean].")
-@click.option("--image-frames", type=int, help="2D backbones: frames embedded per clip, evenly spaced; 0 = all [0].")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), help="Autocast precision [fp32].")
-@click.option("--device", help="cpu or cuda[:N] [cpu].")
-@click.option("--batch-size", type=int, help="Clips per forward pass [16].")
-@click.option("--workers", type=int, help="Decoding processes; 0 decodes in the main process [0 on the CPU, "
-              "up to 8 with CUDA].")
+@option(CLIP, "--fps", type=float, help="Frames per second after resampling.")
+@option(CLIP, "--fpc", type=int, help="Frames per clip.")
+@option(CLIP, "--segmentation", type=LazyChoice("trailers12k_feats.extraction.video:SEGMENTATIONS"),
+        help="Clips within shots, or ignore cuts.")
+@option(CLIP, "--leftover", type=LazyChoice("trailers12k_feats.extraction.video:LEFTOVERS"),
+        help="Shot remainder shorter than a clip.")
+@option(CLIP, "--shot-threshold", type=float, help="ContentDetector threshold.")
+@option(CLIP, "--min-shot-frames", type=int, help="Minimum frames between cuts.")
+@option(EXTRACT, "--frame-pool", type=LazyChoice("trailers12k_feats.extraction.extract:FRAME_POOLS"),
+        help="2D backbones: clip = mean of frames or centre frame.")
+@option(EXTRACT, "--image-frames", type=int, help="2D backbones: frames embedded per clip, evenly spaced; 0 = all.")
+@option(EXTRACT, "--precision", type=LazyChoice("trailers12k_feats.extraction.extract:EXTRACT_PRECISIONS"),
+        help="Autocast precision.")
+@option(EXTRACT, "--device", help="cpu or cuda[:N].")
+@option(EXTRACT, "--batch-size", type=int, help="Clips per forward pass.")
+@click.option("--workers", type=int, help="Decoding processes; 0 decodes in the main process  "
+              "[default: 0 on the CPU, up to 8 with CUDA]")
 @click.option("--shard", help="K/N: process every N-th video starting at the K-th (merge with `t12k cache merge`).")
 @click.option("--weights", "weights", multiple=True, help="NAME=PATH of a weight file, or NAME=random (repeatable).")
 @click.option("--random-weights", is_flag=True, default=None, help="Random weights for every backbone (smoke tests).")
-@click.option("--flush-every", "flush_trailers", type=int, help="Save finished trailers every N trailers [100].")
+@option(EXTRACT, "--flush-every", "flush_trailers", field="flush_trailers", type=int,
+        help="Save finished trailers every N trailers.")
 @_errors
 def extract(inputs, backbones, cache_dir, shard, weights, fps, fpc, segmentation, leftover, shot_threshold,
             min_shot_frames, **opts) -> None:
@@ -211,11 +247,10 @@ def extract(inputs, backbones, cache_dir, shard, weights, fps, fpc, segmentation
     from trailers12k_feats.extraction.extract import extract as run
     from trailers12k_feats.extraction.video import ClipSpec
 
-    clip = {"fps": fps, "fpc": fpc, "segmentation": segmentation, "leftover": leftover,
-            "shot_threshold": shot_threshold, "min_shot_frames": min_shot_frames}
-    cfg = ExtractConfig(backbones=backbones, clip=ClipSpec(**{k: v for k, v in clip.items() if v is not None}),
-                        **{k: v for k, v in {**opts, "shard": _shard(shard), "weights": _weights(weights)}.items()
-                           if v is not None})
+    clip = ClipSpec(**given(fps=fps, fpc=fpc, segmentation=segmentation, leftover=leftover,
+                             shot_threshold=shot_threshold, min_shot_frames=min_shot_frames))
+    cfg = ExtractConfig(backbones=backbones, clip=clip,
+                        **given(**opts, shard=_shard(shard), weights=_weights(weights)))
     res = run(list(inputs), cache_dir, cfg)
     click.echo(f"{res.extracted} trailer(s) extracted ({res.clips} clips, {res.seconds:.0f} s), "
                f"{res.skipped} already done, {len(res.failures)} failed")
@@ -233,9 +268,9 @@ def extract(inputs, backbones, cache_dir, shard, weights, fps, fpc, segmentation
               help="A run directory of `t12k train` / `t12k reproduce` trained on extracted features.")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
 @click.option("--cache", "cache_dir", type=click.Path(path_type=Path),
-              help="Keep the extracted features here and reuse them next time [a temporary folder].")
-@click.option("--device", help="cpu or cuda[:N] [cpu].")
-@click.option("--workers", type=int, help="Decoding processes [0 on the CPU, up to 8 with CUDA].")
+              help="Keep the extracted features here and reuse them next time  [default: a temporary folder]")
+@option(PREDICT, "--device", help="cpu or cuda[:N].")
+@click.option("--workers", type=int, help="Decoding processes  [default: 0 on the CPU, up to 8 with CUDA]")
 @click.option("--weights", "weights", multiple=True, help="NAME=PATH of a backbone's weight file (repeatable).")
 @_errors
 def predict(videos, run_dir, fmt, cache_dir, weights, **opts) -> None:
@@ -243,8 +278,7 @@ def predict(videos, run_dir, fmt, cache_dir, weights, **opts) -> None:
     from trailers12k_feats.apps.predict import PredictConfig, format_predictions
     from trailers12k_feats.apps.predict import predict as run
 
-    cfg = PredictConfig(run_dir=run_dir, cache_dir=cache_dir,
-                        **{k: v for k, v in {**opts, "weights": _weights(weights)}.items() if v is not None})
+    cfg = PredictConfig(run_dir=run_dir, cache_dir=cache_dir, **given(**opts, weights=_weights(weights)))
     result = run(list(videos), cfg, progress=fmt == "table")
     click.echo(format_predictions(result, fmt))
     if result["failures"]:
@@ -271,127 +305,113 @@ def backbones_(as_json: bool) -> None:
 
 
 @main.command()
-@_data_options
+@_data_options(TRAIN_JOB)
 @click.option("--row", help="A Table 6 row (sets --image/--video), e.g. ik_swin or shufflenet_fusion.")
 @click.option("--image", help="Image stream: a name in the cache folder or a path to an .h5 cache.")
 @click.option("--video", help="Video stream: a name in the cache folder or a path to an .h5 cache.")
-@click.option("--split", type=click.IntRange(0, 2), default=0, show_default=True)
+@option(TRAIN, "--split", type=int, help="Split of mtgc.csv to train and evaluate on.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Run directory to create.")
+@_clips_option
 @_train_options
 @_errors
-def train(data_dir, metadata, cache_dir, on_missing, row, image, video, split, out, **opts) -> None:
+def train(data_dir, metadata, cache_dir, on_missing, row, image, video, out, allow_mismatched_clips, **opts) -> None:
     """Train one head on one split and save a run directory."""
-    from trailers12k_feats import cache as cache_mod
-    from trailers12k_feats.paper import get_row
-    from trailers12k_feats.training.data import load_metadata
     from trailers12k_feats.training.metrics import format_metrics
-    from trailers12k_feats.training.train import load_streams, train_run
+    from trailers12k_feats.training.train import TrainJob, train_from_caches
 
-    cfg = _train_config(split, **opts)
     metadata, cache_dir = _resolve(data_dir, metadata, cache_dir)
-    if row:
-        r = get_row(row)
-        image, video = image or r.image, video or r.video
-    if not (image or video):
-        raise T12kError("give --row, or --image and/or --video.")
-    if out.exists():
-        raise T12kError(f"run directory {out} already exists; choose another --out or delete it.")
-    roles = {k: (Path(v) if v.endswith(cache_mod.SUFFIX) else cache_mod.stream_path(cache_dir, v))
-             for k, v in (("image", image), ("video", video)) if v}
-    meta = load_metadata(metadata)
-    meta.check_splits([split])
-    sets, rows = load_streams(meta, roles, on_missing)
-    res = train_run(cfg, meta, sets, rows, out, desc=f"split{split}")
+    job = TrainJob(metadata=metadata, cache_dir=cache_dir, out=out, train=_train_config(**opts),
+                   allow_mismatched_clips=allow_mismatched_clips,
+                   **given(row=row, image=image, video=video, on_missing=on_missing))
+    res = train_from_caches(job)
     click.echo(f"best epoch {res.best_epoch}/{res.epochs}\n  val  {format_metrics(res.val)}\n"
                f"  test {format_metrics(res.test)}\nrun saved to {out}")
 
 
-def _rows_splits(rows: str | None, splits: str) -> dict:
-    from trailers12k_feats.paper import TABLE6
-
-    return {"rows": _names(rows) or tuple(TABLE6), "splits": _ints(splits)}
+def _rows_splits(config: str):
+    """--rows and --splits of `config`."""
+    def deco(fn):
+        fn = option(config, "--splits", help="Comma-separated splits.")(fn)
+        return option(config, "--rows", help="Comma-separated Table 6 rows.")(fn)
+    return deco
 
 
 @main.command()
-@_data_options
-@click.option("--rows", help="Comma-separated Table 6 rows [all eight].")
-@click.option("--splits", default="0,1,2", show_default=True, help="Comma-separated splits.")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("results/transfer"), show_default=True)
+@_data_options(REPRODUCE)
+@_rows_splits(REPRODUCE)
+@option(REPRODUCE, "--out", field="out_dir", type=click.Path(path_type=Path), help="Results folder.")
+@_clips_option
 @_train_options
 @_errors
-def reproduce(data_dir, metadata, cache_dir, on_missing, rows, splits, out, **opts) -> None:
+def reproduce(data_dir, metadata, cache_dir, on_missing, rows, splits, out, allow_mismatched_clips, **opts) -> None:
     """Run Table 6 (rows x splits), resuming finished runs; print it beside the paper."""
     from trailers12k_feats.training.reproduce import ReproduceConfig
     from trailers12k_feats.training.reproduce import reproduce as run
 
     metadata, cache_dir = _resolve(data_dir, metadata, cache_dir)
-    cfg = ReproduceConfig(metadata=metadata, cache_dir=cache_dir, out_dir=out, on_missing=on_missing,
-                          train=_train_config(**opts), **_rows_splits(rows, splits))
+    cfg = ReproduceConfig(metadata=metadata, cache_dir=cache_dir, train=_train_config(**opts),
+                          allow_mismatched_clips=allow_mismatched_clips,
+                          **given(out_dir=out, on_missing=on_missing, rows=_names(rows), splits=_ints(splits)))
     click.echo(run(cfg))
-    click.echo(f"\nresults in {out} (val.csv, tst.csv, summary.csv, summary.md)")
+    click.echo(f"\nresults in {cfg.out_dir} (val.csv, tst.csv, summary.csv, summary.md)")
 
 
 @main.command()
-@_data_options
-@click.option("--rows", help="Comma-separated Table 6 rows [all eight].")
-@click.option("--splits", default="0,1,2", show_default=True, help="Comma-separated splits.")
-@click.option("--pool", type=click.Choice(["mean", "meanmax"]), default="mean", show_default=True,
-              help="Pooling of each trailer's clips.")
-@click.option("--alpha", type=float, default=1000.0, show_default=True, help="Ridge penalty.")
+@_data_options(PROBE)
+@_rows_splits(PROBE)
+@option(PROBE, "--pool", type=LazyChoice("trailers12k_feats.training.probe:POOLS"),
+        help="Pooling of each trailer's clips.")
+@option(PROBE, "--alpha", type=float, help="Ridge penalty.")
+@_clips_option
 @_errors
-def probe(data_dir, metadata, cache_dir, on_missing, rows, splits, pool, alpha) -> None:
+def probe(data_dir, metadata, cache_dir, on_missing, rows, splits, pool, alpha, allow_mismatched_clips) -> None:
     """Linear probe on pooled clip features: the Table 6 rows in seconds."""
     from trailers12k_feats.training.probe import ProbeConfig
     from trailers12k_feats.training.probe import probe as run
-    from trailers12k_feats.training.reproduce import format_table, summarise
+    from trailers12k_feats.training.tables import format_table, summarise
 
     metadata, cache_dir = _resolve(data_dir, metadata, cache_dir)
-    cfg = ProbeConfig(metadata=metadata, cache_dir=cache_dir, pool=pool, alpha=alpha, on_missing=on_missing,
-                      **_rows_splits(rows, splits))
+    cfg = ProbeConfig(metadata=metadata, cache_dir=cache_dir, allow_mismatched_clips=allow_mismatched_clips,
+                      **given(pool=pool, alpha=alpha, on_missing=on_missing, rows=_names(rows), splits=_ints(splits)))
     table = run(cfg)
-    click.echo(format_table(summarise(table["test"]), f"test, linear probe on {pool}-pooled features"))
+    click.echo(format_table(summarise(table["test"]), f"test, linear probe on {cfg.pool}-pooled features"))
 
 
 @main.command()
-@click.option("--data-dir", type=click.Path(path_type=Path), default=Path("cache"), show_default=True,
-              help="Folder to fill: mtgc.csv, one <stream>.h5 cache per stream, downloads under released/.")
+@option(DOWNLOAD, "--data-dir", type=click.Path(path_type=Path),
+        help="Folder to fill: mtgc.csv, one <stream>.h5 cache per stream, downloads under released/.")
 @click.option("--only", multiple=True, metavar="NAME",
-              help="Fetch only these (repeat or comma-separate): mtgc, a stream name, or a file name [all seven].")
-@click.option("--base-url", envvar="T12K_BASE_URL",
-              help="A mirror: a URL containing {file}, or a folder URL the file names are appended to "
-                   "[Zenodo record 5716410; env T12K_BASE_URL].")
+              help="Fetch only these (repeat or comma-separate): mtgc, a stream name, or a file name  "
+                   "[default: every file of the release]")
+@option(DOWNLOAD, "--base-url", envvar="T12K_BASE_URL",
+        help="A mirror: a URL containing {file}, or a folder URL the file names are appended to (env T12K_BASE_URL).")
 @click.option("--no-import", is_flag=True, help="Download, verify and unpack the zarr stores; do not import them.")
 @click.option("--keep-zarr", is_flag=True, help="Keep the unpacked zarr stores after importing them.")
-@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
-              help="Dtype of the imported caches.")
-@click.option("--timeout", type=float, default=60.0, show_default=True,
-              help="Seconds without data before a connection counts as failed.")
-@click.option("--retries", type=int, default=3, show_default=True,
-              help="Further attempts after a failed transfer, each resuming it.")
+@option(DOWNLOAD, "--dtype", type=click.Choice(["float16", "float32"]), help="Dtype of the imported caches.")
+@option(DOWNLOAD, "--timeout", type=float, help="Seconds without data before a connection counts as failed.")
+@option(DOWNLOAD, "--retries", type=int, help="Further attempts after a failed transfer, each resuming it.")
 @_errors
 def download(data_dir, only, base_url, no_import, keep_zarr, dtype, timeout, retries) -> None:
     """Download the authors' released features (about 40 GB), verify their md5, unpack and import them."""
     from trailers12k_feats.sources.download import DownloadConfig
     from trailers12k_feats.sources.download import download as run
 
-    kw = {"base_url": base_url} if base_url else {}
-    cfg = DownloadConfig(data_dir=data_dir, only=tuple(n for o in only for n in _names(o) or ()),
-                         import_caches=not no_import, keep_zarr=keep_zarr, dtype=dtype, timeout=timeout,
-                         retries=retries, **kw)
+    cfg = DownloadConfig(only=tuple(n for o in only for n in _names(o) or ()), import_caches=not no_import,
+                         keep_zarr=keep_zarr, **given(data_dir=data_dir, base_url=base_url or None, dtype=dtype,
+                                                       timeout=timeout, retries=retries))
     for file, what in run(cfg):
         click.echo(f"{file}: {what}")
     if not no_import:
-        click.echo(f"\nnext: t12k reproduce --data-dir {data_dir}")
+        click.echo(f"\nnext: t12k reproduce --data-dir {cfg.data_dir}")
 
 
 @main.command("import-zarr")
 @click.argument("src", type=click.Path(path_type=Path))
-@click.option("--name", help="Stream name of the cache [from SRC's name: trailers_i_swin_fpc24.zarr -> i_swin].")
-@click.option("--data-dir", type=click.Path(path_type=Path), default=Path("cache"), show_default=True,
-              help="Folder to write <name>.h5 into.")
-@click.option("--out", type=click.Path(path_type=Path), help="Cache file to write [DATA_DIR/<name>.h5].")
-@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
-              help="Dtype of the cache.")
+@click.option("--name", help="Stream name of the cache  [default: from SRC's name: trailers_i_swin_fpc24.zarr "
+              "-> i_swin]")
+@option(IMPORT, "--data-dir", field="out_dir", type=click.Path(path_type=Path), help="Folder to write <name>.h5 into.")
+@click.option("--out", type=click.Path(path_type=Path), help="Cache file to write  [default: DATA_DIR/<name>.h5]")
+@option(IMPORT, "--dtype", type=click.Choice(["float16", "float32"]), help="Dtype of the cache.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache.")
 @_errors
 def import_zarr(src, name, data_dir, out, dtype, overwrite) -> None:
@@ -400,16 +420,16 @@ def import_zarr(src, name, data_dir, out, dtype, overwrite) -> None:
     from trailers12k_feats.sources.zarr_import import ImportConfig
     from trailers12k_feats.sources.zarr_import import import_zarr as run
 
-    cfg = ImportConfig(src, out_dir=data_dir, out=out, name=name, dtype=dtype, overwrite=overwrite,
-                       provenance=provenance(src))
+    cfg = ImportConfig(src, overwrite=overwrite, provenance=provenance(src),
+                       **given(out_dir=data_dir, out=out, name=name, dtype=dtype))
     click.echo(f"wrote {run(cfg)}")
 
 
 @main.command()
 @click.argument("path", type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), help="Report folder to write [PATH/report].")
+@click.option("--out", type=click.Path(path_type=Path), help="Report folder to write  [default: PATH/report]")
 @click.option("--metadata", type=click.Path(path_type=Path),
-              help="mtgc.csv with the runs' labels, for PR curves [the one in each run's config.json].")
+              help="mtgc.csv with the runs' labels, for PR curves  [default: the one in each run's config.json]")
 @_errors
 def report(path: Path, out: Path | None, metadata: Path | None) -> None:
     """Plots and an HTML page for a run directory (train) or a results folder (reproduce)."""
@@ -420,16 +440,16 @@ def report(path: Path, out: Path | None, metadata: Path | None) -> None:
 
 @main.command()
 @click.option("--out", type=click.Path(path_type=Path), default=Path("demo_out"), show_default=True)
-@click.option("--trailers", type=int, help="Synthetic trailer videos to make [160].")
-@click.option("--max-epochs", type=int, help="Epoch limit per run [100].")
-@click.option("--seed", type=int, help="Seed of the videos, labels, splits and heads [0].")
+@option(DEMO, "--trailers", type=int, help="Synthetic trailer videos to make.")
+@option(DEMO, "--max-epochs", type=int, help="Epoch limit per run.")
+@option(DEMO, "--seed", type=int, help="Seed of the videos, labels, splits and heads.")
 @_errors
 def demo(out: Path, **opts) -> None:
     """The whole pipeline: synthetic trailer videos -> extraction (real ImageNet MobileNetV2 and a
     3D ShuffleNet) -> image, video and fusion heads -> results, plots -> genres of a held-out video."""
     from trailers12k_feats.apps.demo import DemoConfig, run
 
-    res = run(out, DemoConfig(**{k: v for k, v in opts.items() if v is not None}))
+    res = run(out, DemoConfig(**given(**opts)))
     click.echo("\ntest set of split 0:\n" + res["table"])
     click.echo("\nplots: " + ", ".join(str(p) for p in res["reports"]))
     click.echo("\nheld-out video, fusion head:\n" + res["prediction"] + f"\ntrue genres: {res['truth']}")

@@ -30,7 +30,12 @@ import torch
 from trailers12k_feats.extraction import backbones as bb
 from trailers12k_feats.extraction import video
 from trailers12k_feats.extraction.clipstream import frame_index
-from trailers12k_feats.extraction.extract import ExtractConfig, build_models, extract
+from trailers12k_feats.extraction.extract import (
+    EXTRACT_PRECISIONS,
+    ExtractConfig,
+    build_models,
+    extract,
+)
 from trailers12k_feats.sources.synthvideo import cut_video
 
 
@@ -53,7 +58,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=12.0, help="length of each video")
     ap.add_argument("--size", default="640x360", help="source video size WxH")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--precision", default=ExtractConfig.precision, choices=EXTRACT_PRECISIONS)
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--image-frames", type=int, default=0)

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from trailers12k_feats.training.metrics import METRIC_KEYS
-from trailers12k_feats.training.reproduce import ReproduceConfig, collect, reproduce
+from trailers12k_feats.training.reproduce import ReproduceConfig, reproduce
+from trailers12k_feats.training.tables import collect
 from trailers12k_feats.training.train import TrainConfig
 from trailers12k_feats.utils import setup_logging
 

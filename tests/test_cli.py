@@ -1,8 +1,15 @@
 import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
+import h5py
 from click.testing import CliRunner
 
 from cli import main
+from trailers12k_feats.training.probe import ProbeConfig
+from trailers12k_feats.training.train import TrainConfig
 
 
 def run(*args):
@@ -46,3 +53,50 @@ def test_errors_are_one_clear_line(tmp_path):
         "k_r2plus1d, resnet_fusion, i_swin, ik_swin."]
     r = run("probe", "--data-dir", tmp_path)
     assert r.exit_code == 1 and "mtgc.csv does not exist" in r.output and "Traceback" not in r.output
+
+
+def test_wrong_dim_cache_is_refused_by_train_and_probe(corpus, tmp_path):
+    d = tmp_path / "data"
+    d.mkdir()
+    shutil.copy(corpus / "mtgc.csv", d)
+    shutil.copy(corpus / "i_resnet.h5", d / "i_swin.h5")  # 2048-d features saved as the 768-d Swin-2D
+    for args in (("train", "--row", "i_swin", "--out", tmp_path / "run"), ("probe", "--rows", "i_swin")):
+        r = run(args[0], "--data-dir", d, *args[1:])
+        assert r.exit_code == 1, r.output
+        assert r.output.startswith(f"Error: cache {d / 'i_swin.h5'} has feature dim 2048 but stream i_swin has "
+                                   f"dim 768;") and len(r.output.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_allow_mismatched_clips(corpus, tmp_path):
+    video = tmp_path / "video.h5"
+    shutil.copy(corpus / "ik_swin.h5", video)
+    with h5py.File(video, "r+") as h5:
+        h5.attrs["fpc"] = 12
+    args = ("train", "--data-dir", corpus, "--image", "i_swin", "--video", video, "--max-epochs", 1)
+    r = run(*args, "--out", tmp_path / "run")
+    assert r.exit_code == 1 and "fpc is 24 in" in r.output and "but 12 in" in r.output
+    r = run(*args, "--out", tmp_path / "run", "--allow-mismatched-clips")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["streams"]["video"]["fpc"] == 12
+
+
+def test_help_shows_the_configs_defaults():
+    r = run("train", "--help")
+    cfg = TrainConfig()
+    for opt, value in (("--max-epochs", cfg.max_epochs), ("--precision", cfg.precision), ("--split", cfg.split)):
+        line = " ".join(r.output.split(opt, 1)[1].split("--", 1)[0].split())
+        assert f"[default: {value}]" in line, line
+    assert "[bf16|fp32]" in r.output
+    r = run("probe", "--help")
+    assert f"[default: {ProbeConfig.alpha:g}]" in " ".join(r.output.split())
+    assert "[fp32|bf16|fp16]" in run("extract", "--help").output
+
+
+def test_cli_imports_the_package_only_in_commands():
+    code = ("import sys, cli; heavy = [m for m in sys.modules if m.startswith(('trailers12k_feats.training', "
+            "'trailers12k_feats.extraction', 'trailers12k_feats.apps', 'h5py', 'sklearn', 'torchvision'))]; "
+            "print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parents[1]).stdout
+    assert out.strip() == "[]"

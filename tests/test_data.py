@@ -137,3 +137,11 @@ def test_unlabelled_trailers_give_the_same_windows_without_labels(tmp_path):
         data.TrailerData(["t2", "t0"], {"image": fs}, np.zeros((2, 3)))
     with pytest.raises(T12kError, match=r"1 trailers are not in cache .*c.h5 \(e.g. nope\)"):
         data.TrailerData(["t0", "nope"], {"image": fs})
+
+
+def test_check_splits():
+    assert data.check_splits([2, 0]) == (2, 0)
+    with pytest.raises(T12kError, match="split must be 0, 1 or 2, got 3, -1"):
+        data.check_splits([0, 3, -1])
+    with pytest.raises(T12kError, match="select at least one split among 0, 1, 2"):
+        data.check_splits([])

@@ -1,3 +1,6 @@
+import shutil
+
+import h5py
 import numpy as np
 import pytest
 
@@ -44,3 +47,23 @@ def test_bad_config(corpus):
         ProbeConfig(corpus / "mtgc.csv", corpus, pool="median")
     with pytest.raises(T12kError, match="valid rows"):
         ProbeConfig(corpus / "mtgc.csv", corpus, rows=("nope",))
+    with pytest.raises(T12kError, match="split must be 0, 1 or 2, got 3"):
+        ProbeConfig(corpus / "mtgc.csv", corpus, splits=(0, 3))
+
+
+def test_wrong_dim_and_mismatched_clips_are_refused(corpus, tmp_path):
+    d = tmp_path / "data"
+    d.mkdir()
+    for f in ("mtgc.csv", "i_shufflenet.h5", "k_shufflenet.h5"):
+        shutil.copy(corpus / f, d)
+    shutil.copy(corpus / "i_resnet.h5", d / "i_swin.h5")  # 2048-d features saved as the 768-d Swin-2D
+    with pytest.raises(T12kError, match=r"i_swin.h5 has feature dim 2048 but stream i_swin has dim 768"):
+        probe(ProbeConfig(d / "mtgc.csv", d, rows=("i_swin",), splits=(0,)), progress=False)
+    with h5py.File(d / "k_shufflenet.h5", "r+") as h5:
+        h5.attrs["fpc"] = 16
+    cfg = ProbeConfig(d / "mtgc.csv", d, rows=("shufflenet_fusion",), splits=(0,))
+    with pytest.raises(T12kError, match="fpc is 24 in .*i_shufflenet.h5 but 16 in .*k_shufflenet.h5"):
+        probe(cfg, progress=False)
+    table = probe(ProbeConfig(d / "mtgc.csv", d, rows=("shufflenet_fusion",), splits=(0,),
+                              allow_mismatched_clips=True), progress=False)
+    assert [r["run"] for r in table["test"]] == ["shufflenet_fusion"]

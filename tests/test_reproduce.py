@@ -1,4 +1,5 @@
 import csv
+import dataclasses
 import shutil
 
 import h5py
@@ -7,7 +8,8 @@ import pytest
 
 from trailers12k_feats.paper import TABLE6, get_row
 from trailers12k_feats.training import data
-from trailers12k_feats.training.reproduce import ReproduceConfig, reproduce, summarise
+from trailers12k_feats.training.reproduce import ReproduceConfig, reproduce
+from trailers12k_feats.training.tables import COLUMNS, format_table, summarise
 from trailers12k_feats.training.train import TrainConfig
 from trailers12k_feats.utils import T12kError
 
@@ -105,6 +107,19 @@ def test_cache_with_wrong_dim(corpus_copy, tmp_path):
         reproduce(config(corpus_copy, tmp_path / "res"), progress=False)
 
 
+def test_fusion_row_with_other_clips_is_refused_before_any_run(corpus_copy, tmp_path):
+    with h5py.File(corpus_copy / "k_r2plus1d.h5", "r+") as h5:
+        h5.attrs["segmentation"] = "fixed"
+    with pytest.raises(T12kError, match="segmentation is shots in .*i_resnet.h5 but fixed in .*k_r2plus1d.h5"):
+        reproduce(config(corpus_copy, tmp_path / "res", rows=("k_r2plus1d", "resnet_fusion")), progress=False)
+    assert not (tmp_path / "res").exists()
+    cfg = config(corpus_copy, tmp_path / "res", rows=("resnet_fusion",), splits=(0,), allow_mismatched_clips=True)
+    reproduce(cfg, progress=False)
+    # The flag is no training setting: the results folder records the same settings either way.
+    assert "allow_mismatched_clips" not in (tmp_path / "res" / "reproduce_config.json").read_text()
+    reproduce(dataclasses.replace(cfg, allow_mismatched_clips=False, splits=(0,)), progress=False)  # all done
+
+
 def test_cache_with_foreign_ids(corpus_copy, tmp_path):
     meta = data.load_metadata(corpus_copy / "mtgc.csv")
     data.write_metadata(corpus_copy / "mtgc.csv", [f"x{t}" for t in meta.ids], meta.labels, meta.splits)
@@ -137,6 +152,20 @@ def test_empty_split(corpus_copy, tmp_path):
     data.write_metadata(corpus_copy / "mtgc.csv", meta.ids, meta.labels, splits)
     with pytest.raises(T12kError, match="the val set of split1 is empty"):
         reproduce(config(corpus_copy, tmp_path / "res"), progress=False)
+
+
+def test_markdown_table_layout():
+    lines = [{"run": run, "split": k, "epoch": 1, **{c: v + k for c in COLUMNS[3:]}}
+             for run, v, n in (("ik_swin", 70.0, 2), ("mine", 50.5, 1)) for k in range(n)]
+    assert format_table(summarise(lines)).splitlines() == [
+        "Table 6 (test, mean ± sample std over splits, x100)",
+        "",
+        "| Row | splits | uAP ours | mAP ours | wAP ours | sAP ours | uAP paper | mAP paper | wAP paper | sAP paper |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        "| Swin-3D | 2 | 70.50±0.71 | 70.50±0.71 | 70.50±0.71 | 70.50±0.71 | 75.71±2.43 | 70.44±2.10 | 74.30±2.11 "
+        "| 80.19±2.61 |",
+        "| mine | 1 | 50.50      | 50.50      | 50.50      | 50.50      |  |  |  |  |",
+    ]
 
 
 def test_summarise_single_split_has_no_std():

@@ -1,17 +1,24 @@
 import csv
 import json
+import logging
+import shutil
+from pathlib import Path
 
+import h5py
 import pytest
 import torch
 
 from trailers12k_feats import cache
 from trailers12k_feats.training import data
 from trailers12k_feats.training.heads import build_divita
+from trailers12k_feats.training.streams import check_dim, resolve_streams
 from trailers12k_feats.training.train import (
     TrainConfig,
     Trainer,
+    TrainJob,
     load_streams,
     snippet_probs,
+    train_from_caches,
     train_run,
 )
 from trailers12k_feats.utils import T12kError
@@ -90,6 +97,69 @@ def test_bad_config():
         TrainConfig(split=3)
     with pytest.raises(T12kError, match="batch_size must be at least 1"):
         TrainConfig(batch_size=0)
+    with pytest.raises(T12kError, match="unknown precision 'fp16'; valid: bf16, fp32"):
+        TrainConfig(precision="fp16")
+
+
+def copy_with(src, dst, **attrs):
+    """A copy of cache `src` at `dst` with some attributes replaced."""
+    shutil.copy(src, dst)
+    with h5py.File(dst, "r+") as h5:
+        h5.attrs.update(attrs)
+    return dst
+
+
+def test_resolve_streams(tmp_path):
+    assert resolve_streams(tmp_path, row="resnet_fusion") == {"image": tmp_path / "i_resnet.h5",
+                                                               "video": tmp_path / "k_r2plus1d.h5"}
+    assert resolve_streams(tmp_path, row="Swin-3D", image="x/mine.h5") == {"image": Path("x/mine.h5"),
+                                                                           "video": tmp_path / "ik_swin.h5"}
+    with pytest.raises(T12kError, match="give --row, or --image and/or --video"):
+        resolve_streams(tmp_path)
+
+
+def test_a_cache_must_have_the_dim_of_its_stream(corpus, tmp_path):
+    d = tmp_path / "data"
+    d.mkdir()
+    shutil.copy(corpus / "mtgc.csv", d)
+    shutil.copy(corpus / "i_resnet.h5", d / "i_swin.h5")  # 2048-d features saved as the 768-d Swin-2D
+    job = TrainJob(metadata=d / "mtgc.csv", cache_dir=d, out=tmp_path / "run", row="i_swin")
+    with pytest.raises(T12kError, match=r"cache .*i_swin.h5 has feature dim 2048 but stream i_swin has dim 768; "
+                                        r"point --cache-dir"):
+        train_from_caches(job, progress=False)
+    assert not (tmp_path / "run").exists()
+    # Named anything else, the file is refused when the stream name it records disagrees with its dim.
+    mine = copy_with(corpus / "i_resnet.h5", tmp_path / "mine.h5", name="i_swin")
+    with pytest.raises(T12kError, match="stream i_swin .the name the cache records. has dim 768"):
+        check_dim(mine, cache.read_attrs(mine))
+    check_dim(corpus / "i_resnet.h5", cache.read_attrs(corpus / "i_resnet.h5"))
+
+
+@pytest.mark.parametrize("name,value,shown", [("fpc", 16, "fpc is 24 in .*i_swin.h5 but 16 in .*ik_swin.h5"),
+                                              ("fps", 25.0, "fps is 24 in .*i_swin.h5 but 25 in .*ik_swin.h5"),
+                                              ("segmentation", "fixed", "segmentation is shots in .* but fixed")])
+def test_fusing_streams_with_other_clips_is_refused(corpus, tmp_path, caplog, name, value, shown):
+    meta = data.load_metadata(corpus / "mtgc.csv")
+    caches = {"image": corpus / "i_swin.h5", "video": copy_with(corpus / "ik_swin.h5", tmp_path / "ik_swin.h5",
+                                                               **{name: value})}
+    with pytest.raises(T12kError, match=f"cannot fuse these streams: {shown}.*--allow-mismatched-clips"):
+        load_streams(meta, caches)
+    with caplog.at_level(logging.WARNING):
+        sets, rows = load_streams(meta, caches, allow_mismatched_clips=True)
+    assert set(sets) == {"image", "video"} and len(rows) == len(meta)
+    assert "fusing streams whose clips differ" in caplog.text and f"{name} is" in caplog.text
+
+
+def test_fps_0_means_unknown_and_is_not_refused(corpus, tmp_path, caplog):
+    # Released image streams record fps 0 (the video's own rate); their video streams fps 24.
+    meta = data.load_metadata(corpus / "mtgc.csv")
+    image = copy_with(corpus / "i_swin.h5", tmp_path / "i_swin.h5", fps=0.0)
+    with caplog.at_level(logging.WARNING):
+        sets, _ = load_streams(meta, {"image": image, "video": corpus / "ik_swin.h5"})
+    assert set(sets) == {"image", "video"}
+    assert f"{image} records fps 0" in caplog.text and "cannot be compared" in caplog.text
+    with pytest.raises(T12kError, match="fpc is 24 in .* but 8 in"):  # the other fields are still compared
+        load_streams(meta, {"image": image, "video": copy_with(corpus / "ik_swin.h5", tmp_path / "v.h5", fpc=8)})
 
 
 def test_interrupted_run_leaves_nothing(corpus, tmp_path, monkeypatch):

@@ -82,3 +82,9 @@ def get_row(name: str) -> Row:
             return row
     raise T12kError(f"unknown Table 6 row {name!r}; valid rows: {', '.join(TABLE6)}.")
 
+
+
+def row_order_key(name: str) -> tuple[int, str]:
+    """Sort key that puts run names in Table 6's order, names outside Table 6 after them by name."""
+    order = list(TABLE6)
+    return (order.index(name) if name in TABLE6 else len(order), name)

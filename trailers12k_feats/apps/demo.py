@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 
 from trailers12k_feats import GENRES, NUM_GENRES
-from trailers12k_feats.cache import stream_path
 from trailers12k_feats.extraction.backbones import get_backbone, offline_weights
 from trailers12k_feats.extraction.extract import ExtractConfig, extract
 from trailers12k_feats.extraction.video import ClipSpec
@@ -25,6 +24,7 @@ from trailers12k_feats.sources.synthetic import sample_labels, sample_splits
 from trailers12k_feats.sources.synthvideo import shot_frames, shot_texture, write_video
 from trailers12k_feats.training.data import load_metadata, write_metadata
 from trailers12k_feats.training.metrics import format_metrics
+from trailers12k_feats.training.streams import resolve_streams
 from trailers12k_feats.training.train import TrainConfig, load_streams, train_run
 from trailers12k_feats.utils import T12kError, write_json
 
@@ -116,7 +116,7 @@ def run(out: str | Path, cfg: DemoConfig = DemoConfig(), progress: bool = True) 
     results = {}
     for name, roles in (("image", {"image": image}), ("video", {"video": video}),
                         ("fusion", {"image": image, "video": video})):
-        sets, rows = load_streams(meta, {r: stream_path(out / "data", s) for r, s in roles.items()})
+        sets, rows = load_streams(meta, resolve_streams(out / "data", **roles))
         tcfg = TrainConfig(max_epochs=cfg.max_epochs, window=cfg.window, seed=cfg.seed)
         r = train_run(tcfg, meta, sets, rows, out / "runs" / name, progress=progress, desc=name)
         results[name] = r.test

@@ -22,10 +22,17 @@ from matplotlib.figure import Figure
 
 from trailers12k_feats import GENRES, GENRES_SHORT, __version__
 from trailers12k_feats.apps import plots
-from trailers12k_feats.paper import TABLE6
+from trailers12k_feats.paper import TABLE6, row_order_key
 from trailers12k_feats.training.data import Metadata, load_metadata
 from trailers12k_feats.training.metrics import METRIC_KEYS
-from trailers12k_feats.training.reproduce import COLUMNS, collect, summarise
+from trailers12k_feats.training.tables import (
+    COLUMNS,
+    collect,
+    comparison_html,
+    format_cell,
+    html_table,
+    summarise,
+)
 from trailers12k_feats.utils import T12kError, atomic_path
 
 log = logging.getLogger(__name__)
@@ -52,7 +59,7 @@ class Run:
     labels: dict[str, np.ndarray]  # subset -> (n, 10) 0/1 genres, from the metadata
 
     def line(self, subset: str = "test") -> dict:
-        """This run as a line of val.csv / tst.csv (see reproduce.COLUMNS)."""
+        """This run as a line of val.csv / tst.csv (see tables.COLUMNS)."""
         m = self.metrics[subset]
         return {"run": self.row or self.label, "split": self.split, "epoch": self.metrics["best_epoch"],
                 **{k: m[k] for k in COLUMNS[3:]}}
@@ -159,8 +166,7 @@ def load_results(path: str | os.PathLike, metadata: str | os.PathLike | None = N
     if not dirs:
         raise T12kError(f"results folder {path} has no finished run under runs/<row>/split<k>/; "
                         f"run `t12k reproduce --out {path}` first.")
-    order = {r: i for i, r in enumerate(TABLE6)}
-    dirs.sort(key=lambda p: (order.get(p.parent.name, 99), p.parent.name, p.name))
+    dirs.sort(key=lambda p: (*row_order_key(p.parent.name), p.name))
     metas: dict[Path, Metadata] = {}
     runs = [load_run(d, metadata, metas) for d in dirs]
     summary = summarise(collect(path)["test"])
@@ -215,36 +221,21 @@ def figures(obj: Run | Results) -> dict[str, Figure]:
     return figs
 
 
-def _table(head: list[str], rows: list[list[str]]) -> str:
-    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
-    trs = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>\n" for r in rows)
-    return f"<table>\n<tr>{th}</tr>\n{trs}</table>"
-
-
-def _cell(mean: float, std: float) -> str:
-    return f"{mean:.2f} ± {std:.2f}" if np.isfinite(std) else f"{mean:.2f}"
-
-
 def _metrics_html(obj: Run | Results) -> str:
     if isinstance(obj, Run):
         m = obj.metrics
         head = ["subset", *METRIC_KEYS, *GENRES_SHORT]
         rows = [[s, *(f"{m[s][k]:.2f}" for k in (*METRIC_KEYS, *GENRES_SHORT))] for s in SUBSETS]
         if obj.row:
-            rows.append(["paper (test)", *(_cell(*TABLE6[obj.row].paper[k]) for k in METRIC_KEYS),
+            rows.append(["paper (test)", *(format_cell(*TABLE6[obj.row].paper[k], markdown=False)
+                                           for k in METRIC_KEYS),
                          *[""] * len(GENRES_SHORT)])
         streams = ", ".join(f"{r}: {s.get('name')}" for r, s in obj.config.get("streams", {}).items())
         cfg = obj.config.get("config", {})
         note = (f"Streams {streams}; temporal {cfg.get('temporal')}, fusion {cfg.get('fusion')}, split "
                 f"{obj.split}; best epoch {m['best_epoch']} of {m['epochs']}; {m.get('seconds', '?')} s.")
-        return f"<p>{html.escape(note)}</p>\n" + _table(head, rows)
-    head = ["row", "splits", *(f"{k} ours" for k in METRIC_KEYS), *(f"{k} paper" for k in METRIC_KEYS)]
-    rows = []
-    for row, s in obj.summary.items():
-        paper = [_cell(*TABLE6[row].paper[k]) if row in TABLE6 else "" for k in METRIC_KEYS]
-        rows.append([TABLE6[row].label if row in TABLE6 else row, str(s["uAP"][2]),
-                     *(_cell(*s[k][:2]) for k in METRIC_KEYS), *paper])
-    return "<p>Test set, mean ± sample std over splits, x100.</p>\n" + _table(head, rows)
+        return f"<p>{html.escape(note)}</p>\n" + html_table(head, rows)
+    return "<p>Test set, mean ± sample std over splits, x100.</p>\n" + comparison_html(obj.summary)
 
 
 CAPTIONS = {

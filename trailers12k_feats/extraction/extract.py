@@ -34,11 +34,17 @@ from trailers12k_feats.extraction.clipstream import (
 )
 from trailers12k_feats.extraction.inputs import resolve_inputs
 from trailers12k_feats.extraction.video import ClipSpec
+from trailers12k_feats.runtime import (
+    PRECISIONS,
+    autocast,
+    check_device,
+    check_precision,
+)
 from trailers12k_feats.utils import T12kError, config_dict
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+EXTRACT_PRECISIONS = ("fp32", "bf16", "fp16")
 FRAME_POOLS = ("mean", "center")
 
 
@@ -73,14 +79,8 @@ class ExtractConfig:
             raise T12kError(f"frame_pool must be one of {', '.join(FRAME_POOLS)}, got {self.frame_pool!r}.")
         if not 0 <= self.image_frames <= self.clip.fpc:
             raise T12kError(f"image_frames must be within 0..fpc ({self.clip.fpc}), got {self.image_frames}.")
-        if self.precision not in PRECISIONS:
-            raise T12kError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}.")
-        if self.precision == "fp16" and not self.device.startswith("cuda"):
-            raise T12kError("fp16 autocast needs a CUDA device; use --precision bf16 or fp32 on the CPU.")
-        if not (self.device == "cpu" or self.device.startswith("cuda")):
-            raise T12kError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}.")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise T12kError(f"device {self.device!r} was asked for but CUDA is not available; use --device cpu.")
+        check_device(self.device)
+        check_precision(self.precision, self.device, EXTRACT_PRECISIONS)
         if min(self.batch_size, self.max_images, self.chunk, self.flush_trailers) < 1 or self.workers < -1:
             raise T12kError("batch_size, max_images, chunk and flush_trailers must be >= 1, workers >= -1 (auto).")
         check_dtype(self.dtype)
@@ -138,9 +138,7 @@ class _Model:
 
     def embed(self, x: torch.Tensor, cfg: ExtractConfig) -> torch.Tensor:
         """(B, t, 3, h, w) uint8 on the device -> (B, F) float32."""
-        dtype = PRECISIONS[cfg.precision]
-        dev = x.device.type
-        with torch.inference_mode(), torch.autocast(dev, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with torch.inference_mode(), autocast(x.device.type, PRECISIONS[cfg.precision]):
             if self.entry.kind == "3d":
                 v = self.group.pre.normalize(x).permute(0, 2, 1, 3, 4)  # (B, 3, t, h, w)
                 return self.net(v.contiguous(memory_format=torch.channels_last_3d)).float()

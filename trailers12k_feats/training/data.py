@@ -12,7 +12,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -23,9 +23,22 @@ from trailers12k_feats.utils import T12kError, atomic_path
 
 log = logging.getLogger(__name__)
 
+SPLITS = (0, 1, 2)  # the split columns of mtgc.csv
 SPLIT_COLUMNS = ("split0", "split1", "split2")
 SUBSETS = {"train": 0, "val": 1, "test": 2}
 HEADER = ("mid", *GENRES, *SPLIT_COLUMNS)
+
+
+def check_splits(splits: Iterable[int]) -> tuple[int, ...]:
+    """`splits` as a tuple; stop if it is empty or holds a split that mtgc.csv does not have."""
+    splits = tuple(splits)
+    if not splits:
+        raise T12kError(f"select at least one split among {', '.join(map(str, SPLITS))}.")
+    bad = [s for s in splits if s not in SPLITS or isinstance(s, bool)]
+    if bad:
+        raise T12kError(f"split must be {', '.join(map(str, SPLITS[:-1]))} or {SPLITS[-1]}, "
+                        f"got {', '.join(map(repr, bad))}.")
+    return splits
 
 
 @dataclass
@@ -42,8 +55,7 @@ class Metadata:
 
     def subset(self, split: int, name: str) -> np.ndarray:
         """Row indices of `name` ("train", "val" or "test") in split `split`."""
-        if split not in range(self.splits.shape[1]):
-            raise T12kError(f"split must be 0, 1 or 2, got {split}.")
+        check_splits([split])
         rows = np.flatnonzero(self.splits[:, split] == SUBSETS[name])
         if len(rows) == 0:
             raise T12kError(f"{self.path}: the {name} set of split{split} is empty; every split column "

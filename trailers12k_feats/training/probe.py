@@ -23,8 +23,13 @@ from tqdm import tqdm
 from trailers12k_feats import cache as cache_mod
 from trailers12k_feats.cache import FeatureSet
 from trailers12k_feats.paper import TABLE6, get_row
-from trailers12k_feats.training.data import align, load_metadata
+from trailers12k_feats.training.data import SPLITS, align, check_splits, load_metadata
 from trailers12k_feats.training.metrics import multilabel_metrics
+from trailers12k_feats.training.streams import (
+    check_caches,
+    resolve_streams,
+    stream_cache,
+)
 from trailers12k_feats.utils import T12kError
 
 log = logging.getLogger(__name__)
@@ -39,10 +44,11 @@ class ProbeConfig:
     metadata: Path
     cache_dir: Path
     rows: tuple[str, ...] = tuple(TABLE6)
-    splits: tuple[int, ...] = (0, 1, 2)
+    splits: tuple[int, ...] = SPLITS
     pool: str = "mean"
     alpha: float = 1000.0  # ridge penalty on standardised features
     on_missing: str = "error"
+    allow_mismatched_clips: bool = False  # fusion rows: pool streams whose fps, fpc or segmentation differ
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rows", tuple(get_row(r).name for r in self.rows))
@@ -50,9 +56,9 @@ class ProbeConfig:
             raise T12kError(f"unknown pooling {self.pool!r}; valid: {', '.join(POOLS)}.")
         if self.alpha <= 0:
             raise T12kError(f"alpha must be positive, got {self.alpha}.")
-        bad = [s for s in self.splits if s not in (0, 1, 2)]
-        if bad or not self.splits or not self.rows:
-            raise T12kError(f"select at least one row and splits among 0, 1, 2; got splits {list(self.splits)}.")
+        if not self.rows:
+            raise T12kError("select at least one Table 6 row.")
+        object.__setattr__(self, "splits", check_splits(self.splits))
 
 
 def pool_features(fs: FeatureSet, pool: str = "mean", chunk: int = 1 << 18) -> np.ndarray:
@@ -83,11 +89,13 @@ def probe(cfg: ProbeConfig, progress: bool = True) -> dict[str, list[dict]]:
     """The probe over the selected rows and splits: {"val": [...], "test": [...]} as in val.csv."""
     meta = load_metadata(cfg.metadata)
     meta.check_splits(cfg.splits)
+    for r in cfg.rows:  # dims and fused clip settings, before any pooling
+        check_caches(resolve_streams(cfg.cache_dir, row=r).values(), cfg.allow_mismatched_clips)
     streams = sorted({s for r in cfg.rows for s in TABLE6[r].streams})
     pooled, index = {}, {}
     t0 = time.perf_counter()
     for s in tqdm(streams, desc="pool", unit="cache", disable=not progress, leave=False):
-        fs = cache_mod.load(cache_mod.stream_path(cfg.cache_dir, s))
+        fs = cache_mod.load(stream_cache(cfg.cache_dir, s))
         align(meta, [fs], cfg.on_missing)
         pooled[s] = pool_features(fs, cfg.pool)
         index[s] = fs.index

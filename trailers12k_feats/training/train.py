@@ -26,9 +26,27 @@ from tqdm import tqdm
 
 from trailers12k_feats import GENRES, NUM_GENRES, __version__
 from trailers12k_feats import cache as cache_mod
-from trailers12k_feats.training.data import Metadata, TrailerData, align
-from trailers12k_feats.training.heads import TEMPORAL, build_divita, count_params
+from trailers12k_feats.runtime import (
+    PRECISIONS,
+    autocast,
+    check_device,
+    check_precision,
+)
+from trailers12k_feats.training.data import (
+    Metadata,
+    TrailerData,
+    align,
+    check_splits,
+    load_metadata,
+)
+from trailers12k_feats.training.heads import (
+    FUSIONS,
+    TEMPORAL,
+    build_divita,
+    count_params,
+)
 from trailers12k_feats.training.metrics import format_metrics, multilabel_metrics
+from trailers12k_feats.training.streams import check_caches, resolve_streams
 from trailers12k_feats.utils import (
     T12kError,
     atomic_path,
@@ -40,8 +58,7 @@ from trailers12k_feats.utils import (
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32}
-FUSIONS = ("late", "early")
+TRAIN_PRECISIONS = ("bf16", "fp32")  # the heads are not trained in fp16
 
 
 @dataclass(frozen=True)
@@ -67,21 +84,16 @@ class TrainConfig:
     device: str = "cpu"  # "cpu" or "cuda[:N]"; features stay in host RAM, batches move
 
     def __post_init__(self) -> None:
-        if self.split not in (0, 1, 2):
-            raise T12kError(f"split must be 0, 1 or 2, got {self.split}.")
+        check_splits([self.split])
         if self.temporal not in TEMPORAL:
             raise T12kError(f"unknown temporal module {self.temporal!r}; valid: {', '.join(TEMPORAL)}.")
         if self.fusion not in FUSIONS:
             raise T12kError(f"unknown fusion {self.fusion!r}; valid: {', '.join(FUSIONS)}.")
-        if self.precision not in PRECISIONS:
-            raise T12kError(f"unknown precision {self.precision!r}; valid: {', '.join(PRECISIONS)}.")
         for name in ("window", "batch_size", "max_epochs", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise T12kError(f"{name} must be at least 1, got {getattr(self, name)}.")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise T12kError(f"device {self.device!r} was asked for but CUDA is not available; use --device cpu.")
-        if not self.device.startswith(("cpu", "cuda")):
-            raise T12kError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}.")
+        check_device(self.device)
+        check_precision(self.precision, self.device, TRAIN_PRECISIONS)
         if not (self.lr > 0 and self.weight_decay >= 0 and 0 <= self.dropout < 1 and 0 < self.plateau_factor < 1):
             raise T12kError("need lr > 0, weight_decay >= 0, 0 <= dropout < 1 and 0 < plateau_factor < 1.")
 
@@ -96,8 +108,34 @@ class RunResult:
     seconds: float = 0.0
 
 
-def load_streams(meta: Metadata, caches: dict[str, Path], on_missing: str = "error") -> tuple[dict, np.ndarray]:
-    """Load the caches of each role ("image", "video") and the metadata rows they all hold."""
+@dataclass(frozen=True)
+class TrainJob:
+    """One run of `t12k train`: the metadata, the streams (a Table 6 row and/or names or .h5 paths
+    in `cache_dir`), the run directory to create and the training settings."""
+
+    metadata: Path
+    cache_dir: Path
+    out: Path
+    row: str | None = None
+    image: str | None = None
+    video: str | None = None
+    on_missing: str = "error"
+    allow_mismatched_clips: bool = False  # fuse streams whose fps, fpc or segmentation differ
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.on_missing not in ("error", "warn"):
+            raise T12kError(f"on_missing must be 'error' or 'warn', got {self.on_missing!r}.")
+
+
+def load_streams(meta: Metadata, caches: dict[str, Path], on_missing: str = "error",
+                 allow_mismatched_clips: bool = False) -> tuple[dict, np.ndarray]:
+    """Load the caches of each role ("image", "video") and the metadata rows they all hold.
+
+    Before anything is loaded, each cache must have the dim of the stream it is named after and
+    two fused caches the same clip settings (fps, fpc, segmentation) unless `allow_mismatched_clips`.
+    """
+    check_caches(caches.values(), allow_mismatched_clips)
     sets = {role: cache_mod.load(p) for role, p in caches.items()}
     return sets, align(meta, list(sets.values()), on_missing)
 
@@ -119,7 +157,7 @@ def batch_logits(model: torch.nn.Module, batch, dev: torch.device, dtype: torch.
     """(B, 10) float32 logits of a Batch, moved to `dev`, under autocast to `dtype`."""
     x = {k: v.to(dev, non_blocking=True) for k, v in batch.x.items()}
     mask = batch.mask.to(dev, non_blocking=True)
-    with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+    with autocast(dev.type, dtype):
         logits = model(ix=x.get("image"), vx=x.get("video"), ix_mask=mask, vx_mask=mask)
     return logits.float()
 
@@ -279,3 +317,14 @@ def train_run(cfg: TrainConfig, meta: Metadata, sets: dict[str, cache_mod.Featur
                                               "seconds": round(result.seconds, 1), "val": result.val,
                                               "test": result.test})
     return result
+
+
+def train_from_caches(job: TrainJob, progress: bool = True) -> RunResult:
+    """`t12k train`: resolve and check the job's caches, train split `job.train.split`, save `job.out`."""
+    caches = resolve_streams(job.cache_dir, job.row, job.image, job.video)
+    if job.out.exists():
+        raise T12kError(f"run directory {job.out} already exists; choose another --out or delete it.")
+    meta = load_metadata(job.metadata)
+    meta.check_splits([job.train.split])
+    sets, rows = load_streams(meta, caches, job.on_missing, job.allow_mismatched_clips)
+    return train_run(job.train, meta, sets, rows, job.out, progress=progress, desc=f"split{job.train.split}")
