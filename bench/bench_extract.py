@@ -3,7 +3,9 @@
 Prints
   * decode: frames/s of decoding + resampling + scaling alone, and with shot detection and
     clip building (what the workers do, without the backbones' uint8 resize/crop),
-  * per backbone: clips/s of the model alone on already decoded, preprocessed clips,
+  * the workers' clip stream (`clipstream.ClipDataset`, in this process): decoding, shots, clips
+    and every backbone group's uint8 resize/crop, as extraction runs it,
+  * per backbone: clips/s of the model alone on clips already cropped by that stream,
   * full extraction (`extract.extract`) with all requested backbones: clips/s, seconds and
     the ratio full / decode-only (the aim is <= 1.2: compute hidden behind decoding),
   * precision check: each backbone's features in the chosen autocast dtype against fp32 on the
@@ -19,17 +21,17 @@ cache, or random with --random-weights (speed does not depend on the values).
 from __future__ import annotations
 
 import argparse
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from machine import cpu_summary
 
 from trailers12k_feats.extraction import backbones as bb
 from trailers12k_feats.extraction import video
-from trailers12k_feats.extraction.clipstream import frame_index
+from trailers12k_feats.extraction.clipstream import ClipDataset
 from trailers12k_feats.extraction.extract import (
     EXTRACT_PRECISIONS,
     ExtractConfig,
@@ -73,7 +75,7 @@ def main() -> None:
     spec = cfg.clip
     dev = args.device
     gpu = torch.cuda.get_device_name(0) if dev.startswith("cuda") else None
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_summary()}"
           + (f", {gpu}" if gpu else ""))
     W, H = (int(x) for x in args.size.split("x"))
     with tempfile.TemporaryDirectory() as tmp:
@@ -97,15 +99,23 @@ def main() -> None:
         t0 = time.perf_counter()
         models = build_models(cfg)
         t_load = time.perf_counter() - t0
-        sample = all_clips[: min(len(all_clips), 4 * args.batch_size)]
-        frames = torch.from_numpy(np.stack([c.frames for c in sample]))  # (n, fpc, H, W, 3)
+        # The workers' own stream: each model group's frames (clipstream.frame_index), resized and cropped.
+        groups = list({m.group.key: m.group for m in models}.values())
+        stream = ClipDataset([(p.stem, p) for p in paths], spec, groups, cfg.chunk, cfg.decode_threads)
+        t0 = time.perf_counter()
+        kept, n_stream = [], 0  # the crops of the first clips feed the models below
+        for item in stream:
+            if "x" in item:
+                if n_stream < 4 * args.batch_size:
+                    kept.append(item["x"])
+                n_stream += len(item["start"])
+        t_stream = time.perf_counter() - t0
+        print(f"clip stream with crops:   {n_frames / t_stream:8.0f} frames/s  ({n_stream} clips, "
+              f"{n_stream / t_stream:.1f} clips/s; {len(groups)} crop group(s))")
         print()
         for m in models:
-            idx = list(frame_index(m.entry.kind, cfg.clip.fpc, cfg.frame_pool, cfg.image_frames))
-            f = frames[:, idx]
-            n, t = f.shape[:2]
-            x = m.group.pre.geometric(f.reshape(n * t, *f.shape[2:]).permute(0, 3, 1, 2))
-            x = x.reshape(n, t, *x.shape[1:]).to(dev)  # (n, t, 3, h, w) uint8
+            x = torch.cat([c[m.group.key] for c in kept])[:4 * args.batch_size].to(dev)  # (n, t, 3, h, w) uint8
+            n, t = x.shape[:2]
             batches = [x[i:i + args.batch_size] for i in range(0, n, args.batch_size)]
             m.embed(batches[0], cfg)  # warm-up
             if dev.startswith("cuda"):

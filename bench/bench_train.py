@@ -1,32 +1,45 @@
 """Training throughput of the DIViTA head against this machine's matmul peak, in one run.
 
-Prints, for fp32 and bf16 autocast:
+Times the package's own training code (`training.train.Trainer` on a `TrailerData` bank of
+in-RAM features) and prints, for fp32 and bf16 autocast:
   * the matmul peak (best of several shapes, including the head's own),
-  * the head's forward+backward GFLOP/s (FLOPs counted by torch's FlopCounterMode),
-  * full training steps per second (batch gather from in-RAM features + fwd + bwd + AdamW),
-and the ratio achieved / peak.
+  * the head's forward+backward GFLOP/s on one batch (`train.batch_logits` + BCE loss;
+    FLOPs counted by torch's FlopCounterMode),
+  * full training steps (`Trainer.train_epoch`: random-window gather from the in-RAM bank,
+    fwd, bwd, AdamW) as examples/s and GFLOP/s,
+and the ratio achieved / peak, with the CPU model and its AMX / AVX512-BF16 flags.
 
-    python bench/bench_train.py [--dim 1024] [--steps 200] [--threads N]
+    python bench/bench_train.py [--dim 1024] [--clips 600000] [--steps 20] [--seconds 5] [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from machine import cpu_summary
 from torch.utils.flop_counter import FlopCounterMode
 
-from trailers12k_feats.training.heads import build_divita
-from trailers12k_feats.utils import tune_malloc
+from trailers12k_feats import NUM_GENRES
+from trailers12k_feats.cache import CacheAttrs, FeatureSet
+from trailers12k_feats.training.data import Metadata, TrailerData
+from trailers12k_feats.training.train import (
+    PRECISIONS,
+    TrainConfig,
+    Trainer,
+    batch_logits,
+)
 
 SHAPES = [(2048, 2048, 2048), (4096, 1024, 1024), (960, 1024, 128), (960, 128, 768), (960, 768, 128)]
 
 
-def timeit(fn, min_seconds: float = 1.0) -> float:
+def timeit(fn, min_seconds: float = 1.0, warmup: int = 3) -> float:
     """Seconds per call: warm up, then repeat for at least `min_seconds`."""
-    for _ in range(3):
+    for _ in range(warmup):
         fn()
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < min_seconds:
@@ -39,10 +52,29 @@ def matmul_peak(dtype: torch.dtype) -> tuple[float, tuple[int, int, int]]:
     best, where = 0.0, SHAPES[0]
     for m, k, n in SHAPES:
         a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-        gflops = 2 * m * k * n / timeit(lambda: a @ b, 0.5) / 1e9
+        gflops = 2 * m * k * n / timeit(lambda a=a, b=b: a @ b, 0.5) / 1e9
         if gflops > best:
             best, where = gflops, (m, k, n)
     return best, where
+
+
+def feature_bank(clips: int, dim: int, gen: torch.Generator) -> tuple[Metadata, FeatureSet]:
+    """A float16 feature set of ~`clips` clips (10-109 per trailer) held in RAM, as `cache.load`
+    returns one, and metadata with random genres for its trailers."""
+    lengths = torch.randint(10, 110, (max(1, clips // 60),), generator=gen)  # clips per trailer
+    n = len(lengths)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lengths, 0)])  # (n + 1,)
+    total = int(offsets[-1])
+    features = torch.randn(total, dim, generator=gen, dtype=torch.float16)  # (N, F)
+    ids = [f"tt{i:07d}" for i in range(n)]
+    attrs = CacheAttrs(name="bench", backbone="random", feature_dim=dim)
+    fs = FeatureSet(path=Path("<in memory>"), attrs=attrs, ids=ids, features=features, offsets=offsets,
+                    clip_start=np.full(total, np.nan, np.float32), clip_end=np.full(total, np.nan, np.float32),
+                    shot=np.full(total, -1, np.int32))
+    labels = (torch.rand(n, NUM_GENRES, generator=gen) < 0.25).numpy().astype(np.uint8)  # (n, 10)
+    labels[np.arange(n), np.arange(n) % NUM_GENRES] = 1
+    meta = Metadata(path=Path("<in memory>"), ids=ids, labels=labels, splits=np.zeros((n, 3), np.int8))
+    return meta, fs
 
 
 def main() -> None:
@@ -51,59 +83,52 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--window", type=int, default=30)
     ap.add_argument("--clips", type=int, default=600_000, help="clips in the in-RAM feature bank")
+    ap.add_argument("--steps", type=int, default=20, help="training steps per timed epoch")
     ap.add_argument("--seconds", type=float, default=5.0, help="timing per measurement")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    tune_malloc()
-    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
     B, S, D = args.batch, args.window, args.dim
+    print(cpu_summary())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; head tsfm dim {D}, batch {B}x{S} clips")
 
-    lengths = torch.randint(10, 110, (args.clips // 60,))  # clips per trailer
-    starts = torch.cumsum(lengths, 0) - lengths
-    bank = torch.randn(int(lengths.sum()), D).half()  # (N, F) in-RAM features, as the cache loader holds them
-    y = (torch.rand(B, 10) < 0.25).float()
-    gen = torch.Generator().manual_seed(0)
+    meta, fs = feature_bank(args.clips, D, gen)
+    # The trailers one timed epoch trains on, spread over the whole bank (random rows, as in training).
+    rows = torch.randperm(len(meta), generator=gen)[:args.steps * B].sort().values.numpy()
+    train = TrailerData.from_metadata(meta, {"image": fs}, rows)
+    print(f"feature bank: {len(fs)} trailers, {fs.features.shape[0]} clips, "
+          f"{fs.features.numel() * 2 / 2**30:.2f} GiB float16; {len(train)} trailers per timed epoch "
+          f"({-(-len(train) // B)} steps)")
 
-    rows = []
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    results = []
+    for name in ("fp32", "bf16"):
+        dtype = PRECISIONS[name]
         peak, shape = matmul_peak(dtype)
-        model = build_divita(D, None)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, amsgrad=True, fused=True)
-        x = torch.randn(B, S, D)
-        mask = torch.ones(B, S, dtype=torch.bool)
+        trainer = Trainer(TrainConfig(window=S, batch_size=B, precision=name), {"train": train})
+        trainer.model.train()
+        batch = train.random_windows(torch.arange(B), S, gen)  # one fixed batch for the head alone
 
-        def fwd_bwd(x=x, mask=mask):
-            with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-                logits = model(ix=x, ix_mask=mask)
-            F.binary_cross_entropy_with_logits(logits.float(), y).backward()
+        def fwd_bwd(batch=batch, trainer=trainer, dtype=dtype):
+            logits = batch_logits(trainer.model, batch, trainer.device, dtype)
+            F.binary_cross_entropy_with_logits(logits, batch.y).backward()
 
         with FlopCounterMode(display=False) as fc:
             fwd_bwd()
-        flops = fc.get_total_flops()
-
-        def step():
-            r = torch.randint(len(lengths), (B,), generator=gen)
-            first = (torch.rand(B, generator=gen) * (lengths[r] - S).clamp(min=0)).long()
-            pos = first[:, None] + torch.arange(S)  # (B, S)
-            m = pos < lengths[r, None]
-            xb = bank[starts[r, None] + pos.clamp(max=lengths[r, None] - 1)].float()  # (B, S, F)
-            opt.zero_grad(set_to_none=True)
-            fwd_bwd(xb, m)
-            opt.step()
-
+        flops = fc.get_total_flops()  # per step of B windows
+        trainer.model.zero_grad(set_to_none=True)
         t_fb = timeit(fwd_bwd, args.seconds)
-        t_step = timeit(step, args.seconds)
-        rows.append((name, peak, shape, flops / t_fb / 1e9, B / t_step, flops / t_step / 1e9))
+        t_epoch = timeit(trainer.train_epoch, args.seconds, warmup=1)
+        steps = -(-len(train) // B)
+        results.append((name, peak, shape, flops / t_fb / 1e9, len(train) / t_epoch, flops * steps / t_epoch / 1e9))
 
     print(f"\n{'':5} {'matmul peak':>12} {'(shape m,k,n)':>18} {'head fwd+bwd':>13} {'ratio':>6} "
           f"{'train ex/s':>11} {'step GFLOP/s':>13} {'ratio':>6}")
-    for name, peak, shape, fb, exs, st in rows:
-        print(f"{name:5} {peak:9.0f} GF/s {str(shape):>18} {fb:8.0f} GF/s {fb / peak:6.1%} {exs:11.0f} "
+    for name, peak, shape, fb, exs, st in results:
+        print(f"{name:5} {peak:9.0f} GF/s {shape!s:>18} {fb:8.0f} GF/s {fb / peak:6.1%} {exs:11.0f} "
               f"{st:8.0f} GF/s {st / peak:6.1%}")
-    print(f"\nbf16 / fp32 training speed: {rows[1][4] / rows[0][4]:.2f}x; "
+    print(f"\nbf16 / fp32 training speed: {results[1][4] / results[0][4]:.2f}x; "
           f"head FLOPs per step (fwd+bwd): {flops / 1e9:.2f} GFLOP")
 
 

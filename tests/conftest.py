@@ -1,11 +1,18 @@
-"""Shared fixtures: a small synthetic corpus built once per test session."""
+"""Shared fixtures: a small synthetic corpus built once per test session, and writers of toy
+caches and metadata files for tests that need a few hand-made trailers."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
+from trailers12k_feats import NUM_GENRES
+from trailers12k_feats.cache import CacheAttrs, CacheWriter
 from trailers12k_feats.sources.synthetic import SynthConfig, make_corpus
+from trailers12k_feats.training.data import write_metadata
 
 torch.set_num_threads(2)
 
@@ -16,3 +23,56 @@ def corpus(tmp_path_factory):
     out = tmp_path_factory.mktemp("corpus")
     make_corpus(out, SynthConfig(num_trailers=300, seed=1), progress=False)
     return out
+
+
+def write_toy_cache(path, lengths=(3, 1, 5), *, F=8, dtype="float32", ids=None, ramp=False, seed=0, clips=None,
+                    **attrs) -> list[tuple[str, np.ndarray]]:
+    """Write a cache of `len(lengths)` trailers with `lengths[i]` clips of dim `F` at `path`.
+
+    Ids are `ids` or tt0000000, tt0000001, ...; features are standard normal (seeded), or with
+    `ramp` the numbers 0, 1, 2, ... in row-major order plus 100 * trailer index, so a value tells
+    which trailer and clip it came from. `clips` maps an id to its (clip_start, clip_end, shot)
+    arrays (others have none). `attrs` go to CacheAttrs (name defaults to the file's stem,
+    backbone to "toy_net"). Returns the (id, features (C, F) float32) pairs written.
+    """
+    path = Path(path)
+    ids = list(ids) if ids is not None else [f"tt{i:07d}" for i in range(len(lengths))]
+    if len(ids) != len(lengths):
+        raise ValueError(f"{len(ids)} ids for {len(lengths)} lengths")
+    rng = np.random.default_rng(seed)
+    items = []
+    for i, (tid, n) in enumerate(zip(ids, lengths)):
+        if ramp:
+            x = np.arange(n * F, dtype=np.float32).reshape(n, F) + 100 * i  # (n, F)
+        else:
+            x = rng.standard_normal((n, F)).astype(np.float32)  # (n, F)
+        items.append((tid, x))
+    attrs = {"name": path.stem, "backbone": "toy_net", **attrs}
+    with CacheWriter(path, CacheAttrs(feature_dim=F, **attrs), dtype=dtype) as w:
+        for tid, x in items:
+            w.add(tid, x, *(clips or {}).get(tid, ()))
+    return items
+
+
+def write_toy_metadata(path, ids, seed=0) -> Path:
+    """Write an `mtgc.csv` for `ids`: random genres (at least one per trailer) and, in each split
+    column, the pattern train, train, train, val, test rotated by the column's index."""
+    rng = np.random.default_rng(seed)
+    n = len(ids)
+    labels = rng.random((n, NUM_GENRES)) < 0.3
+    labels[np.arange(n), rng.integers(0, NUM_GENRES, n)] = True
+    split = np.array([0, 0, 0, 1, 2])[np.arange(n) % 5]
+    write_metadata(path, ids, labels, np.stack([np.roll(split, k) for k in range(3)], 1))
+    return Path(path)
+
+
+@pytest.fixture
+def toy_cache():
+    """The toy cache writer, :func:`write_toy_cache`."""
+    return write_toy_cache
+
+
+@pytest.fixture
+def toy_metadata():
+    """The toy metadata writer, :func:`write_toy_metadata`."""
+    return write_toy_metadata

@@ -93,7 +93,7 @@ def test_real_mobilenet_weights_from_the_offline_package(hub):
 
 
 def test_shufflenet3d_matches_the_published_architecture():
-    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    count = lambda m: sum(p.numel() for p in m.parameters())
     assert count(shufflenet3d.ShuffleNetV2_3D(600)) == 1_914_180
     assert count(shufflenet3d.ShuffleNetV2_3D(400)) == 1_709_180
     assert len(shufflenet3d.ShuffleNetV2_3D(600).state_dict()) == 338

@@ -11,16 +11,9 @@ def attrs(F=8, **kw):
     return cache.CacheAttrs(name="toy", backbone="toy_net", feature_dim=F, **kw)
 
 
-def write_toy(path, lengths=(3, 1, 5), F=8, dtype="float16"):
-    rng = np.random.default_rng(0)
-    items = [(f"tt{i:07d}", rng.standard_normal((n, F)).astype(np.float32)) for i, n in enumerate(lengths)]
-    cache.write_cache(path, attrs(F, config={"a": 1}), items, dtype=dtype)
-    return items
-
-
-def test_roundtrip(tmp_path):
+def test_roundtrip(tmp_path, toy_cache):
     p = tmp_path / "toy.h5"
-    items = write_toy(p)
+    items = toy_cache(p, (3, 1, 5), F=8, dtype="float16", config={"a": 1})
     fs = cache.load(p)
     assert fs.ids == [t for t, _ in items]
     assert fs.features.dtype == torch.float16 and fs.features.shape == (9, 8)
@@ -45,10 +38,9 @@ def test_float32_and_times(tmp_path):
 
 def test_nothing_left_on_failure(tmp_path):
     p = tmp_path / "toy.h5"
-    with pytest.raises(RuntimeError):
-        with cache.CacheWriter(p, attrs(4)) as w:
-            w.add("a", np.ones((2, 4)))
-            raise RuntimeError("killed")
+    with pytest.raises(RuntimeError), cache.CacheWriter(p, attrs(4)) as w:
+        w.add("a", np.ones((2, 4)))
+        raise RuntimeError("killed")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -76,9 +68,9 @@ def test_missing_and_not_a_cache(tmp_path):
 
 
 @pytest.mark.parametrize("value", [np.nan, np.inf])
-def test_nonfinite_features_are_found(tmp_path, value):
+def test_nonfinite_features_are_found(tmp_path, value, toy_cache):
     p = tmp_path / "toy.h5"
-    write_toy(p)
+    toy_cache(p, (3, 1, 5))
     with h5py.File(p, "r+") as h5:
         h5["features"][5, 2] = value  # trailer 2 (rows 4..8), clip 1
     for fn in (cache.load, cache.validate):
@@ -86,27 +78,27 @@ def test_nonfinite_features_are_found(tmp_path, value):
             fn(p)
 
 
-def test_corrupt_index(tmp_path):
+def test_corrupt_index(tmp_path, toy_cache):
     p = tmp_path / "toy.h5"
-    write_toy(p)
+    toy_cache(p, (3, 1, 5))
     with h5py.File(p, "r+") as h5:
         h5["offsets"][3] = 7
     with pytest.raises(T12kError, match="offsets do not span"):
         cache.load(p)
 
 
-def test_dim_attribute_mismatch(tmp_path):
+def test_dim_attribute_mismatch(tmp_path, toy_cache):
     p = tmp_path / "toy.h5"
-    write_toy(p)
+    toy_cache(p, (3, 1, 5))
     with h5py.File(p, "r+") as h5:
         h5.attrs["feature_dim"] = 16
     with pytest.raises(T12kError, match="dim 8 but attribute feature_dim says 16"):
         cache.validate(p)
 
 
-def test_list_caches(tmp_path):
-    write_toy(tmp_path / "b.h5")
-    write_toy(tmp_path / "a.h5")
+def test_list_caches(tmp_path, toy_cache):
+    toy_cache(tmp_path / "b.h5")
+    toy_cache(tmp_path / "a.h5")
     assert [p.name for p in cache.list_caches(tmp_path)] == ["a.h5", "b.h5"]
     assert cache.stream_path(tmp_path, "i_swin") == tmp_path / "i_swin.h5"
 

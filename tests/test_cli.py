@@ -1,3 +1,4 @@
+import csv
 import json
 import shutil
 import subprocess
@@ -5,9 +6,12 @@ import sys
 from pathlib import Path
 
 import h5py
+import numpy as np
 from click.testing import CliRunner
 
 from cli import main
+from trailers12k_feats import cache
+from trailers12k_feats.paper import get_row
 from trailers12k_feats.training.probe import ProbeConfig
 from trailers12k_feats.training.train import TrainConfig
 
@@ -17,21 +21,65 @@ def run(*args):
 
 
 def test_synth_and_cache_info(tmp_path):
-    r = run("synth", tmp_path / "c", "--trailers", 40, "--streams", "k_r2plus1d,i_swin")
+    c = tmp_path / "c"
+    r = run("synth", c, "--trailers", 40, "--streams", "k_r2plus1d,i_swin")
     assert r.exit_code == 0, r.output
-    r = run("cache", "info", tmp_path / "c")
-    assert r.exit_code == 0 and "i_swin: swin_t (2d, ImageNet-1K), dim 768" in r.output
-    assert "40 trailers" in r.output
-    r = run("cache", "info", "--json", tmp_path / "c" / "k_r2plus1d.h5")
-    assert json.loads(r.output)[0]["feature_dim"] == 512
-    assert "ok" in run("cache", "validate", tmp_path / "c").output
+    assert sorted(p.name for p in c.iterdir()) == ["i_swin.h5", "k_r2plus1d.h5", "mtgc.csv", "synth_config.json"]
+    sets = {name: cache.load(c / f"{name}.h5") for name in ("i_swin", "k_r2plus1d")}
+
+    def counts(fs):  # the line `cache info` prints, from the clips actually stored
+        n = fs.lengths.numpy()
+        return (f"  40 trailers, {n.sum()} clips (min {n.min()}, median {np.median(n):g}, max {n.max()}; "
+                f"{(n < 30).sum()} trailers under 30 clips)")
+
+    r = run("cache", "info", c)
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert len(lines) == 6  # three lines per cache, in name order
+    assert lines[0].startswith(f"{c / 'i_swin.h5'}  (") and lines[0].endswith(" MB, float16)")
+    assert lines[1].startswith("  i_swin: swin_t (2d, ImageNet-1K), dim 768, fps 24, fpc 24, segmentation shots")
+    assert lines[2] == counts(sets["i_swin"])
+    assert lines[3].startswith(f"{c / 'k_r2plus1d.h5'}  (")
+    assert lines[4].startswith("  k_r2plus1d: r2plus1d_18 (3d, ") and ", dim 512, " in lines[4]
+    assert lines[5] == counts(sets["k_r2plus1d"])
+
+    r = run("cache", "info", "--json", c / "k_r2plus1d.h5")
+    (info,) = json.loads(r.output)
+    n = sets["k_r2plus1d"].lengths.numpy()
+    assert (info["path"], info["name"], info["feature_dim"], info["kind"]) == (str(c / "k_r2plus1d.h5"),
+                                                                              "k_r2plus1d", 512, "3d")
+    assert (info["trailers"], info["clips"], info["dtype"]) == (40, n.sum(), "float16")
+    assert info["clips_per_trailer"] == {"min": n.min(), "median": np.median(n), "max": n.max()}
+
+    r = run("cache", "validate", c)
+    assert r.exit_code == 0 and r.output.splitlines() == [f"ok  {c / 'i_swin.h5'}", f"ok  {c / 'k_r2plus1d.h5'}"]
+
+    # A NaN in one clip: validation names the file, the trailer and the clip, and exits with status 1.
+    fs = sets["k_r2plus1d"]
+    tid, row = fs.ids[3], int(fs.offsets[3]) + 2
+    with h5py.File(c / "k_r2plus1d.h5", "r+") as h5:
+        h5["features"][row, 5] = np.nan
+    r = run("cache", "validate", c)
+    assert r.exit_code == 1
+    error = (f"Error: feature cache {c / 'k_r2plus1d.h5'}: trailer {tid} (clip 2) has NaN or Inf features; "
+             "re-extract that trailer or drop it from the cache.")
+    assert r.output.splitlines() == [f"ok  {c / 'i_swin.h5'}", error]
 
 
 def test_train_command(corpus, tmp_path):
     r = run("train", "--data-dir", corpus, "--row", "resnet_fusion", "--split", 1, "--max-epochs", 1,
             "--out", tmp_path / "run")
     assert r.exit_code == 0, r.output
-    assert "test uAP" in r.output and (tmp_path / "run" / "metrics.json").exists()
+    # What it prints is what it saved, for the row's two streams on split 1.
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert f"best epoch {metrics['best_epoch']}/1" in r.output
+    for subset, label in (("val", "val "), ("test", "test")):
+        assert f"  {label} uAP {metrics[subset]['uAP']:.2f} mAP {metrics[subset]['mAP']:.2f}" in r.output
+    assert f"run saved to {tmp_path / 'run'}" in r.output
+    info = json.loads((tmp_path / "run" / "config.json").read_text())
+    row = get_row("resnet_fusion")
+    assert (info["config"]["split"], info["config"]["max_epochs"]) == (1, 1)
+    assert {k: s["name"] for k, s in info["streams"].items()} == {"image": row.image, "video": row.video}
     r = run("train", "--data-dir", corpus, "--row", "i_swin", "--out", tmp_path / "run")
     assert r.exit_code == 1 and "already exists" in r.output
 
@@ -40,17 +88,19 @@ def test_reproduce_and_probe_commands(corpus, tmp_path):
     r = run("reproduce", "--data-dir", corpus, "--rows", "k_r2plus1d", "--splits", "0,2", "--max-epochs", 1,
             "--out", tmp_path / "res")
     assert r.exit_code == 0, r.output
-    assert "| R2+1D | 2 |" in r.output and (tmp_path / "res" / "tst.csv").exists()
+    assert "| R2+1D | 2 |" in r.output
+    with open(tmp_path / "res" / "tst.csv") as f:
+        assert [(t["run"], t["split"]) for t in csv.DictReader(f)] == [("k_r2plus1d", "0"), ("k_r2plus1d", "2")]
     r = run("probe", "--data-dir", corpus, "--rows", "i_swin,ik_swin", "--pool", "meanmax")
-    assert r.exit_code == 0 and "| Swin-3D | 3 |" in r.output
+    assert r.exit_code == 0 and "| Swin-2D | 3 |" in r.output and "| Swin-3D | 3 |" in r.output
 
 
 def test_errors_are_one_clear_line(tmp_path):
     r = run("reproduce", "--data-dir", tmp_path, "--rows", "nope")
     assert r.exit_code == 1
     assert r.output.strip().splitlines() == [
-        "Error: unknown Table 6 row 'nope'; valid rows: i_shufflenet, k_shufflenet, shufflenet_fusion, i_resnet, "
-        "k_r2plus1d, resnet_fusion, i_swin, ik_swin."]
+        ("Error: unknown Table 6 row 'nope'; valid rows: i_shufflenet, k_shufflenet, shufflenet_fusion, i_resnet, "
+         "k_r2plus1d, resnet_fusion, i_swin, ik_swin.")]
     r = run("probe", "--data-dir", tmp_path)
     assert r.exit_code == 1 and "mtgc.csv does not exist" in r.output and "Traceback" not in r.output
 

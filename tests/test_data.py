@@ -6,6 +6,7 @@ from trailers12k_feats import GENRES, cache
 from trailers12k_feats.training import data
 from trailers12k_feats.utils import T12kError
 
+IDS = ["t0", "t1", "t2"]
 HEADER = "mid," + ",".join(GENRES) + ",split0,split1,split2\n"
 
 
@@ -57,23 +58,10 @@ def test_metadata_roundtrip(tmp_path):
     assert m.ids == ["a", "b", "c"] and (m.labels == labels).all() and (m.splits == splits).all()
 
 
-def toy_sets(tmp_path, lengths, F=4, ids=None):
-    ids = ids or [f"t{i}" for i in range(len(lengths))]
-    items = [(t, np.arange(n * F, dtype=np.float32).reshape(n, F) + 100 * i) for i, (t, n) in enumerate(zip(ids, lengths))]
-    cache.write_cache(tmp_path / "c.h5", cache.CacheAttrs(name="c", backbone="b", feature_dim=F), items, "float32")
-    return cache.load(tmp_path / "c.h5")
-
-
-def toy_meta(tmp_path, ids):
-    labels = np.zeros((len(ids), 10), np.uint8)
-    labels[:, 0] = 1
-    data.write_metadata(tmp_path / "m.csv", ids, labels, np.zeros((len(ids), 3), np.int8))
-    return data.load_metadata(tmp_path / "m.csv")
-
-
-def test_align_reports_missing_both_ways(tmp_path, caplog):
-    fs = toy_sets(tmp_path, [3, 3, 3], ids=["a", "b", "x"])
-    meta = toy_meta(tmp_path, ["a", "b", "c"])
+def test_align_reports_missing_both_ways(tmp_path, caplog, toy_cache, toy_metadata):
+    toy_cache(tmp_path / "c.h5", [3, 3, 3], F=4, ids=["a", "b", "x"])
+    fs = cache.load(tmp_path / "c.h5")
+    meta = data.load_metadata(toy_metadata(tmp_path / "m.csv", ["a", "b", "c"]))
     with pytest.raises(T12kError, match=r"1 of 3 trailers in .* are missing from cache .* \(e.g. c\)"):
         data.align(meta, [fs])
     rows = data.align(meta, [fs], on_missing="warn")
@@ -81,9 +69,10 @@ def test_align_reports_missing_both_ways(tmp_path, caplog):
     assert "1 trailers are not in" in caplog.text and "dropping them" in caplog.text
 
 
-def test_windows_and_masks(tmp_path):
-    fs = toy_sets(tmp_path, [50, 5, 30])
-    meta = toy_meta(tmp_path, ["t0", "t1", "t2"])
+def test_windows_and_masks(tmp_path, toy_cache, toy_metadata):
+    toy_cache(tmp_path / "c.h5", [50, 5, 30], F=4, ids=IDS, ramp=True)  # float32; values name trailer and clip
+    fs = cache.load(tmp_path / "c.h5")
+    meta = data.load_metadata(toy_metadata(tmp_path / "m.csv", IDS))
     d = data.TrailerData.from_metadata(meta, {"image": fs}, np.arange(3))
     gen = torch.Generator().manual_seed(0)
     for _ in range(20):
@@ -98,35 +87,47 @@ def test_windows_and_masks(tmp_path):
         assert torch.equal(b.x["image"][2], fs.trailer("t2"))
 
 
-def test_snippets_cover_every_clip_once(tmp_path):
-    fs = toy_sets(tmp_path, [61, 5, 30])
-    meta = toy_meta(tmp_path, ["t0", "t1", "t2"])
+def test_snippets_cover_every_clip_once(tmp_path, toy_cache, toy_metadata):
+    toy_cache(tmp_path / "c.h5", [61, 5, 30], F=4, ids=IDS, ramp=True)  # float32; values name trailer and clip
+    fs = cache.load(tmp_path / "c.h5")
+    meta = data.load_metadata(toy_metadata(tmp_path / "m.csv", IDS))
     d = data.TrailerData.from_metadata(meta, {"image": fs}, np.arange(3))
     owner, first = d.snippets(torch.arange(3), 30)
     assert owner.tolist() == [0, 0, 0, 1, 2] and first.tolist() == [0, 30, 60, 0, 0]
     b = d.gather(owner, first, 30, torch.float32)
     assert b.mask.sum().item() == 61 + 5 + 30
-    got = torch.cat([b.x["image"][i][b.mask[i]] for i in range(3)])
-    assert torch.equal(got, fs.trailer("t0"))
+    # Each trailer's snippets, in order and without their padding, are exactly its clips.
+    for row, tid in enumerate(IDS):
+        mine = (owner == row).nonzero().flatten()
+        got = torch.cat([b.x["image"][i][b.mask[i]] for i in mine])
+        assert torch.equal(got, fs.trailer(tid)), tid
+        assert (b.x["image"][mine][~b.mask[mine]] == 0).all()
 
 
-def test_streams_use_shorter_length(tmp_path):
-    a = toy_sets(tmp_path, [10])
-    (tmp_path / "c.h5").rename(tmp_path / "a.h5")
-    b = toy_sets(tmp_path, [7])
-    meta = toy_meta(tmp_path, ["t0"])
+def test_streams_use_shorter_length(tmp_path, toy_cache, toy_metadata):
+    toy_cache(tmp_path / "a.h5", [10], F=4, ids=["t0"], ramp=True)
+    a = cache.load(tmp_path / "a.h5")
+    toy_cache(tmp_path / "b.h5", [7], F=4, ids=["t0"])  # random values: not the image stream's
+    b = cache.load(tmp_path / "b.h5")
+    meta = data.load_metadata(toy_metadata(tmp_path / "m.csv", ["t0"]))
     d = data.TrailerData.from_metadata(meta, {"image": a, "video": b}, np.arange(1))
     assert d.lengths.tolist() == [7]
     batch = d.gather(torch.tensor([0]), torch.tensor([0]), 30, torch.float32)
     assert batch.mask.sum().item() == 7 and batch.x["video"].shape == (1, 30, 4)
+    # Both streams are read at the same clip positions, cut at the shorter one.
+    assert torch.equal(batch.x["image"][0, :7], a.trailer("t0")[:7])
+    assert torch.equal(batch.x["video"][0, :7], b.trailer("t0"))
+    assert (batch.x["image"][0, 7:] == 0).all() and (batch.x["video"][0, 7:] == 0).all()
 
 
-def test_unlabelled_trailers_give_the_same_windows_without_labels(tmp_path):
-    fs = toy_sets(tmp_path, [61, 5, 30])
-    meta = toy_meta(tmp_path, ["t0", "t1", "t2"])
+def test_unlabelled_trailers_give_the_same_windows_without_labels(tmp_path, toy_cache, toy_metadata):
+    toy_cache(tmp_path / "c.h5", [61, 5, 30], F=4, ids=IDS, ramp=True)
+    fs = cache.load(tmp_path / "c.h5")
+    meta = data.load_metadata(toy_metadata(tmp_path / "m.csv", IDS))
     labelled = data.TrailerData.from_metadata(meta, {"image": fs}, np.array([2, 0]))
-    assert labelled.ids == ["t2", "t0"] and labelled.labels.tolist() == [[1.0] + [0.0] * 9] * 2
-    bare = data.TrailerData(["t2", "t0"], {"image": fs})
+    assert labelled.ids == [IDS[2], IDS[0]]
+    assert torch.equal(labelled.labels, torch.from_numpy(meta.labels[[2, 0]].astype(np.float32)))
+    bare = data.TrailerData([IDS[2], IDS[0]], {"image": fs})
     assert bare.labels is None
     owner, first = bare.snippets(torch.arange(2), 30)
     a, b = labelled.gather(owner, first, 30, torch.float32), bare.gather(owner, first, 30, torch.float32)
@@ -134,9 +135,9 @@ def test_unlabelled_trailers_give_the_same_windows_without_labels(tmp_path):
     assert torch.equal(a.x["image"], b.x["image"]) and torch.equal(a.mask, b.mask)
     assert bare.random_windows(torch.arange(2), 30, torch.Generator().manual_seed(0)).y is None
     with pytest.raises(T12kError, match=r"labels must have shape \(2, 10\).*got \(2, 3\)"):
-        data.TrailerData(["t2", "t0"], {"image": fs}, np.zeros((2, 3)))
+        data.TrailerData([IDS[2], IDS[0]], {"image": fs}, np.zeros((2, 3)))
     with pytest.raises(T12kError, match=r"1 trailers are not in cache .*c.h5 \(e.g. nope\)"):
-        data.TrailerData(["t0", "nope"], {"image": fs})
+        data.TrailerData([IDS[0], "nope"], {"image": fs})
 
 
 def test_check_splits():

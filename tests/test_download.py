@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from test_importer import make_store
 
 from cli import main
-from trailers12k_feats import NUM_GENRES, cache, paper
+from trailers12k_feats import cache, paper
 from trailers12k_feats.sources.download import (
     DownloadConfig,
     ReleasedFile,
@@ -24,7 +24,6 @@ from trailers12k_feats.sources.download import (
 )
 from trailers12k_feats.sources.unpack import unpack_store
 from trailers12k_feats.sources.zarr_import import ZARR_MISSING
-from trailers12k_feats.training.data import write_metadata
 from trailers12k_feats.utils import T12kError
 
 ARCHIVE = "trailers_k_r2plus1d_fps24_fpc24.zarr.tar.gz"
@@ -90,15 +89,6 @@ def server():
     httpd.server_close()
 
 
-def metadata_bytes(tmp_path, ids):
-    rng = np.random.default_rng(0)
-    labels = rng.random((len(ids), NUM_GENRES)) < 0.3
-    labels[np.arange(len(ids)), rng.integers(0, NUM_GENRES, len(ids))] = True
-    split = np.array([0, 0, 0, 1, 2])[np.arange(len(ids)) % 5]
-    write_metadata(tmp_path / "m.csv", ids, labels, np.stack([split, np.roll(split, 1), np.roll(split, 2)], 1))
-    return (tmp_path / "m.csv").read_bytes()
-
-
 def tar_gz(members) -> bytes:
     """A tar.gz from (TarInfo, bytes or None) pairs."""
     buf = io.BytesIO()
@@ -111,14 +101,15 @@ def tar_gz(members) -> bytes:
 
 
 @pytest.fixture
-def release(server, tmp_path):
+def release(server, tmp_path, toy_metadata):
     """mtgc.csv and one stream's archive on the server; returns (files registry, arrays)."""
     src = tmp_path / "src"
     arrays = make_store(src / STORE, F=512, n=30, seed=3)
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
         tar.add(src / STORE, arcname=STORE)
-    server.files = {"mtgc.csv": metadata_bytes(tmp_path, sorted(arrays)), ARCHIVE: buf.getvalue()}
+    metadata = toy_metadata(tmp_path / "m.csv", sorted(arrays)).read_bytes()
+    server.files = {"mtgc.csv": metadata, ARCHIVE: buf.getvalue()}
     files = tuple(ReleasedFile(n, hashlib.md5(b).hexdigest(), None if n == "mtgc.csv" else "k_r2plus1d")
                   for n, b in server.files.items())
     return files, arrays
@@ -187,7 +178,7 @@ def test_resume_sends_range(server, release, tmp_path, have, ignore_range):
 
 
 def test_no_import_keeps_the_store_for_import_zarr(server, release, tmp_path):
-    files, arrays = release
+    files, _ = release
     cfg = config(server, tmp_path, files, only=("k_r2plus1d",), import_caches=False)
     store = tmp_path / "data" / "released" / STORE
     assert dict(download(cfg, progress=False)) == {ARCHIVE: f"unpacked to {store}"}

@@ -3,7 +3,6 @@ import pytest
 
 from trailers12k_feats import cache
 from trailers12k_feats.apps import explore
-from trailers12k_feats.cache import CacheAttrs, CacheWriter
 from trailers12k_feats.training import data
 from trailers12k_feats.utils import T12kError
 
@@ -65,13 +64,10 @@ def test_cooccurrence():
         explore.cooccurrence(y, "col")
 
 
-def test_clip_trajectory(tmp_path):
-    attrs = CacheAttrs(name="t", backbone="b", feature_dim=4)
-    rng = np.random.default_rng(0)
-    with CacheWriter(tmp_path / "t.h5", attrs) as w:
-        start = np.arange(6, dtype=np.float32) * 2
-        w.add("tt1", rng.standard_normal((6, 4)), start, start + 2, np.array([0, 0, 1, 1, 1, 2], np.int32))
-        w.add("tt2", rng.standard_normal((1, 4)))  # one clip, no times or shots
+def test_clip_trajectory(tmp_path, toy_cache):
+    start = np.arange(6, dtype=np.float32) * 2
+    # tt2: one clip, no times or shots
+    toy_cache(tmp_path / "t.h5", (6, 1), F=4, ids=["tt1", "tt2"], clips={"tt1": (start, start + 2, [0, 0, 1, 1, 1, 2])})
     fs = cache.load(tmp_path / "t.h5")
     t = explore.clip_trajectory(fs, "tt1")
     np.testing.assert_array_equal(t.time, [0, 2, 4, 6, 8, 10])
@@ -90,7 +86,7 @@ def test_figures(swin):
     rows = data.align(meta, [fs])
     x = explore.trailer_embeddings(fs, [meta.ids[i] for i in rows])
     fig = explore.embedding_figure(explore.project(x), meta.labels[rows])
-    assert [ax.get_title() for ax in fig.axes][0].startswith("action (")
+    assert fig.axes[0].get_title().startswith("action (")
     fig = explore.cooccurrence_figure(explore.cooccurrence(meta.labels))
     assert len(fig.axes[0].texts) == 100
     tid = meta.ids[0]

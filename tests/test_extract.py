@@ -1,5 +1,5 @@
-import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -37,8 +37,8 @@ def videos(tmp_path_factory):
 
 
 def _cfg(**kw):
-    base = dict(backbones=("mobilenet_v2", "r2plus1d_18"), clip=SPEC, image_frames=2, batch_size=5,
-                weights=(("mobilenet_v2", str(bb.offline_weights())), ("r2plus1d_18", "random")))
+    base = {"backbones": ("mobilenet_v2", "r2plus1d_18"), "clip": SPEC, "image_frames": 2, "batch_size": 5,
+            "weights": (("mobilenet_v2", str(bb.offline_weights())), ("r2plus1d_18", "random"))}
     return ExtractConfig(**{**base, **kw})
 
 
@@ -46,6 +46,7 @@ def _read(path):
     return {c.id: c.features.astype(np.float32) for c in cache.iter_trailers(path)}
 
 
+@pytest.mark.slow
 def test_cached_features_equal_the_models_run_directly(videos, tmp_path):
     res = extract([videos], tmp_path, _cfg(), progress=False)
     assert sorted(p.name for p in res.caches) == ["i_mobilenet.h5", "k_r2plus1d.h5"]
@@ -95,7 +96,7 @@ def test_rerun_skips_finished_trailers_and_refuses_other_settings(videos, tmp_pa
 
 
 def test_shards_merge_into_the_same_cache(videos, tmp_path):
-    kw = dict(backbones=(LIGHT,), weights=((LIGHT, "random"),))
+    kw = {"backbones": (LIGHT,), "weights": ((LIGHT, "random"),)}
     extract([videos], tmp_path / "one", _cfg(**kw), progress=False)
     for k in (1, 2):
         extract([videos], tmp_path / "two", _cfg(shard=(k, 2), **kw), progress=False)
@@ -217,27 +218,60 @@ def test_missing_weights_stop_before_any_work(videos, tmp_path, monkeypatch):
 
 
 def test_inputs_from_list_files_and_duplicate_ids(videos, tmp_path):
+    a, b, c = videos / "tt0000001.mp4", videos / "tt0000002.mkv", videos / "tt0000003.mp4"
+    # CSV with a header: an id where given, else the file stem.
     lst = tmp_path / "list.csv"
-    lst.write_text(f"path,id\n{videos / 'tt0000001.mp4'},movieA\n{videos / 'tt0000002.mkv'}\n")
-    assert resolve_inputs([lst]) == [("movieA", videos / "tt0000001.mp4"), ("tt0000002", videos / "tt0000002.mkv")]
+    lst.write_text(f"path,id\n{a},movieA\n{b}\n")
+    assert resolve_inputs([lst]) == [("movieA", a), ("tt0000002", b)]
+    # Plain list: paths relative to the list's own folder, comments and blank lines skipped; TSV by tabs.
+    ra, rc = (os.path.relpath(v, tmp_path) for v in (a, c))
+    (tmp_path / "rel.txt").write_text(f"# two of them\n{ra}\n\n{rc},third\n")
+    got = resolve_inputs([tmp_path / "rel.txt"])
+    assert got == [("third", tmp_path / rc), ("tt0000001", tmp_path / ra)]
+    assert [p.resolve() for _, p in got] == [c.resolve(), a.resolve()]
+    (tmp_path / "l.tsv").write_text(f"{c}\tmovieC\n")
+    assert resolve_inputs([tmp_path / "l.tsv"]) == [("movieC", c)]
+    # A folder, a list and a file together; the same file named twice is one input.
+    assert resolve_inputs([videos, lst, a]) == [("movieA", a), ("tt0000001", a), ("tt0000002", b),
+                                                ("tt0000003", c), ("tt0000004", videos / "tt0000004.mp4")]
+    # One id for two different files stops before any work, naming both.
     (tmp_path / "tt0000001.mp4").write_bytes(b"")
-    with pytest.raises(T12kError, match="trailer id tt0000001 is given twice"):
+    twice = re.escape(f"trailer id tt0000001 is given twice ({a} and {tmp_path / 'tt0000001.mp4'})")
+    with pytest.raises(T12kError, match=twice):
         resolve_inputs([videos, tmp_path / "tt0000001.mp4"])
+    (tmp_path / "dup.csv").write_text(f"{a},same\n{b},same\n")
+    with pytest.raises(T12kError, match="trailer id same is given twice"):
+        resolve_inputs([tmp_path / "dup.csv"])
+    (tmp_path / "bad.csv").write_text(f"path,id\n{a},x,y\n")
+    with pytest.raises(T12kError, match=r"bad.csv, line 2: expected `path` or `path,id`, got 3 fields"):
+        resolve_inputs([tmp_path / "bad.csv"])
+    (tmp_path / "empty.txt").write_text("path\n# nothing\n")
+    with pytest.raises(T12kError, match="names no videos"):
+        resolve_inputs([tmp_path / "empty.txt"])
     with pytest.raises(T12kError, match="does not exist"):
         resolve_inputs([tmp_path / "nowhere"])
+
+
+def test_config_checks_and_failure_report(tmp_path):
     with pytest.raises(T12kError, match="fp16 autocast needs a CUDA device"):
         ExtractConfig(precision="fp16")
     if not torch.cuda.is_available():
         with pytest.raises(T12kError, match="CUDA is not available"):
             ExtractConfig(device="cuda")
-    assert json.loads(json.dumps(store.read_failures(tmp_path / "none.jsonl"))) == []
+    report = tmp_path / "failures.jsonl"
+    assert store.read_failures(report) == []  # no report: nothing failed
+    rows = [{"id": "tt1", "path": "/v/tt1.mp4", "reason": "cannot be opened"}, {"id": "tt2", "reason": "short"}]
+    store.write_failures(report, rows)
+    assert store.read_failures(report) == rows
+    store.write_failures(report, [])  # a clean rerun removes the old report
+    assert not report.exists()
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_workers_and_fp16_match_the_cpu(videos, tmp_path):
-    kw = dict(backbones=("mobilenet_v2", LIGHT), weights=(("mobilenet_v2", str(bb.offline_weights())),
-                                                           (LIGHT, "random")))
+    kw = {"backbones": ("mobilenet_v2", LIGHT),
+          "weights": (("mobilenet_v2", str(bb.offline_weights())), (LIGHT, "random"))}
     extract([videos], tmp_path / "cpu", _cfg(**kw), progress=False)
     extract([videos], tmp_path / "gpu", _cfg(device="cuda", precision="fp16", workers=2, **kw), progress=False)
     for name in ("i_mobilenet", "k_shufflenet"):

@@ -24,7 +24,7 @@ def test_stored_without_outputs(name):
     assert code and all(c.outputs == [] and c.execution_count is None for c in code)
     assert "parameters" in code[0].metadata.get("tags", [])
     assert "T12K_" in code[0].source  # inputs come from the environment when set
-    modules = {m for c in code for m in re.findall(r"^\s*(?:from|import)\s+(\w+)", c.source, re.M)}
+    modules = {m for c in code for m in re.findall(r"^\s*(?:from|import)\s+(\w+)", c.source, re.MULTILINE)}
     assert modules <= ALLOWED_IMPORTS, modules - ALLOWED_IMPORTS
 
 

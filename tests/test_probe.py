@@ -14,10 +14,8 @@ from trailers12k_feats.training.probe import (
 from trailers12k_feats.utils import T12kError
 
 
-def test_pooling(tmp_path):
-    rng = np.random.default_rng(0)
-    items = [(f"t{i}", rng.standard_normal((n, 3)).astype(np.float32)) for i, n in enumerate((1, 4, 7))]
-    cache.write_cache(tmp_path / "c.h5", cache.CacheAttrs(name="c", backbone="b", feature_dim=3), items, "float32")
+def test_pooling(tmp_path, toy_cache):
+    items = toy_cache(tmp_path / "c.h5", (1, 4, 7), F=3)
     fs = cache.load(tmp_path / "c.h5")
     mean = pool_features(fs, "mean")
     both = pool_features(fs, "meanmax", chunk=5)  # chunks smaller than a trailer still work

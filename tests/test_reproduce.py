@@ -27,6 +27,7 @@ def read(path):
     return list(csv.DictReader(open(path)))
 
 
+@pytest.mark.slow
 def test_reproduce_writes_tables_and_resumes(corpus, tmp_path, monkeypatch):
     out = tmp_path / "res"
     table = reproduce(config(corpus, out), progress=False)

@@ -5,12 +5,14 @@ import shutil
 from pathlib import Path
 
 import h5py
+import numpy as np
 import pytest
 import torch
 
-from trailers12k_feats import cache
+from trailers12k_feats import GENRES, cache
 from trailers12k_feats.training import data
 from trailers12k_feats.training.heads import build_divita
+from trailers12k_feats.training.metrics import multilabel_metrics
 from trailers12k_feats.training.streams import check_dim, resolve_streams
 from trailers12k_feats.training.train import (
     TrainConfig,
@@ -31,6 +33,7 @@ def setup(corpus, image="i_swin", video=None):
     return meta, sets, rows
 
 
+@pytest.mark.slow
 def test_run_directory(corpus, tmp_path):
     meta, sets, rows = setup(corpus, "i_swin", "ik_swin")
     res = train_run(TrainConfig(max_epochs=3), meta, sets, rows, tmp_path / "run", progress=False)
@@ -39,24 +42,35 @@ def test_run_directory(corpus, tmp_path):
                                                     "predictions.csv"]
     info = json.loads((run / "config.json").read_text())
     assert info["config"]["split"] == 0 and info["streams"]["video"]["name"] == "ik_swin"
-    history = list(csv.DictReader(open(run / "history.csv")))
+    with open(run / "history.csv") as f:
+        history = list(csv.DictReader(f))
     assert len(history) == res.epochs == 3
+    assert [float(h["train_loss"]) for h in history] == pytest.approx([h["train_loss"] for h in res.history])
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["test"] == res.test and 1 <= metrics["best_epoch"] <= 3
-    n_test = len(meta.subset(0, "test"))
-    preds = list(csv.reader(open(run / "predictions.csv")))
-    assert sum(r[0] == "test" for r in preds[1:]) == n_test
-    # The checkpoint loads safely and reproduces the saved test probabilities, without labels.
+    assert metrics["test"] == res.test and metrics["val"] == res.val and metrics["best_epoch"] == res.best_epoch
+    with open(run / "predictions.csv") as f:
+        preds = list(csv.DictReader(f))
+
+    # The checkpoint loads safely and, rebuilt from its own recorded settings, reproduces the saved
+    # val and test probabilities (snippet averages) and from them the saved metrics.
     ckpt = torch.load(run / "best.pt", weights_only=True)
-    model = build_divita(768, 768)
+    assert ckpt["epoch"] == metrics["best_epoch"] and ckpt["info"] == info
+    cfg = TrainConfig(**ckpt["info"]["config"])
+    dims = {role: s["feature_dim"] for role, s in ckpt["info"]["streams"].items()}
+    model = build_divita(dims["image"], dims["video"], temporal=cfg.temporal, fusion=cfg.fusion, dropout=cfg.dropout)
     model.load_state_dict(ckpt["model"])
-    assert ckpt["epoch"] == metrics["best_epoch"]
-    test = [r for r in preds[1:] if r[0] == "test"]
-    probs = snippet_probs(model, data.TrailerData([r[1] for r in test], sets), TrainConfig())  # (n, 10)
-    assert probs.shape == (n_test, 10)
-    torch.testing.assert_close(probs, torch.tensor([[float(v) for v in r[2:]] for r in test]), rtol=0, atol=2e-6)
+    for subset in ("val", "test"):
+        d = data.TrailerData.from_metadata(meta, sets, meta.subset(0, subset))
+        saved = [r for r in preds if r["subset"] == subset]
+        assert [r["mid"] for r in saved] == d.ids
+        saved = np.array([[float(r[g]) for g in GENRES] for r in saved])  # (n, 10)
+        bare = data.TrailerData(d.ids, sets)  # no labels: what predict evaluates
+        np.testing.assert_allclose(snippet_probs(model, bare, cfg).numpy(), saved, rtol=0, atol=1e-5)
+        got = multilabel_metrics(d.labels.numpy(), saved)
+        assert got["uAP"] == pytest.approx(metrics[subset]["uAP"], abs=1e-3)
 
 
+@pytest.mark.slow
 def test_same_seed_same_metrics(corpus):
     meta, sets, rows = setup(corpus)
     cfg = TrainConfig(max_epochs=2, seed=3)
@@ -73,9 +87,14 @@ def test_early_stopping_and_best_checkpoint(corpus):
     losses = [h["val_loss"] for h in res.history]
     best = min(range(len(losses)), key=losses.__getitem__) + 1
     assert res.best_epoch == best
-    assert res.epochs == best + 2 or res.epochs == 40
+    assert res.epochs == min(best + 2, 40)  # stops 2 epochs without improvement after the best
+    # The final val metrics are those of the best epoch's weights, not the last epoch's.
+    assert res.val["uAP"] == pytest.approx(res.history[best - 1]["val_uAP"], abs=1e-9)
+    if res.epochs > best:
+        assert res.val["uAP"] != res.history[-1]["val_uAP"]
 
 
+@pytest.mark.slow
 def test_learns_something(corpus):
     meta, sets, rows = setup(corpus, "ik_swin")
     res = train_run(TrainConfig(max_epochs=15, lr=1e-3), meta, sets, rows, progress=False)
