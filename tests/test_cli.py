@@ -1,5 +1,6 @@
 import csv
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pytest
 from click.testing import CliRunner
 
 from cli import main
@@ -150,3 +152,57 @@ def test_cli_imports_the_package_only_in_commands():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).parents[1]).stdout
     assert out.strip() == "[]"
+
+
+def one_line_error(r, *parts):
+    assert r.exit_code == 1, r.output
+    assert len(r.output.strip().splitlines()) == 1 and "Traceback" not in r.output, r.output
+    for part in parts:
+        assert part in r.output, r.output
+
+
+def test_out_under_a_regular_file_is_refused_before_any_work(corpus, tmp_path, monkeypatch):
+    from trailers12k_feats.training import reproduce as rep_mod
+    from trailers12k_feats.training import train as train_mod
+
+    monkeypatch.setattr(train_mod, "load_streams", lambda *a, **k: pytest.fail("caches loaded before --out checked"))
+    monkeypatch.setattr(rep_mod, "_check_inputs", lambda *a, **k: pytest.fail("inputs checked before --out"))
+    f = tmp_path / "file"
+    f.write_text("x")
+    r = run("train", "--data-dir", corpus, "--row", "i_swin", "--max-epochs", 1, "--out", f / "run")
+    one_line_error(r, f"Error: run directory {f / 'run'} cannot be created: it would be inside {f}, which is a "
+                      f"regular file; choose another --out.")
+    r = run("reproduce", "--data-dir", corpus, "--rows", "i_swin", "--splits", 0, "--out", f / "res")
+    one_line_error(r, f"output folder {f / 'res'} cannot be created", "regular file")
+    r = run("reproduce", "--data-dir", corpus, "--rows", "i_swin", "--splits", 0, "--out", f)
+    one_line_error(r, f"output folder {f} cannot be created: {f} is a regular file; choose another --out.")
+    r = run("demo", "--out", f / "demo")
+    one_line_error(r, f"output folder {f / 'demo'} cannot be created", "regular file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders, so chmod cannot make one "
+                                               "(the regular-file case above runs as root too)")
+def test_read_only_out_is_refused_before_any_work(corpus, tmp_path, monkeypatch):
+    from trailers12k_feats.training import train as train_mod
+
+    monkeypatch.setattr(train_mod, "load_streams", lambda *a, **k: pytest.fail("caches loaded before --out checked"))
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        r = run("train", "--data-dir", corpus, "--row", "i_swin", "--max-epochs", 1, "--out", ro / "sub" / "run")
+        one_line_error(r, f"run directory {ro / 'sub' / 'run'} cannot be written: folder {ro} is not writable",
+                       "choose another --out")
+        r = run("reproduce", "--data-dir", corpus, "--rows", "i_swin", "--splits", 0, "--out", ro)
+        one_line_error(r, f"output folder {ro} cannot be written: folder {ro} is not writable")
+        assert list(ro.iterdir()) == []
+    finally:
+        ro.chmod(0o755)
+
+
+def test_absurd_learning_rates_are_refused(corpus, tmp_path):
+    for lr in ("inf", "1e6", "nan"):
+        r = run("train", "--data-dir", corpus, "--row", "i_swin", "--lr", lr, "--out", tmp_path / "run")
+        one_line_error(r, "lr must be a finite number in (0, 1]", "the protocol uses 1e-4")
+    assert not (tmp_path / "run").exists()

@@ -173,3 +173,15 @@ def test_pr_curves_genre_without_positives():
     fig = plots.pr_curves({"test": (y, p)})
     legend = [t.get_text() for t in fig.axes[1].get_legend().get_texts()]
     assert legend[0] == "test: no positives"
+
+
+def test_unwritable_report_folder_is_refused_before_plotting(results, tmp_path, monkeypatch):
+    monkeypatch.setattr(report_mod, "figures", lambda *a: pytest.fail("figures drawn before --out was checked"))
+    f = tmp_path / "file"
+    f.write_text("x")
+    r = CliRunner().invoke(main, ["report", str(results), "--out", str(f / "rep")], catch_exceptions=False)
+    assert r.exit_code == 1 and r.output.strip().splitlines() == [
+        (f"Error: report folder {f / 'rep'} cannot be created: it would be inside {f}, which is a regular file; "
+         f"choose another --out.")]
+    with pytest.raises(T12kError, match="report folder .*file/rep/deeper cannot be created: it would be inside"):
+        write_report(results, f / "rep" / "deeper")

@@ -174,3 +174,90 @@ def test_summarise_single_split_has_no_std():
                                                                                 "com", "cri", "dra", "fan", "hor",
                                                                                 "rom", "sci", "thr")}}])
     assert s["a"]["uAP"][2] == 1 and np.isnan(s["a"]["uAP"][1])
+
+
+def test_results_folder_records_its_data_and_refuses_other_data(corpus, tmp_path):
+    import json
+
+    from trailers12k_feats.sources.synthetic import SynthConfig, make_corpus
+
+    out = tmp_path / "res"
+    reproduce(config(corpus, out, rows=("k_r2plus1d",), splits=(0,)), progress=False)
+    recorded = json.loads((out / "data.json").read_text())
+    assert recorded["metadata"]["path"] == str((corpus / "mtgc.csv").resolve())
+    k = recorded["caches"]["k_r2plus1d"]
+    assert (k["trailers"], k["feature_dim"], k["dtype"]) == (300, 512, "float16") and len(k["sha256"]) == 64
+    before = (out / "tst.csv").read_text()
+
+    # Another corpus: the missing run would be trained on other data, so nothing runs.
+    other = tmp_path / "other"
+    make_corpus(other, SynthConfig(num_trailers=60, seed=7, streams=("k_r2plus1d",)), progress=False)
+    with pytest.raises(T12kError, match=r"holds runs trained on other data: metadata .*other/mtgc.csv differs "
+                                        r".*; cache .*other/k_r2plus1d.h5 of stream k_r2plus1d differs from the recorded .* in trailers \(300 -> 60\), .*"
+                                        r"choose another --out or delete it"):
+        reproduce(config(other, out, rows=("k_r2plus1d",), splits=(0, 1)), progress=False)
+    assert not (out / "runs" / "k_r2plus1d" / "split1").exists() and (out / "tst.csv").read_text() == before
+
+    # Same shape, other values: only the content fingerprint tells them apart.
+    changed = tmp_path / "changed"
+    changed.mkdir()
+    for name in ("mtgc.csv", "k_r2plus1d.h5"):
+        shutil.copy(corpus / name, changed / name)
+    with h5py.File(changed / "k_r2plus1d.h5", "r+") as h5:
+        h5["features"][0] = h5["features"][0] + 1
+    with pytest.raises(T12kError, match=r"stream k_r2plus1d differs .* in content \(sha256 "):
+        reproduce(config(changed, out, rows=("k_r2plus1d",), splits=(0, 1)), progress=False)
+
+    # Other metadata with the same caches.
+    meta = data.load_metadata(changed / "mtgc.csv")
+    shutil.copy(corpus / "k_r2plus1d.h5", changed / "k_r2plus1d.h5")
+    data.write_metadata(changed / "mtgc.csv", meta.ids, np.roll(meta.labels, 1, axis=0), meta.splits)
+    with pytest.raises(T12kError, match=r"holds runs trained on other data: metadata .*changed/mtgc.csv differs "
+                                        r"from the recorded .*corpus.*/mtgc.csv in content \(sha256 [0-9a-f]{12} -> "
+                                        r"[0-9a-f]{12}\); point --data-dir .*choose another --out or delete it.$"):
+        reproduce(config(changed, out, rows=("k_r2plus1d",), splits=(0, 1)), progress=False)
+    assert not (out / "runs" / "k_r2plus1d" / "split1").exists()
+
+
+@pytest.mark.slow
+def test_same_data_elsewhere_is_accepted_and_old_folders_record_their_data(corpus, tmp_path, caplog):
+    import json
+    import logging
+
+    out = tmp_path / "res"
+    reproduce(config(corpus, out, rows=("k_r2plus1d",), splits=(0,)), progress=False)
+    k = json.loads((out / "data.json").read_text())["caches"]["k_r2plus1d"]
+
+    # The same data in another folder is the same data.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for name in ("mtgc.csv", "k_r2plus1d.h5"):
+        shutil.copy(corpus / name, elsewhere / name)
+    reproduce(config(elsewhere, out, rows=("k_r2plus1d",), splits=(0, 1)), progress=False)
+    assert (out / "runs" / "k_r2plus1d" / "split1" / "metrics.json").exists()
+
+    # Finished runs are re-tabulated without their data.
+    reproduce(config(tmp_path / "gone", out, rows=("k_r2plus1d",), splits=(0, 1)), progress=False)
+
+    (out / "data.json").write_text("[]")
+    with pytest.raises(T12kError, match=r"data.json cannot be read \(not an object.*choose another --out or delete"):
+        reproduce(config(corpus, out, rows=("k_r2plus1d",), splits=(2,)), progress=False)
+
+    # A folder made before results folders recorded their data: recorded on the first rerun, with a log line.
+    (out / "data.json").unlink()
+    with caplog.at_level(logging.INFO):
+        reproduce(config(corpus, out, rows=("k_r2plus1d",), splits=(0, 1, 2)), progress=False)
+    assert "has no data.json" in caplog.text and "2 finished runs" in caplog.text
+    assert json.loads((out / "data.json").read_text())["caches"]["k_r2plus1d"]["sha256"] == k["sha256"]
+
+
+def test_unwritable_results_folder_is_refused_before_any_work(corpus, tmp_path, monkeypatch):
+    from trailers12k_feats.training import reproduce as rep_mod
+
+    monkeypatch.setattr(rep_mod, "_check_inputs", lambda *a: pytest.fail("inputs checked before the output"))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(T12kError, match=r"output folder .*file/res cannot be created: it would be inside "
+                                        r".*file, which is a regular file; choose another --out"):
+        reproduce(config(corpus, tmp_path / "file" / "res"), progress=False)
+    with pytest.raises(T12kError, match=r"output folder .*file cannot be created: .*file is a regular file"):
+        reproduce(config(corpus, tmp_path / "file"), progress=False)

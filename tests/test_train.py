@@ -1,6 +1,7 @@
 import csv
 import json
 import logging
+import math
 import shutil
 from pathlib import Path
 
@@ -118,6 +119,52 @@ def test_bad_config():
         TrainConfig(batch_size=0)
     with pytest.raises(T12kError, match="unknown precision 'fp16'; valid: bf16, fp32"):
         TrainConfig(precision="fp16")
+    for lr in (float("inf"), float("nan"), 1e6, 0.0, -1e-4):
+        with pytest.raises(T12kError, match=r"lr must be a finite number in \(0, 1\], got .*; larger AdamW steps "):
+            TrainConfig(lr=lr)
+    for wd in (float("inf"), float("nan"), -0.01):
+        with pytest.raises(T12kError, match=r"weight_decay must be a finite number >= 0, got "):
+            TrainConfig(weight_decay=wd)
+    assert TrainConfig(lr=1.0, weight_decay=0.0).lr == 1.0
+
+
+def poisoned(corpus, monkeypatch, at_step):
+    """A Trainer whose model's output turns NaN at training step `at_step` (counted from 1)."""
+    from trailers12k_feats.training import train as train_mod
+
+    meta, sets, rows = setup(corpus)
+    trainer = Trainer(TrainConfig(max_epochs=2, batch_size=64), train_mod._split_data(meta, sets, rows, 0))
+    real, calls = trainer._logits, []
+
+    def logits(batch):
+        calls.append(1)
+        out = real(batch)
+        return out * float("nan") if len(calls) >= at_step else out
+
+    monkeypatch.setattr(trainer, "_logits", logits)
+    return trainer
+
+
+def test_diverged_training_loss_is_caught_where_it_appears(corpus, monkeypatch):
+    trainer = poisoned(corpus, monkeypatch, at_step=3)
+    with pytest.raises(T12kError, match=r"^split0: training loss is nan at epoch 1, step 3 of 4; training diverged, "
+                                        r"lower --lr or use --precision fp32\.$"):
+        trainer.fit(progress=False, desc="split0")
+
+
+def test_nan_probabilities_in_evaluation_are_a_diverged_run(corpus, monkeypatch):
+    from trailers12k_feats.training import train as train_mod
+
+    meta, sets, rows = setup(corpus)
+    trainer = Trainer(TrainConfig(max_epochs=2), train_mod._split_data(meta, sets, rows, 0))
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.fill_(float("nan"))
+    loss, metrics, probs = trainer.evaluate(trainer.data["val"])  # no crash on NaN probabilities
+    assert math.isnan(loss) and math.isnan(metrics["uAP"]) and torch.isnan(probs).all()
+    monkeypatch.setattr(trainer, "train_epoch", lambda *a, **k: 0.5)
+    with pytest.raises(T12kError, match=r"^epochs: validation loss is nan at epoch 1; training diverged, lower --lr"):
+        trainer.fit(progress=False)
 
 
 def copy_with(src, dst, **attrs):

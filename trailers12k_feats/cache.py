@@ -22,6 +22,7 @@ only code that opens HDF5 files.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -455,6 +456,24 @@ def validate(path: str | os.PathLike, chunk_rows: int = 65536) -> CacheAttrs:
             block = torch.from_numpy(ds[r0:r0 + chunk_rows])
             _check_finite(path, block, offsets - r0, ids)
     return attrs
+
+
+def fingerprint(path: str | os.PathLike, rows: int = 16) -> dict[str, Any]:
+    """A cache's identity, cheap enough to compute on every run: path, trailers, clips, feature
+    dim, dtype, file size and a SHA-256 of its attributes, ids, offsets and `rows` evenly spaced
+    feature rows (hashing every feature of a multi-GB file would take minutes)."""
+    path = Path(path)
+    with _open(path) as h5:
+        ds = h5["features"]
+        ids, offsets = _ids(h5), h5["offsets"][:].astype(np.int64)
+        digest = hashlib.sha256(json.dumps(CacheAttrs.from_h5(h5.attrs).to_h5(), sort_keys=True).encode())
+        digest.update("\n".join(ids).encode())
+        digest.update(offsets.tobytes())
+        picks = np.unique(np.linspace(0, ds.shape[0] - 1, min(rows, ds.shape[0])).round().astype(np.int64))
+        if len(picks):
+            digest.update(np.ascontiguousarray(ds[picks]).tobytes())  # (rows, F)
+        return {"path": str(path), "trailers": len(ids), "clips": int(ds.shape[0]), "feature_dim": int(ds.shape[1]),
+                "dtype": str(ds.dtype), "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
 def stream_path(cache_dir: str | os.PathLike, stream: str) -> Path:

@@ -9,6 +9,7 @@ import logging
 import os
 import random
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -73,6 +74,42 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists():
             tmp.unlink()
+
+
+def check_writable(path: str | os.PathLike, what: str = "output folder", replace: bool = False) -> Path:
+    """Refuse, before any work, an output path that cannot be created or written; return it.
+
+    `path` may not exist yet: a probe file is created and removed in its nearest existing
+    folder (that of its parent with `replace`, for a path renamed into place as a whole, see
+    :func:`atomic_path`), so a read-only folder, or a path under a regular file, fails here in
+    one clear sentence instead of at the end of the work.
+    """
+    path = Path(path)
+    probe = path.parent if replace else path
+    while True:
+        try:
+            mode = probe.stat().st_mode
+            break
+        except (FileNotFoundError, NotADirectoryError):
+            if probe.parent == probe:
+                raise T12kError(f"{what} {path} cannot be created: no part of it exists; choose another --out.") \
+                    from None
+            probe = probe.parent
+        except OSError as e:
+            raise T12kError(f"{what} {path} cannot be checked: {probe} gives {e.strerror}; choose another --out.") \
+                from None
+    if not stat.S_ISDIR(mode):
+        kind = "a regular file" if stat.S_ISREG(mode) else "not a folder"
+        where = f"{path} is {kind}" if probe == path else f"it would be inside {probe}, which is {kind}"
+        raise T12kError(f"{what} {path} cannot be created: {where}; choose another --out.")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".t12k-write-probe-", dir=probe)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise T12kError(f"{what} {path} cannot be written: folder {probe} is not writable ({e.strerror}); "
+                        f"choose another --out or make {probe} writable.") from None
+    return path
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

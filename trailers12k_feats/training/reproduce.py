@@ -3,6 +3,8 @@
 Layout of the results directory::
 
     reproduce_config.json        training settings shared by every run (checked on resume)
+    data.json                    what the runs were trained on: the metadata file and each stream's
+                                 cache (path, size, shape, dtype, content fingerprint; checked on resume)
     runs/<row>/split<k>/         one finished run directory each (see train.py)
     val.csv, tst.csv             one line per finished run: run, split, epoch, metrics, genres
     summary.csv, summary.md      mean and sample std (ddof 1) over splits, paper beside ours
@@ -11,6 +13,7 @@ Layout of the results directory::
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -22,7 +25,7 @@ from trailers12k_feats.training.data import SPLITS, check_splits, load_metadata
 from trailers12k_feats.training.streams import check_clips, check_dim, resolve_streams
 from trailers12k_feats.training.tables import write_results
 from trailers12k_feats.training.train import TrainConfig, load_streams, train_run
-from trailers12k_feats.utils import T12kError, config_dict, write_json
+from trailers12k_feats.utils import T12kError, check_writable, config_dict, write_json
 
 log = logging.getLogger(__name__)
 
@@ -91,14 +94,86 @@ def _check_settings(cfg: ReproduceConfig) -> None:
         write_json(path, settings)
 
 
+CACHE_FIELDS = ("trailers", "clips", "feature_dim", "dtype", "bytes", "sha256")  # compared; the path is not
+
+
+def _data_identity(cfg: ReproduceConfig, todo: list[tuple[str, int]]) -> dict:
+    """The metadata file and the cache of each stream that the unfinished runs will train on."""
+    meta = cfg.metadata.resolve()
+    caches = {p.stem: p.resolve() for row in dict.fromkeys(r for r, _ in todo)
+              for p in resolve_streams(cfg.cache_dir, row=row).values()}
+    return {"metadata": {"path": str(meta), "bytes": meta.stat().st_size,
+                         "sha256": hashlib.sha256(meta.read_bytes()).hexdigest()},
+            "caches": {name: cache_mod.fingerprint(p) for name, p in caches.items()}}
+
+
+def _show_change(field: str, old: object, new: object) -> str:
+    if field == "sha256":
+        return f"content (sha256 {str(old)[:12]} -> {str(new)[:12]})"
+    return f"{field} ({old} -> {new})"
+
+
+def _recorded_data(cfg: ReproduceConfig) -> dict | None:
+    """The contents of data.json, or None where the results directory has none."""
+    path = cfg.out_dir / "data.json"
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        if not (isinstance(data, dict) and isinstance(data.get("caches", {}), dict)):
+            raise ValueError("not an object with a caches object")
+        return data
+    except (OSError, ValueError) as e:
+        raise T12kError(f"{path} cannot be read ({e}); restore it, or choose another --out or delete "
+                        f"{cfg.out_dir}.") from None
+
+
+def _check_data(cfg: ReproduceConfig, ident: dict) -> None:
+    """Refuse to add runs trained on other data than the runs a results directory holds (data.json)."""
+    old = _recorded_data(cfg)
+    if old is None:
+        finished = len(list((cfg.out_dir / "runs").glob("*/split*/metrics.json")))
+        if finished:
+            log.warning("%s has no data.json (it was made by an earlier version), so its %d finished runs cannot "
+                        "be checked against the data; recording the data of this rerun as theirs", cfg.out_dir,
+                        finished)
+        return
+    problems = []
+    m, om = ident["metadata"], old.get("metadata")
+    if om and m["sha256"] != om["sha256"]:
+        problems.append(f"metadata {m['path']} differs from the recorded {om['path']} in "
+                        f"{_show_change('sha256', om['sha256'], m['sha256'])}")
+    for name, c in ident["caches"].items():
+        oc = old.get("caches", {}).get(name)
+        changed = [_show_change(f, oc.get(f), c[f]) for f in CACHE_FIELDS if oc.get(f) != c[f]] if oc else []
+        if changed:
+            problems.append(f"cache {c['path']} of stream {name} differs from the recorded {oc['path']} in "
+                            f"{', '.join(changed)}")
+    if problems:
+        raise T12kError(f"{cfg.out_dir} holds runs trained on other data: {'; '.join(problems)}; point --data-dir "
+                        f"(or --metadata, --cache-dir) at the data these runs used, or choose another --out or "
+                        f"delete it.")
+
+
+def _record_data(cfg: ReproduceConfig, ident: dict, streams: list[str]) -> None:
+    """Add the metadata and the caches of `streams` (those of a finished run) to data.json."""
+    old = _recorded_data(cfg) or {}
+    caches = {**old.get("caches", {}), **{s: ident["caches"][s] for s in streams}}
+    write_json(cfg.out_dir / "data.json", {"metadata": old.get("metadata", ident["metadata"]), "caches": caches})
+
+
 def reproduce(cfg: ReproduceConfig, progress: bool = True) -> str:
     """Run every selected (row, split) not already finished; return the test table."""
     todo = [(r, s) for r in cfg.rows for s in cfg.splits if not (_run_dir(cfg, r, s) / "metrics.json").exists()]
     done = len(cfg.rows) * len(cfg.splits) - len(todo)
+    check_writable(cfg.out_dir)
     if todo:
         _check_inputs(cfg, todo)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     _check_settings(cfg)
+    ident = _data_identity(cfg, todo) if todo else {}
+    if todo:
+        _check_data(cfg, ident)
     if done:
         log.info("%d of %d runs already finished in %s; skipping them", done, done + len(todo), cfg.out_dir)
     meta = load_metadata(cfg.metadata) if todo else None
@@ -109,6 +184,7 @@ def reproduce(cfg: ReproduceConfig, progress: bool = True) -> str:
             train_cfg = dataclasses.replace(cfg.train, split=split)
             train_run(train_cfg, meta, sets, rows, _run_dir(cfg, row_name, split), progress=progress,
                       desc=f"{row_name} split{split}")
+            _record_data(cfg, ident, [p.stem for p in caches.values()])
             write_results(cfg.out_dir)
         del sets
     return write_results(cfg.out_dir)

@@ -45,11 +45,17 @@ from trailers12k_feats.training.heads import (
     build_divita,
     count_params,
 )
-from trailers12k_feats.training.metrics import format_metrics, multilabel_metrics
+from trailers12k_feats.training.metrics import (
+    AP_KEYS,
+    format_metrics,
+    metric_columns,
+    multilabel_metrics,
+)
 from trailers12k_feats.training.streams import check_caches, resolve_streams
 from trailers12k_feats.utils import (
     T12kError,
     atomic_path,
+    check_writable,
     config_dict,
     seed_everything,
     tune_malloc,
@@ -94,8 +100,14 @@ class TrainConfig:
                 raise T12kError(f"{name} must be at least 1, got {getattr(self, name)}.")
         check_device(self.device)
         check_precision(self.precision, self.device, TRAIN_PRECISIONS)
-        if not (self.lr > 0 and self.weight_decay >= 0 and 0 <= self.dropout < 1 and 0 < self.plateau_factor < 1):
-            raise T12kError("need lr > 0, weight_decay >= 0, 0 <= dropout < 1 and 0 < plateau_factor < 1.")
+        if not (math.isfinite(self.lr) and 0 < self.lr <= 1):
+            raise T12kError(f"lr must be a finite number in (0, 1], got {self.lr}; larger AdamW steps make training "
+                            f"diverge (the protocol uses 1e-4).")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise T12kError(f"weight_decay must be a finite number >= 0, got {self.weight_decay} (the protocol uses "
+                            f"0.01).")
+        if not (0 <= self.dropout < 1 and 0 < self.plateau_factor < 1):
+            raise T12kError("need 0 <= dropout < 1 and 0 < plateau_factor < 1.")
 
 
 @dataclass
@@ -179,6 +191,11 @@ def snippet_probs(model: torch.nn.Module, d: TrailerData, cfg: TrainConfig) -> t
     return probs / counts[:, None]  # (n, 10)
 
 
+def diverged(desc: str, what: str) -> T12kError:
+    """The error of a run whose loss became NaN or Inf (`what` says which loss, where)."""
+    return T12kError(f"{desc}: {what}; training diverged, lower --lr or use --precision fp32.")
+
+
 class Trainer:
     """Holds the model, optimiser and data of one run; `fit()` runs the protocol."""
 
@@ -204,11 +221,12 @@ class Trainer:
     def _logits(self, batch) -> torch.Tensor:
         return batch_logits(self.model, batch, self.device, self.dtype)
 
-    def train_epoch(self, progress: bool = False) -> float:
+    def train_epoch(self, progress: bool = False, epoch: int = 1, desc: str = "epochs") -> float:
         cfg, d = self.cfg, self.data["train"]
         self.model.train()
         order = torch.randperm(len(d), generator=self.gen)  # (n,)
         total, count = torch.zeros((), device=self.device), 0
+        losses = []  # per step, on the device: checked once per epoch, so no step waits for the device
         steps = range(0, len(d), cfg.batch_size)
         for s in tqdm(steps, desc="train", unit="batch", leave=False, disable=not progress):
             rows = order[s:s + cfg.batch_size]
@@ -217,8 +235,14 @@ class Trainer:
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
+            losses.append(loss.detach())
             total += loss.detach() * len(rows)
             count += len(rows)
+        step_loss = torch.stack(losses).cpu()  # (steps,)
+        if not bool(torch.isfinite(step_loss).all()):
+            step = int((~torch.isfinite(step_loss)).nonzero()[0, 0])
+            raise diverged(desc, f"training loss is {float(step_loss[step])} at epoch {epoch}, step {step + 1} of "
+                                 f"{len(losses)}")
         return float(total) / count
 
     def predict(self, d: TrailerData) -> torch.Tensor:
@@ -227,6 +251,8 @@ class Trainer:
 
     def evaluate(self, d: TrailerData) -> tuple[float, dict[str, float], torch.Tensor]:
         p = self.predict(d)
+        if not bool(torch.isfinite(p).all()):  # a diverged model: NaN loss and metrics, for fit to report
+            return math.nan, dict.fromkeys((*metric_columns(), *AP_KEYS), math.nan), p
         loss = float(Fn.binary_cross_entropy(p.clamp(1e-7, 1 - 1e-7), d.labels))
         return loss, multilabel_metrics(d.labels.numpy(), p.numpy()), p
 
@@ -237,7 +263,7 @@ class Trainer:
         history = []
         bar = tqdm(range(1, cfg.max_epochs + 1), desc=desc, unit="epoch", disable=not progress, leave=False)
         for epoch in bar:
-            train_loss = self.train_epoch()
+            train_loss = self.train_epoch(epoch=epoch, desc=desc)
             val_loss, val_m, _ = self.evaluate(self.data["val"])
             lr = self.opt.param_groups[0]["lr"]
             self.sched.step(val_loss)
@@ -245,8 +271,7 @@ class Trainer:
                             **{f"val_{k}": val_m[k] for k in ("uAP", "mAP", "wAP", "sAP")},
                             "seconds": round(time.perf_counter() - t0, 2)})
             if not math.isfinite(val_loss):
-                raise T12kError(f"{desc}: validation loss is {val_loss} at epoch {epoch}; training diverged, "
-                                f"lower --lr or use --precision fp32.")
+                raise diverged(desc, f"validation loss is {val_loss} at epoch {epoch}")
             if val_loss < best_loss:
                 best_loss, best_epoch = val_loss, epoch
                 best_state = copy.deepcopy(self.model.state_dict())
@@ -324,6 +349,7 @@ def train_from_caches(job: TrainJob, progress: bool = True) -> RunResult:
     caches = resolve_streams(job.cache_dir, job.row, job.image, job.video)
     if job.out.exists():
         raise T12kError(f"run directory {job.out} already exists; choose another --out or delete it.")
+    check_writable(job.out, "run directory", replace=True)
     meta = load_metadata(job.metadata)
     meta.check_splits([job.train.split])
     sets, rows = load_streams(meta, caches, job.on_missing, job.allow_mismatched_clips)
