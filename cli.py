@@ -111,7 +111,22 @@ def _train_config(**opts: Any):
     return TrainConfig(**given(**opts))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Main(click.Group):
+    """The `t12k` group: Ctrl-C in any command ends with one line and status 130, as shells expect.
+
+    Work finished before the interrupt stays (extraction flushes its finished trailers, a
+    download keeps its partial file for the next run to resume).
+    """
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            raise click.exceptions.Exit(130) from None
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @click.version_option(package_name="trailers12k_feats")
 def main(verbose: bool) -> None:

@@ -199,6 +199,31 @@ def test_kill_9_then_rerun_keeps_every_finished_trailer_once(tmp_path):
     assert not list((tmp_path / "c").rglob(".*tmp-*"))
 
 
+@pytest.mark.slow
+def test_ctrl_c_exits_130_and_keeps_finished_trailers(tmp_path):
+    vids = tmp_path / "v"
+    for i in range(8):
+        cut_video(vids / f"tt{i:07d}.mp4", [40, 40], size=(160, 96), seed=i)
+    args = [sys.executable, "-m", "cli", "extract", str(vids), "-b", LIGHT, "--weights", f"{LIGHT}=random",
+            "--fpc", "8", "--flush-every", "1", "--cache", str(tmp_path / "c")]
+    proc = subprocess.Popen(args, cwd=Path(__file__).parents[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 120
+    while not store.segments(tmp_path / "c", "k_shufflenet") and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    assert proc.poll() is None, "extraction ended before it could be interrupted"
+    seen = store.finished_ids(tmp_path / "c", "k_shufflenet")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.rstrip().splitlines()[-1] == "interrupted" and "Traceback" not in err
+    done = store.finished_ids(tmp_path / "c", "k_shufflenet")
+    assert seen <= done and 1 <= len(done) < 8
+    for seg in store.segments(tmp_path / "c", "k_shufflenet"):
+        cache.validate(seg)  # what was kept is whole
+    assert not list((tmp_path / "c").rglob(".*tmp-*"))
+
+
 def test_cli_reports_failures_with_exit_status_3(videos, tmp_path):
     out = CliRunner().invoke(main, ["extract", str(videos), "-b", LIGHT, "--weights", f"{LIGHT}=random",
                                     "--fpc", "8", "--cache", str(tmp_path)])
