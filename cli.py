@@ -250,13 +250,17 @@ def _weights(items: tuple[str, ...]) -> tuple[tuple[str, str], ...] | None:
 @click.option("--random-weights", is_flag=True, default=None, help="Random weights for every backbone (smoke tests).")
 @option(EXTRACT, "--flush-every", "flush_trailers", field="flush_trailers", type=int,
         help="Save finished trailers every N trailers.")
+@option(EXTRACT, "--partial", type=LazyChoice("trailers12k_feats.extraction.extract:PARTIALS"),
+        help="A video that decodes shorter than its file declares (by more than 1 s and 5%; truncated): keep "
+             "its clips in the cache or drop it; either way it is listed in failures.jsonl.")
 @_errors
 def extract(inputs, backbones, cache_dir, shard, weights, fps, fpc, segmentation, leftover, shot_threshold,
             min_shot_frames, **opts) -> None:
     """Embed the clips of videos (files, folders or list files) into feature caches.
 
     Resumable: finished trailers are skipped. Bad videos are skipped and listed in
-    CACHE/failures.jsonl; the exit status is 3 when any failed.
+    CACHE/failures.jsonl, and so are partial ones (truncated: see --partial); the exit
+    status is 3 when any failed or was partial.
     """
     from trailers12k_feats.extraction.extract import ExtractConfig
     from trailers12k_feats.extraction.extract import extract as run
@@ -268,10 +272,11 @@ def extract(inputs, backbones, cache_dir, shard, weights, fps, fpc, segmentation
                         **given(**opts, shard=_shard(shard), weights=_weights(weights)))
     res = run(list(inputs), cache_dir, cfg)
     click.echo(f"{res.extracted} trailer(s) extracted ({res.clips} clips, {res.seconds:.0f} s), "
-               f"{res.skipped} already done, {len(res.failures)} failed")
+               f"{res.skipped} already done, {len(res.failures)} failed, {len(res.partial)} partial "
+               f"({'kept' if cfg.partial == 'keep' else 'dropped'})")
     for p in res.caches:
         click.echo(f"  {p}")
-    if res.failures:
+    if not res.ok:
         click.echo(f"failures listed in {cache_dir / 'failures.jsonl'}" if cfg.shard[1] == 1
                    else f"failures listed in {cache_dir}/failures.shard*.jsonl", err=True)
         sys.exit(3)
