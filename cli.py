@@ -294,13 +294,19 @@ def extract(inputs, backbones, cache_dir, shard, weights, fps, fpc, segmentation
 @click.option("--weights", "weights", multiple=True, help="NAME=PATH of a backbone's weight file (repeatable).")
 @_errors
 def predict(videos, run_dir, fmt, cache_dir, weights, **opts) -> None:
-    """The 10 genre probabilities of videos (files, folders or list files) with a trained run."""
+    """The 10 genre probabilities of videos (files, folders or list files) with a trained run.
+
+    Every video gets a row with a status (ok, partial, failed) and, when not ok, the reason,
+    which also goes to stderr; the exit status is 3 when any video is not ok.
+    """
     from trailers12k_feats.apps.predict import PredictConfig, format_predictions
     from trailers12k_feats.apps.predict import predict as run
 
     cfg = PredictConfig(run_dir=run_dir, cache_dir=cache_dir, **given(**opts, weights=_weights(weights)))
     result = run(list(videos), cfg, progress=fmt == "table")
     click.echo(format_predictions(result, fmt))
+    for r in result["failures"]:
+        click.echo(f"{r['id']}: {r['status']}: {r['error']}", err=True)
     if result["failures"]:
         sys.exit(3)
 
