@@ -416,15 +416,18 @@ def probe(data_dir, metadata, cache_dir, on_missing, rows, splits, pool, alpha, 
 @option(DOWNLOAD, "--dtype", type=click.Choice(["float16", "float32"]), help="Dtype of the imported caches.")
 @option(DOWNLOAD, "--timeout", type=float, help="Seconds without data before a connection counts as failed.")
 @option(DOWNLOAD, "--retries", type=int, help="Further attempts after a failed transfer, each resuming it.")
+@option(DOWNLOAD, "--max-size-factor", type=float,
+        help="Multiply the size bounds of each download and of unpacking (a mirror that repackages the files).")
 @_errors
-def download(data_dir, only, base_url, no_import, keep_zarr, dtype, timeout, retries) -> None:
+def download(data_dir, only, base_url, no_import, keep_zarr, dtype, timeout, retries, max_size_factor) -> None:
     """Download the authors' released features (about 40 GB), verify their md5, unpack and import them."""
     from trailers12k_feats.sources.download import DownloadConfig
     from trailers12k_feats.sources.download import download as run
 
     cfg = DownloadConfig(only=tuple(n for o in only for n in _names(o) or ()), import_caches=not no_import,
                          keep_zarr=keep_zarr, **given(data_dir=data_dir, base_url=base_url or None, dtype=dtype,
-                                                       timeout=timeout, retries=retries))
+                                                       timeout=timeout, retries=retries,
+                                                       max_size_factor=max_size_factor))
     for file, what in run(cfg):
         click.echo(f"{file}: {what}")
     if not no_import:
