@@ -56,7 +56,7 @@ def test_errors_are_one_clear_line(tmp_path):
 
 
 def test_ctrl_c_ends_any_command_with_status_130_and_one_line(tmp_path, monkeypatch):
-    import trailers12k_feats.sources.synthetic as synthetic
+    from trailers12k_feats.sources import synthetic
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

@@ -214,7 +214,7 @@ def test_ctrl_c_exits_130_and_keeps_finished_trailers(tmp_path):
     assert proc.poll() is None, "extraction ended before it could be interrupted"
     seen = store.finished_ids(tmp_path / "c", "k_shufflenet")
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert err.rstrip().splitlines()[-1] == "interrupted" and "Traceback" not in err
     done = store.finished_ids(tmp_path / "c", "k_shufflenet")

@@ -17,7 +17,12 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from trailers12k_feats.extraction import backbones as bb
-from trailers12k_feats.extraction.video import ClipSpec, Durations, VideoError, decode_clips
+from trailers12k_feats.extraction.video import (
+    ClipSpec,
+    Durations,
+    VideoError,
+    decode_clips,
+)
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,12 @@ from tqdm import tqdm
 
 from trailers12k_feats import __version__, paper
 from trailers12k_feats.cache import check_dtype, read_attrs, stream_path
-from trailers12k_feats.paper import RELEASE_URL, RELEASED_MAX_BYTES, RELEASED_MD5, STREAMS
+from trailers12k_feats.paper import (
+    RELEASE_URL,
+    RELEASED_MAX_BYTES,
+    RELEASED_MD5,
+    STREAMS,
+)
 from trailers12k_feats.sources.unpack import unpack_store
 from trailers12k_feats.sources.zarr_import import ImportConfig, import_zarr, zarr_module
 from trailers12k_feats.utils import T12kError, write_json
