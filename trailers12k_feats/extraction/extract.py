@@ -300,7 +300,8 @@ class _Run:
             return
         if "clips" in item:
             tr.total = item["clips"]
-            tr.durations = decoded, declared = item.get("decoded_s"), item.get("declared_s")
+            decoded, declared = item.get("decoded_s"), item.get("declared_s")
+            tr.durations = (decoded, declared)
             if decoded is not None and is_partial(decoded, declared):
                 keep = self.cfg.partial == "keep"
                 reason = (f"{item['path']}: only {decoded:.1f} s of the {declared:.1f} s its file declares decode, "
