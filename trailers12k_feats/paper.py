@@ -41,6 +41,31 @@ RELEASED_MD5: dict[str, str] = {
     "trailers_ik_swin_fps24_fpc24.zarr.tar.gz": "e4f57101c465b6426bc3d9909ba36bdb",
 }
 
+# Upper bounds on the released files' sizes, in bytes. The record's file sizes are not known
+# here (only "about 40 GB in all"), so these are generous caps, not sizes: they stop a server
+# that sends without end (or announces too much) before the md5 can be checked. An archive
+# holds 12,000 trailers of float32 (clips, F) arrays: 400 clips per trailer on average (the
+# 40 GB total implies about 140; trailers run about two minutes, one clip a second) x F x 4
+# bytes, plus 512 MiB for tar headers and small files. mtgc.csv: 12,000 lines of at most 64
+# bytes, 1 MiB. `t12k download --max-size-factor` multiplies every bound, for mirrors that
+# repackage the files.
+RELEASE_TRAILERS = 12_000
+MAX_MEAN_CLIPS = 400
+
+
+def _archive_cap(dim: int) -> int:
+    return RELEASE_TRAILERS * MAX_MEAN_CLIPS * dim * 4 + (512 << 20)
+
+
+RELEASED_MAX_BYTES: dict[str, int] = {
+    METADATA_FILE: 1 << 20,
+    **{s.released: _archive_cap(s.dim) for s in STREAMS.values()},
+}
+# Unpacking an archive may write at most this many times its own size (float32 features
+# hardly compress, so a real store unpacks to about 1x), and at least UNPACK_FLOOR_BYTES.
+UNPACK_RATIO = 4
+UNPACK_FLOOR_BYTES = 64 << 20
+
 
 @dataclass(frozen=True)
 class Row:

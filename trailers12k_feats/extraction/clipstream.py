@@ -2,7 +2,8 @@
 
 `ClipDataset` runs in DataLoader workers: it decodes each video, cuts shots and clips, applies
 every backbone group's uint8 resize and crop, and yields small chunks, so only compact crops
-cross process boundaries. A bad video yields a failure record instead of raising.
+cross process boundaries. A bad video yields a failure record instead of raising; the end
+marker of a good one carries its decoded and declared durations.
 """
 
 from __future__ import annotations
@@ -16,7 +17,12 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from trailers12k_feats.extraction import backbones as bb
-from trailers12k_feats.extraction.video import ClipSpec, VideoError, decode_clips
+from trailers12k_feats.extraction.video import (
+    ClipSpec,
+    Durations,
+    VideoError,
+    decode_clips,
+)
 
 
 @dataclass(frozen=True)
@@ -45,7 +51,12 @@ def frame_index(kind: str, fpc: int, frame_pool: str = "mean", image_frames: int
 
 
 class ClipDataset(IterableDataset):
-    """Yields chunks of preprocessed clips per video, a final marker, or a failure."""
+    """Yields chunks of preprocessed clips per video, then a final marker or a failure.
+
+    Marker: {"tid", "path", "clips", "decoded_s", "declared_s"}. Failure: {"tid", "path",
+    "error", "sent", "short"}, where "short" says the video held no whole clip (and "note" may
+    say it was cut short).
+    """
 
     def __init__(self, videos: list[tuple[str, Path]], spec: ClipSpec, groups: list[Group], chunk: int,
                  threads: int) -> None:
@@ -60,8 +71,9 @@ class ClipDataset(IterableDataset):
     def _video(self, tid: str, path: Path) -> Iterator[dict]:
         n = 0
         buf = []
+        durations = Durations()
         try:
-            for clip in decode_clips(path, self.spec, self.threads):
+            for clip in decode_clips(path, self.spec, self.threads, durations):
                 buf.append(clip)
                 if len(buf) == self.chunk:
                     yield self._pack(tid, buf)
@@ -70,12 +82,20 @@ class ClipDataset(IterableDataset):
                 yield self._pack(tid, buf)
                 n += len(buf)
             if n == 0:
-                raise VideoError(f"{path}: shorter than one clip ({self.spec.fpc} frames at {self.spec.fps} fps "
-                                 f"within one shot); try --leftover pad or --segmentation fixed")
-            yield {"tid": tid, "clips": n}
+                yield {"tid": tid, "path": str(path), "error": self._too_short(path), "sent": 0, "short": True,
+                       "note": (f"only {durations.decoded:.1f} s of the {durations.declared:.1f} s its file declares "
+                                f"decode (truncated or damaged?)") if durations.partial else ""}
+                return
+            yield {"tid": tid, "path": str(path), "clips": n, "decoded_s": durations.decoded,
+                   "declared_s": durations.declared}
         except Exception as e:  # noqa: BLE001 - a bad video must never stop the run
             reason = str(e) if isinstance(e, VideoError) else f"{path}: {type(e).__name__}: {e}"
-            yield {"tid": tid, "path": str(path), "error": reason, "sent": n}
+            yield {"tid": tid, "path": str(path), "error": reason, "sent": n, "short": False}
+
+    def _too_short(self, path: Path) -> str:
+        """Why a video gave no clip; the caller adds what to do (extract and predict differ)."""
+        within = " within one shot" if self.spec.segmentation == "shots" else ""
+        return f"{path}: shorter than one clip ({self.spec.fpc} frames at {self.spec.fps:g} fps{within})"
 
     def _pack(self, tid: str, buf: list) -> dict:
         frames = torch.from_numpy(np.stack([c.frames for c in buf]))  # (n, fpc, H, W, 3) uint8

@@ -4,7 +4,8 @@ One decoding pass per video feeds every requested backbone. Decoding, shot detec
 clip building and the uint8 resize/crop run in worker processes (``workers``); the main
 process batches clips across shots and trailers, normalises them on the device and runs the
 backbones. Finished trailers are flushed to crash-safe segments (see store.py), so a killed
-run resumes where it stopped; bad videos are skipped and listed in a failure report.
+run resumes where it stopped; bad videos are skipped and listed in a failure report, and so
+are videos that decode shorter than their file declares (truncated: "partial").
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from trailers12k_feats.extraction.clipstream import (
     worker_init,
 )
 from trailers12k_feats.extraction.inputs import resolve_inputs
-from trailers12k_feats.extraction.video import ClipSpec
+from trailers12k_feats.extraction.video import ClipSpec, is_partial
 from trailers12k_feats.runtime import (
     PRECISIONS,
     autocast,
@@ -46,6 +47,14 @@ log = logging.getLogger(__name__)
 
 EXTRACT_PRECISIONS = ("fp32", "bf16", "fp16")
 FRAME_POOLS = ("mean", "center")
+PARTIALS = ("keep", "drop")  # what to do with a video that decodes shorter than its file declares
+
+# What a failure report adds to a reason, per kind of failure; `t12k predict` has its own.
+HINTS = {
+    "short": "; try --leftover pad or --segmentation fixed",
+    "keep": "; the clips that decoded are kept in the cache (--partial drop leaves such videos out)",
+    "drop": "; left out of the cache (--partial drop): replace the file and run again",
+}
 
 
 @dataclass(frozen=True)
@@ -69,6 +78,7 @@ class ExtractConfig:
     weights: tuple[tuple[str, str], ...] = ()  # (backbone, path or "random") overriding the torch hub cache
     random_weights: bool = False  # every backbone random (tests and smoke runs; recorded in the cache)
     dtype: str = "float16"  # cache storage
+    partial: str = "keep"  # a video decoding shorter than it declares (truncated): "keep" its clips or "drop" it
 
     def __post_init__(self) -> None:
         if not self.backbones:
@@ -77,6 +87,8 @@ class ExtractConfig:
             raise T12kError(f"a backbone is requested twice: {', '.join(self.backbones)}.")
         if self.frame_pool not in FRAME_POOLS:
             raise T12kError(f"frame_pool must be one of {', '.join(FRAME_POOLS)}, got {self.frame_pool!r}.")
+        if self.partial not in PARTIALS:
+            raise T12kError(f"partial must be one of {', '.join(PARTIALS)}, got {self.partial!r}; fix --partial.")
         if not 0 <= self.image_frames <= self.clip.fpc:
             raise T12kError(f"image_frames must be within 0..fpc ({self.clip.fpc}), got {self.image_frames}.")
         check_device(self.device)
@@ -113,15 +125,17 @@ class ExtractConfig:
 @dataclass
 class ExtractResult:
     caches: list[Path]
-    extracted: int
+    extracted: int  # trailers written, partial ones kept included
     skipped: int
-    failures: list[dict]
+    failures: list[dict]  # videos not extracted: {"id", "path", "status": "failed", "reason"}
     seconds: float
     clips: int
+    partial: list[dict] = field(default_factory=list)  # {"id", "path", "status": "partial", "reason",
+    #                                                     "decoded_s", "declared_s", "kept"}
 
     @property
     def ok(self) -> bool:
-        return not self.failures
+        return not self.failures and not self.partial
 
 
 # ---------------------------------------------------------------------------- model side
@@ -158,6 +172,7 @@ class _Trailer:
         self.meta: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self.feats: dict[str, dict[int, np.ndarray]] = {}  # backbone -> first clip -> (n, F)
         self.embedded: dict[str, int] = {}
+        self.durations: tuple[float | None, float | None] = (None, None)  # (decoded, declared) seconds
 
 
 def build_models(cfg: ExtractConfig) -> list[_Model]:
@@ -196,13 +211,17 @@ def build_models(cfg: ExtractConfig) -> list[_Model]:
 # ---------------------------------------------------------------------------- the run
 
 def extract(inputs: list[str | os.PathLike], cache_dir: str | os.PathLike, cfg: ExtractConfig,
-            progress: bool = True) -> ExtractResult:
+            progress: bool = True, *, report: bool = True, hints: dict[str, str] | None = None) -> ExtractResult:
     """Extract every requested backbone's clip embeddings of `inputs` into `cache_dir`.
 
     Checks inputs, weights and any existing cache first; skips finished trailers; never
-    stops on a bad video (it goes to the failure report). With one shard the segments are
-    merged into `<cache_dir>/<stream>.h5` at the end; with several, run :func:`store.merge_all`
-    (`t12k cache merge`) once all shards are done.
+    stops on a bad video (it goes to the failure report). A video that decodes shorter than
+    its file declares by more than max(1 s, 5%) is "partial": warned about, reported, and
+    kept or dropped by `cfg.partial`. With one shard the segments are merged into
+    `<cache_dir>/<stream>.h5` at the end; with several, run :func:`store.merge_all`
+    (`t12k cache merge`) once all shards are done. `report=False` writes no failure report
+    (for callers that show failures themselves and delete `cache_dir`); `hints` replaces
+    the advice added to reasons (:data:`HINTS`).
     """
     t0 = time.perf_counter()
     cache_dir = Path(cache_dir)
@@ -219,27 +238,27 @@ def extract(inputs: list[str | os.PathLike], cache_dir: str | os.PathLike, cfg: 
     if skipped:
         log.info("skipping %d trailer(s) already in %s", skipped, cache_dir)
     tag = f"shard{k}of{n}"
-    report = cache_dir / ("failures.jsonl" if n == 1 else f"failures.{tag}.jsonl")
+    report_path = cache_dir / ("failures.jsonl" if n == 1 else f"failures.{tag}.jsonl")
     groups = list({m.group.key: m.group for m in models}.values())
     cuda = cfg.device.startswith("cuda")
     loader = DataLoader(ClipDataset(todo, cfg.clip, groups, cfg.chunk, cfg.decode_threads), batch_size=None,
                         collate_fn=as_is, num_workers=cfg.num_workers, pin_memory=cuda,
                         worker_init_fn=worker_init if cfg.num_workers else None,
                         prefetch_factor=4 if cfg.num_workers else None)
-    run = _Run(models, cfg, cache_dir, tag, report)
+    run = _Run(models, cfg, cache_dir, tag, report_path if report else None, {**HINTS, **(hints or {})})
     bar = tqdm(total=len(todo), unit="trailer", desc="extract", disable=not progress, dynamic_ncols=True)
     try:
         for item in loader:
             run.take(item)
-            bar.update(run.completed + len(run.failures) - bar.n)
-            bar.set_postfix(clips_s=f"{run.clips / max(time.perf_counter() - t0, 1e-9):.1f}", failed=len(run.failures))
+            bar.update(run.completed + run.dropped - bar.n)
+            bar.set_postfix(clips_s=f"{run.clips / max(time.perf_counter() - t0, 1e-9):.1f}", failed=len(run.failures),
+                            partial=len(run.partial))
         for m in models:
             run.forward(m)
-        bar.update(run.completed + len(run.failures) - bar.n)
+        bar.update(run.completed + run.dropped - bar.n)
     finally:
         bar.close()
         run.flush()  # also on Ctrl-C: every finished trailer is kept
-        store.write_failures(report, run.failures)
     caches = []
     for m in models:
         if n == 1:
@@ -248,19 +267,23 @@ def extract(inputs: list[str | os.PathLike], cache_dir: str | os.PathLike, cfg: 
                 caches.append(out)
     if n > 1:
         log.info("shard %d/%d done; once every shard has finished run `t12k cache merge %s`", k, n, cache_dir)
-    if run.failures:
-        log.warning("%d video(s) failed; reasons in %s", len(run.failures), report)
-    return ExtractResult(caches, run.completed, skipped, run.failures, time.perf_counter() - t0, run.clips)
+    if (run.failures or run.partial) and report:
+        log.warning("%d video(s) failed, %d partial; reasons in %s", len(run.failures), len(run.partial), report_path)
+    return ExtractResult(caches, run.completed, skipped, run.failures, time.perf_counter() - t0, run.clips,
+                         run.partial)
 
 
 class _Run:
     """Book-keeping of one extraction: buffers per backbone, trailers in flight, flushes."""
 
-    def __init__(self, models: list[_Model], cfg: ExtractConfig, cache_dir: Path, tag: str, report: Path) -> None:
+    def __init__(self, models: list[_Model], cfg: ExtractConfig, cache_dir: Path, tag: str, report: Path | None,
+                 hints: dict[str, str]) -> None:
         self.models, self.cfg, self.cache_dir, self.tag, self.report = models, cfg, cache_dir, tag, report
+        self.hints = hints
         self.trailers: dict[str, _Trailer] = {}
         self.finished: list[str] = []
         self.failures: list[dict] = []
+        self.partial: list[dict] = []
         self.completed = 0
         self.clips = 0
         self.last_flush = time.monotonic()
@@ -269,14 +292,26 @@ class _Run:
         tid = item["tid"]
         tr = self.trailers.setdefault(tid, _Trailer())
         if "error" in item:
-            self.failures.append({"id": tid, "path": item["path"], "reason": item["error"]})
-            del self.trailers[tid]
-            for m in self.models:  # forget clips of it still waiting in a batch
-                m.buf = [b for b in m.buf if b[0] != tid]
-                m.rows = sum(len(b[2]) for b in m.buf)
+            reason = item["error"] + (self.hints["short"] if item.get("short") else "")
+            if item.get("note"):
+                reason += f"; {item['note']}"
+            self.failures.append({"id": tid, "path": item["path"], "status": "failed", "reason": reason})
+            self._forget(tid)
             return
         if "clips" in item:
             tr.total = item["clips"]
+            decoded, declared = item.get("decoded_s"), item.get("declared_s")
+            tr.durations = (decoded, declared)
+            if decoded is not None and is_partial(decoded, declared):
+                keep = self.cfg.partial == "keep"
+                reason = (f"{item['path']}: only {decoded:.1f} s of the {declared:.1f} s its file declares decode, "
+                          f"so the file is truncated or damaged{self.hints['keep' if keep else 'drop']}")
+                log.warning("%s", reason)
+                self.partial.append({"id": tid, "path": item["path"], "status": "partial", "reason": reason,
+                                     "decoded_s": round(decoded, 3), "declared_s": round(declared, 3), "kept": keep})
+                if not keep:
+                    self._forget(tid)
+                    return
             self._check(tid)
             return
         i0, c = tr.n, len(item["start"])
@@ -287,6 +322,17 @@ class _Run:
             m.rows += c
             if m.rows >= self.cfg.batch_size:
                 self.forward(m)
+
+    @property
+    def dropped(self) -> int:
+        """Trailers given up on: failed, or partial and dropped."""
+        return len(self.failures) + sum(not p["kept"] for p in self.partial)
+
+    def _forget(self, tid: str) -> None:
+        del self.trailers[tid]
+        for m in self.models:  # forget clips of it still waiting in a batch
+            m.buf = [b for b in m.buf if b[0] != tid]
+            m.rows = sum(len(b[2]) for b in m.buf)
 
     def forward(self, m: _Model) -> None:
         if not m.buf:
@@ -329,11 +375,12 @@ class _Run:
                     parts = tr.feats[m.entry.name]
                     feats = np.concatenate([parts[i] for i in sorted(parts)])  # (C, F) in clip order
                     start, end, shot = (np.concatenate(col) for col in zip(*tr.meta))
-                    items.append((tid, feats, start, end, shot))
+                    items.append((tid, feats, start, end, shot, *tr.durations))
                 store.write_segment(self.cache_dir, m.attrs, items, self.tag, self.cfg.dtype)
                 m.done.update(t for t, *_ in items)
             for tid in self.finished:
                 del self.trailers[tid]
             self.finished = []
-        store.write_failures(self.report, self.failures)
+        if self.report is not None:
+            store.write_failures(self.report, self.failures + self.partial)
         self.last_flush = time.monotonic()

@@ -83,13 +83,13 @@ def _alive(pid: int) -> bool:
 
 def write_segment(cache_dir: str | os.PathLike, attrs: CacheAttrs, items: list[tuple], tag: str,
                   dtype: str = "float16") -> Path | None:
-    """Write finished trailers `(tid, feats (C, F), start, end, shot)` as one new segment."""
+    """Write finished trailers `(tid, feats (C, F), start, end, shot[, decoded_s, declared_s])` as one new segment."""
     if not items:
         return None
     path = segment_dir(cache_dir, attrs.name) / f"{tag}-{time.time_ns()}{cache_mod.SUFFIX}"
     with CacheWriter(path, attrs, dtype=dtype) as w:
-        for tid, feats, start, end, shot in items:
-            w.add(tid, feats, start, end, shot)
+        for item in items:
+            w.add(*item)
     return path
 
 
@@ -134,7 +134,7 @@ def merge(cache_dir: str | os.PathLike, stream: str) -> Path | None:
                     c = r.get(tid)
                 except T12kError as e:
                     raise (_damaged_segments([(r.path, e)]) if r.path in segs else e) from None
-                w.add(tid, c.features, c.clip_start, c.clip_end, c.shot)
+                w.add(tid, c.features, c.clip_start, c.clip_end, c.shot, c.decoded_s, c.declared_s)
     for p in segs:
         p.unlink(missing_ok=True)
     log.info("merged %d segment(s) into %s (%d trailers)", len(segs), out, len(where))
@@ -165,7 +165,7 @@ def merge_all(cache_dir: str | os.PathLike) -> list[Path]:
 
 
 def write_failures(path: Path, failures: list[dict]) -> None:
-    """The failure report: one JSON object per line (id, path, reason); removed when empty."""
+    """The failure report: one JSON object per line (id, path, status, reason...); removed when empty."""
     if not failures:
         path.unlink(missing_ok=True)
         return

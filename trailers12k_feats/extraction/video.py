@@ -83,6 +83,33 @@ class Clip:
     shot: int  # shot index within the video (-1 with fixed segmentation)
 
 
+# A video is "partial" when it decodes shorter than its container declares by more than
+# max(PARTIAL_MIN_SECONDS, PARTIAL_FRACTION x declared): a truncated download or copy. The
+# margin absorbs what is normal: a first frame after time 0, an audio track or edit list
+# that outlasts the video by a few frames, rounding of the declared value.
+PARTIAL_MIN_SECONDS = 1.0
+PARTIAL_FRACTION = 0.05
+
+
+def is_partial(decoded: float, declared: float | None) -> bool:
+    """Whether `decoded` seconds fall short of the `declared` ones by more than the tolerance above."""
+    if not declared or declared <= 0:
+        return False
+    return declared - decoded > max(PARTIAL_MIN_SECONDS, PARTIAL_FRACTION * declared)
+
+
+@dataclass
+class Durations:
+    """Filled in by :func:`frames`: seconds decoded, and seconds the file declares (None: it does not say)."""
+
+    decoded: float = 0.0
+    declared: float | None = None
+
+    @property
+    def partial(self) -> bool:
+        return is_partial(self.decoded, self.declared)
+
+
 @dataclass(frozen=True)
 class VideoInfo:
     path: str
@@ -119,6 +146,31 @@ def _video_stream(container: av.container.InputContainer, path: str | os.PathLik
     return container.streams.video[0]
 
 
+def declared_duration(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> float | None:
+    """The video's length as the file declares it, in seconds, or None when it does not say.
+
+    The video stream's own declarations come first (its duration, Matroska's DURATION tag,
+    its frame count over its rate; the longest of them, since a truncated AVI's index-based
+    duration shrinks while its header's frame count does not); the container's duration,
+    which may include a longer audio track, only when the stream declares nothing.
+    """
+    found = []
+    if stream.duration and stream.time_base:
+        found.append(float(stream.duration * stream.time_base))
+    tag = (stream.metadata or {}).get("DURATION") or (stream.metadata or {}).get("duration")
+    if tag:
+        try:
+            h, m, sec = tag.split(":")
+            found.append(int(h) * 3600 + int(m) * 60 + float(sec))
+        except ValueError:
+            pass  # an unreadable tag is no declaration
+    if stream.frames and stream.average_rate:
+        found.append(stream.frames / float(stream.average_rate))
+    if found:
+        return max(found)
+    return float(container.duration / av.time_base) if container.duration else None
+
+
 def _display_size(width: int, height: int, sar: Fraction | None, rotation: int) -> tuple[int, int]:
     if sar and sar > 0 and sar != 1:
         width = round(width * sar)
@@ -144,16 +196,20 @@ def _scaled(width: int, height: int, short_side: int) -> tuple[int, int]:
 
 
 def frames(path: str | os.PathLike, fps: float | Fraction = 24, short_side: int = 256,
-           threads: int = 0) -> Iterator[np.ndarray]:
+           threads: int = 0, durations: Durations | None = None) -> Iterator[np.ndarray]:
     """Yield RGB frames (H, W, 3) uint8 of `path` resampled to `fps`, shorter side `short_side`.
 
     Target frame k (time k/fps from the first frame) is the source frame on screen at that
     time, so a 23.976 or variable-rate source becomes an exact `fps` sequence. Frames are
     rotated to how a player shows them. Raises VideoError when nothing can be decoded.
+    `durations`, when given, receives the declared length on opening and the decoded one
+    once every frame has been yielded.
     """
     rate = exact_rate(fps)
     with _open(path) as c:
         s = _video_stream(c, path)
+        if durations is not None:
+            durations.declared = declared_duration(c, s)
         s.thread_type = "AUTO"  # frame + slice threads inside the decoder
         s.codec_context.thread_count = threads
         default_dur = 1 / Fraction(s.average_rate) if s.average_rate else Fraction(1, 25)
@@ -198,6 +254,8 @@ def frames(path: str | os.PathLike, fps: float | Fraction = 24, short_side: int 
                 prev_img = _convert(prev, size, rotation)
             yield prev_img
             k += 1
+        if durations is not None:
+            durations.decoded = float(end)
 
 
 def _convert(frame: av.VideoFrame, size: tuple[int, int], rotation: int) -> np.ndarray:
@@ -234,8 +292,12 @@ class ShotDetector:
         return bool(cuts) and self._n > 1
 
 
-def decode_clips(path: str | os.PathLike, spec: ClipSpec, threads: int = 0) -> Iterator[Clip]:
-    """Yield the clips of a video: shots (or the fixed timeline) cut into `fpc`-frame clips."""
+def decode_clips(path: str | os.PathLike, spec: ClipSpec, threads: int = 0,
+                 durations: Durations | None = None) -> Iterator[Clip]:
+    """Yield the clips of a video: shots (or the fixed timeline) cut into `fpc`-frame clips.
+
+    `durations` receives the decoded and declared lengths (see :func:`frames`).
+    """
     rate = spec.rate
     detector = ShotDetector(spec.shot_threshold, spec.min_shot_frames, rate) if spec.segmentation == "shots" else None
     buf: list[np.ndarray] = []
@@ -249,7 +311,7 @@ def decode_clips(path: str | os.PathLike, spec: ClipSpec, threads: int = 0) -> I
                        shot if detector else -1)
 
     k = -1
-    for k, img in enumerate(frames(path, rate, spec.short_side, threads)):
+    for k, img in enumerate(frames(path, rate, spec.short_side, threads, durations)):
         if detector is not None and detector.is_cut(img):
             yield from finish(k)
             buf, shot, start_k = [], shot + 1, k

@@ -11,7 +11,9 @@ Layout under the data folder (what `t12k reproduce --data-dir` reads is at the t
     released/<name>.zarr       an unpacked store (kept with keep_zarr or without import)
 
 Every step ends with an atomic rename, so a file under its final name is always a good one,
-and every step is skipped when its result is already there.
+and every step is skipped when its result is already there. Downloads and unpacking are
+bounded by the release's size caps (paper.RELEASED_MAX_BYTES, UNPACK_RATIO) times
+`max_size_factor`, so a wrong or hostile server cannot fill the disk.
 """
 
 from __future__ import annotations
@@ -33,9 +35,14 @@ from urllib.parse import quote, urlsplit
 
 from tqdm import tqdm
 
-from trailers12k_feats import __version__
+from trailers12k_feats import __version__, paper
 from trailers12k_feats.cache import check_dtype, read_attrs, stream_path
-from trailers12k_feats.paper import RELEASE_URL, RELEASED_MD5, STREAMS
+from trailers12k_feats.paper import (
+    RELEASE_URL,
+    RELEASED_MAX_BYTES,
+    RELEASED_MD5,
+    STREAMS,
+)
 from trailers12k_feats.sources.unpack import unpack_store
 from trailers12k_feats.sources.zarr_import import ImportConfig, import_zarr, zarr_module
 from trailers12k_feats.utils import T12kError, write_json
@@ -48,11 +55,13 @@ ARCHIVE_SUFFIX = ".tar.gz"
 
 @dataclass(frozen=True)
 class ReleasedFile:
-    """One file of the release: its name, md5, and the stream an archive holds (None: the metadata)."""
+    """One file of the release: its name, md5, the stream an archive holds (None: the metadata),
+    and the most bytes it can have (None: unbounded)."""
 
     file: str
     md5: str
     stream: str | None = None
+    max_bytes: int | None = None
 
     @property
     def key(self) -> str:
@@ -62,7 +71,7 @@ class ReleasedFile:
 def released_files() -> tuple[ReleasedFile, ...]:
     """The registry, from paper.RELEASED_MD5 and paper.STREAMS (one source of truth)."""
     stream_of = {s.released: s.name for s in STREAMS.values()}
-    return tuple(ReleasedFile(f, md5, stream_of.get(f)) for f, md5 in RELEASED_MD5.items())
+    return tuple(ReleasedFile(f, md5, stream_of.get(f), RELEASED_MAX_BYTES.get(f)) for f, md5 in RELEASED_MD5.items())
 
 
 @dataclass(frozen=True)
@@ -80,6 +89,7 @@ class DownloadConfig:
     retries: int = 3  # further attempts after a failed connection or transfer, each resuming
     retry_wait: float = 2.0  # seconds before the first retry, doubled each time
     chunk_bytes: int = 1 << 20
+    max_size_factor: float = 1.0  # multiplies the size bounds of downloads and unpacking (mirrors that repackage)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
@@ -94,6 +104,9 @@ class DownloadConfig:
                             f"fix --retries.")
         if self.chunk_bytes <= 0:
             raise T12kError(f"chunk size must be positive, got {self.chunk_bytes}.")
+        if not self.max_size_factor >= 1:
+            raise T12kError(f"max size factor must be at least 1 (it only loosens the release's size bounds), got "
+                            f"{self.max_size_factor}; fix --max-size-factor.")
         check_dtype(self.dtype)
         for f in self.files:
             if not re.fullmatch(r"[0-9a-f]{32}", f.md5):
@@ -111,6 +124,14 @@ class DownloadConfig:
 
     def selected(self) -> list[ReleasedFile]:
         return [f for f in self.files if not self.only or f.key in self.only]
+
+    def max_bytes(self, f: ReleasedFile) -> int | None:
+        """The most bytes a download of `f` may have (None: no bound)."""
+        return int(f.max_bytes * self.max_size_factor) if f.max_bytes is not None else None
+
+    def max_unpacked(self, archive_bytes: int) -> int:
+        """The most bytes unpacking an archive of `archive_bytes` may write."""
+        return int(max(archive_bytes * paper.UNPACK_RATIO, paper.UNPACK_FLOOR_BYTES) * self.max_size_factor)
 
     def url(self, f: ReleasedFile) -> str:
         name = quote(f.file)
@@ -181,9 +202,19 @@ class _Retry(Exception):
     """A failure worth another attempt (network, truncated transfer); the partial file is kept."""
 
 
-def _http_get(cfg: DownloadConfig, url: str, part: Path, progress: bool) -> None:
-    """One attempt: fetch `url` into `part`, resuming from its current size."""
+def _too_big(cfg: DownloadConfig, what: str) -> T12kError:
+    return T12kError(f"{what}; it is not the released file: check --base-url, or pass --max-size-factor N "
+                     f"(> {cfg.max_size_factor:g}) for a mirror that repackages the files.")
+
+
+def _http_get(cfg: DownloadConfig, f: ReleasedFile, url: str, part: Path, progress: bool) -> None:
+    """One attempt: fetch `url` into `part`, resuming from its current size, within `f`'s size bound."""
     have = part.stat().st_size if part.exists() else 0
+    limit = cfg.max_bytes(f)
+    if limit is not None and have > limit:
+        raise T12kError(f"{part} already holds {have} bytes, more than the released {f.file} can be ({limit} bytes); "
+                        f"delete it and run `t12k download` again (with --max-size-factor N for a mirror that "
+                        f"repackages the files).")
     headers = {"User-Agent": f"trailers12k_feats/{__version__}"}
     if have:
         headers["Range"] = f"bytes={have}-"
@@ -215,6 +246,9 @@ def _http_get(cfg: DownloadConfig, url: str, part: Path, progress: bool) -> None
                 log.info("%s: the server does not resume downloads; starting over", url)
             have = 0
             total = int(length) if length else None
+        if total is not None and limit is not None and total > limit:  # refused before a byte is written
+            raise _too_big(cfg, f"{url} announces {total} bytes for {f.file}, more than the released file can be "
+                                f"({limit} bytes); nothing was downloaded")
         if total is not None:
             free = shutil.disk_usage(part.parent).free
             if total - have > free:
@@ -223,12 +257,20 @@ def _http_get(cfg: DownloadConfig, url: str, part: Path, progress: bool) -> None
         with open(part, "ab" if have else "wb") as out, \
                 tqdm(total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
                      desc=part.name.removesuffix(".part"), disable=not progress) as bar:
+            size = have
             try:
                 while block := resp.read(cfg.chunk_bytes):
+                    if limit is not None and size + len(block) > limit:  # no length announced, or a server that lies
+                        break
                     out.write(block)
+                    size += len(block)
                     bar.update(len(block))
             except (OSError, http.client.HTTPException) as e:
                 raise _Retry(f"the transfer broke off ({e})") from None
+        if block:
+            part.unlink()
+            raise _too_big(cfg, f"{url} sent more than {limit} bytes for {f.file}, the most the released file can be; "
+                                f"the partial download was deleted")
     size = part.stat().st_size
     if total is not None and size < total:
         raise _Retry(f"the transfer stopped at {size} of {total} bytes")
@@ -239,7 +281,7 @@ def fetch(cfg: DownloadConfig, f: ReleasedFile, part: Path, progress: bool = Tru
     url = cfg.url(f)
     for attempt in range(cfg.retries + 1):
         try:
-            _http_get(cfg, url, part, progress)
+            _http_get(cfg, f, url, part, progress)
             return
         except _Retry as e:
             if attempt == cfg.retries:
@@ -343,7 +385,8 @@ def _get_archive(cfg: DownloadConfig, f: ReleasedFile, manifest: Manifest, progr
         return f"already imported to {h5}"
     fresh = not zdir.exists()
     if fresh:
-        unpack_store(_fetch_verified(cfg, f, manifest, progress), zdir, progress)
+        archive = _fetch_verified(cfg, f, manifest, progress)
+        unpack_store(archive, zdir, progress, max_bytes=cfg.max_unpacked(archive.stat().st_size))
         manifest.set_unpacked(f, zdir)
     if not cfg.import_caches:
         archive.unlink(missing_ok=True)  # the store is complete and has its group: the archive is not needed

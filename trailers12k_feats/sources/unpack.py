@@ -2,9 +2,11 @@
 
 No member may land outside the target folder: absolute names, `..`, links that point out
 (or are written through), devices and fifos are refused before anything is written, and
-extraction uses tarfile's "data" filter on top. The archive is unpacked into a temporary
-sibling and renamed into place only when every member is out, so a store under its final
-name is always complete.
+extraction uses tarfile's "data" filter on top. The total size of the members is bounded
+(`max_bytes`, checked from each member's header before it is written), so an archive that
+would unpack to far more than it could hold (a "zip bomb") stops early. The archive is
+unpacked into a temporary sibling and renamed into place only when every member is out, so
+a store under its final name is always complete.
 """
 
 from __future__ import annotations
@@ -82,12 +84,17 @@ def find_group(root: Path, name: str) -> Path | None:
     return None
 
 
-def unpack_store(archive: Path, dest: Path, progress: bool = True) -> Path:
-    """Unpack the zarr store in `archive` to the folder `dest` (which must not exist); return `dest`."""
+def unpack_store(archive: Path, dest: Path, progress: bool = True, max_bytes: int | None = None) -> Path:
+    """Unpack the zarr store in `archive` to the folder `dest` (which must not exist); return `dest`.
+
+    With `max_bytes`, the members may hold that many bytes in all; more stops the unpacking
+    and removes what was written.
+    """
     if dest.exists():
         raise T12kError(f"{dest} already exists; delete it before unpacking {archive.name} again.")
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     links: set[str] = set()
+    total = 0  # bytes of the members so far, as their headers say
     try:
         with open(archive, "rb") as fh, \
                 tqdm(total=archive.stat().st_size, unit="B", unit_scale=True, unit_divisor=1024,
@@ -96,6 +103,13 @@ def unpack_store(archive: Path, dest: Path, progress: bool = True) -> Path:
             with tarfile.open(fileobj=_Counted(fh, bar), mode="r|*") as tar:
                 for m in tar:
                     check_member(m, links, archive)
+                    total += m.size if m.isfile() else 0
+                    if max_bytes is not None and total > max_bytes:
+                        raise T12kError(
+                            f"{archive} unpacks to more than {max_bytes} bytes (at member {m.name!r}), more than a "
+                            f"released store of an archive this size can be; nothing was kept. It is not a released "
+                            f"feature archive: delete it and download it again (or pass --max-size-factor N to "
+                            f"`t12k download` for a mirror that repackages the files).")
                     tar.extract(m, tmp, **_FILTER)
         group = find_group(tmp, dest.name)
         if group is None:

@@ -75,12 +75,22 @@ def load_metadata(path: str | os.PathLike) -> Metadata:
     if not path.is_file():
         raise T12kError(f"metadata file {path} does not exist; pass the path of mtgc.csv "
                         f"(or run `t12k synth` for a synthetic corpus).")
-    with open(path, newline="") as f:
+    import io
+
+    try:  # utf-8-sig: a byte order mark (Excel's "CSV UTF-8") is dropped instead of sticking to "mid"
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise T12kError(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); save it as "
+                        f"UTF-8 (ids and the header are plain ASCII in the released mtgc.csv).") from None
+    with io.StringIO(text, newline="") as f:
         reader = csv.reader(f)
         header = tuple(h.strip() for h in next(reader, ()))
         if header != HEADER:
+            got = ",".join(header)
+            if not got.isprintable():  # characters one cannot see (zero-width spaces...): show them escaped
+                got = ascii(got)
             raise T12kError(f"{path}, line 1: the header must be {','.join(HEADER)} (genres in this order), "
-                            f"got {','.join(header) or 'an empty file'}.")
+                            f"got {got or 'an empty file'}.")
         ids: list[str] = []
         rows: list[list[int]] = []
         seen: dict[str, int] = {}
