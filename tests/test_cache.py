@@ -192,9 +192,9 @@ def test_one_dtype_check_for_every_writer(tmp_path):
     assert list(tmp_path.iterdir()) == []  # the writer refused before creating any file
 
 
-def test_per_trailer_durations_are_optional(tmp_path):
+def test_per_trailer_durations_are_optional(tmp_path, toy_cache):
     p = tmp_path / "toy.h5"
-    write_toy(p)  # no durations given: no datasets, readers report NaN
+    toy_cache(p)  # no durations given: no datasets, readers report NaN
     with h5py.File(p, "r") as h5:
         assert not set(cache.DURATION_DATASETS) & set(h5)
     assert all(np.isnan(v).all() for v in cache.read_durations(p).values())
