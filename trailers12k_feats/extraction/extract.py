@@ -65,7 +65,7 @@ class ExtractConfig:
     clip: ClipSpec = field(default_factory=ClipSpec)
     frame_pool: str = "mean"  # 2D backbones: "mean" of the clip's frame embeddings or the "center" frame's
     image_frames: int = 0  # 2D backbones: embed this many evenly spaced frames per clip; 0 = all fpc
-    precision: str = "fp32"  # autocast dtype: "fp32", "bf16" or "fp16" (see README for the check)
+    precision: str = "fp32"  # autocast dtype: "fp32", "bf16" or "fp16" (docs/extraction.md compares them)
     device: str = "cpu"
     batch_size: int = 16  # clips per forward pass, across shots and trailers
     max_images: int = 256  # 2D backbones: frames per forward pass at most (bounds memory)

@@ -35,7 +35,7 @@ class VideoError(T12kError):
 
 @dataclass(frozen=True)
 class ClipSpec:
-    """How frames become clips. The cache records these; see the README for the choices."""
+    """How frames become clips. The cache records these; docs/extraction.md explains the choices."""
 
     fps: float = 24.0  # frames are resampled to this rate
     fpc: int = 24  # frames per clip
