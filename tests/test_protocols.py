@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from cli import main
 from trailers12k_feats import cache
+from trailers12k_feats.apps import report as report_mod
 from trailers12k_feats.training import data
 from trailers12k_feats.training import train as train_mod
 from trailers12k_feats.training.heads import build_divita
@@ -199,6 +200,9 @@ def test_results_folder_keeps_one_protocol(corpus, tmp_path):
     assert info["config"]["protocol"] == "authors"
     with pytest.raises(T12kError, match=r"other training settings \(protocol\)"):
         reproduce(rep(corpus, out, splits=(1,), protocol="masked"), progress=False)
+    page = report_mod._metrics_html(report_mod.load(out))  # the report says which protocol
+    assert "protocol authors." in page and "differs" not in page
+    assert "protocol authors;" in report_mod._metrics_html(report_mod.load(out / "runs" / "k_r2plus1d" / "split0"))
 
 
 def test_results_folder_without_protocol_is_masked(corpus, tmp_path):
@@ -212,6 +216,7 @@ def test_results_folder_without_protocol_is_masked(corpus, tmp_path):
         reproduce(rep(corpus, out, splits=(0, 1)), progress=False)
     table = reproduce(rep(corpus, out, splits=(0,), protocol="masked"), progress=False)  # resumes: all done
     assert table.splitlines()[2].startswith("Protocol masked: differs from the paper's")
+    assert "protocol masked. Protocol masked: differs" in report_mod._metrics_html(report_mod.load(out))
 
 
 def test_masked_table_says_its_protocol_differs():
