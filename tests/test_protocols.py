@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from cli import main
 from trailers12k_feats import cache
 from trailers12k_feats.apps import report as report_mod
+from trailers12k_feats.apps.predict import load_head
 from trailers12k_feats.training import data
 from trailers12k_feats.training import train as train_mod
 from trailers12k_feats.training.heads import build_divita
@@ -24,7 +25,7 @@ from trailers12k_feats.training.protocols import (
 )
 from trailers12k_feats.training.reproduce import ReproduceConfig, reproduce
 from trailers12k_feats.training.tables import COLUMNS, format_table, summarise
-from trailers12k_feats.training.train import TrainConfig, load_streams, train_run
+from trailers12k_feats.training.train import TrainConfig, load_streams, snippet_probs, train_run
 from trailers12k_feats.utils import T12kError
 
 L3 = math.log(3)
@@ -144,6 +145,13 @@ def test_same_seed_same_history(swin, tmp_path, protocol):
     assert info["config"]["protocol"] == protocol
     assert info["short_train_trailers_left_out"] == (left_out if protocol == "authors" else 0)
     assert info["trailers"]["train"] == n_train - info["short_train_trailers_left_out"]
+    # A saved run predicts as it was evaluated: the protocol comes back from config.json.
+    head = load_head(tmp_path / "run")
+    assert head.train.protocol == protocol
+    assert head.model.image.temporal.block.dropout_at == ("after_norm" if protocol == "authors" else "residual")
+    preds = [r for r in csv.reader(open(tmp_path / "run" / "predictions.csv")) if r[0] == "test"]
+    probs = snippet_probs(head.model, data.TrailerData([r[1] for r in preds], sets), head.train)  # (n, 10)
+    torch.testing.assert_close(probs, torch.tensor([[float(v) for v in r[2:]] for r in preds]), rtol=0, atol=2e-6)
 
 
 def test_protocols_differ(swin):

@@ -69,7 +69,8 @@ TRAIN_PRECISIONS = ("bf16", "fp32")  # the heads are not trained in fp16
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One training run. Defaults are the paper's protocol."""
+    """One training run. Defaults are the paper's settings; `protocol` defaults to masked
+    (t12k reproduce runs the authors', see protocols.py)."""
 
     split: int = 0
     temporal: str = "tsfm"
