@@ -105,6 +105,13 @@ def _train_options(fn):
     return fn
 
 
+def _protocol_option(config: str):
+    """--protocol, its default read from `config` (TrainConfig for train, ReproduceConfig for reproduce)."""
+    return option(config, "--protocol", type=LazyChoice("trailers12k_feats.training.protocols:PROTOCOLS"),
+                  help="authors: as the authors' code (zero padding seen as clips, snippet-level validation "
+                       "loss, training trailers under 30 clips left out); masked: padding masked everywhere.")
+
+
 def _train_config(**opts: Any):
     from trailers12k_feats.training.train import TrainConfig
 
@@ -338,6 +345,7 @@ def backbones_(as_json: bool) -> None:
 @option(TRAIN, "--split", type=int, help="Split of mtgc.csv to train and evaluate on.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Run directory to create.")
 @_clips_option
+@_protocol_option(TRAIN)
 @_train_options
 @_errors
 def train(data_dir, metadata, cache_dir, on_missing, row, image, video, out, allow_mismatched_clips, **opts) -> None:
@@ -367,9 +375,11 @@ def _rows_splits(config: str):
 @_rows_splits(REPRODUCE)
 @option(REPRODUCE, "--out", field="out_dir", type=click.Path(path_type=Path), help="Results folder.")
 @_clips_option
+@_protocol_option(REPRODUCE)
 @_train_options
 @_errors
-def reproduce(data_dir, metadata, cache_dir, on_missing, rows, splits, out, allow_mismatched_clips, **opts) -> None:
+def reproduce(data_dir, metadata, cache_dir, on_missing, rows, splits, out, allow_mismatched_clips, protocol,
+              **opts) -> None:
     """Run Table 6 (rows x splits), resuming finished runs; print it beside the paper."""
     from trailers12k_feats.training.reproduce import ReproduceConfig
     from trailers12k_feats.training.reproduce import reproduce as run
@@ -377,7 +387,8 @@ def reproduce(data_dir, metadata, cache_dir, on_missing, rows, splits, out, allo
     metadata, cache_dir = _resolve(data_dir, metadata, cache_dir)
     cfg = ReproduceConfig(metadata=metadata, cache_dir=cache_dir, train=_train_config(**opts),
                           allow_mismatched_clips=allow_mismatched_clips,
-                          **given(out_dir=out, on_missing=on_missing, rows=_names(rows), splits=_ints(splits)))
+                          **given(out_dir=out, on_missing=on_missing, rows=_names(rows), splits=_ints(splits),
+                                  protocol=protocol))
     click.echo(run(cfg))
     click.echo(f"\nresults in {cfg.out_dir} (val.csv, tst.csv, summary.csv, summary.md)")
 

@@ -15,6 +15,7 @@ from cli import main
 from trailers12k_feats import cache
 from trailers12k_feats.paper import get_row
 from trailers12k_feats.training.probe import ProbeConfig
+from trailers12k_feats.training.reproduce import ReproduceConfig
 from trailers12k_feats.training.train import TrainConfig
 
 
@@ -154,6 +155,11 @@ def test_help_shows_the_configs_defaults():
         line = " ".join(r.output.split(opt, 1)[1].split("--", 1)[0].split())
         assert f"[default: {value}]" in line, line
     assert "[bf16|fp32]" in r.output
+    # --protocol: train's default from TrainConfig, reproduce's from ReproduceConfig (the paper's).
+    for cmd, value in (("train", cfg.protocol), ("reproduce", ReproduceConfig.protocol)):
+        line = " ".join(run(cmd, "--help").output.split("--protocol", 1)[1].split("--", 1)[0].split())
+        assert f"[default: {value}]" in line and "[authors|masked]" in line, line
+    assert (cfg.protocol, ReproduceConfig.protocol) == ("masked", "authors")
     r = run("probe", "--help")
     assert f"[default: {ProbeConfig.alpha:g}]" in " ".join(r.output.split())
     assert "[fp32|bf16|fp16]" in run("extract", "--help").output

@@ -183,6 +183,48 @@ def test_attention_equals_sdpa_with_key_padding_mask():
         torch.testing.assert_close(blk(x, mask), blk.ln2(h + blk.ff(h)), atol=1e-5, rtol=1e-5)
 
 
+class Half(torch.nn.Module):
+    """A stand-in for dropout that halves its input, so where dropout acts shows in the output."""
+
+    def forward(self, x):
+        return 0.5 * x
+
+
+@pytest.mark.parametrize("dropout_at", ["residual", "after_norm"])
+def test_dropout_placement(dropout_at):
+    torch.manual_seed(0)
+    blk = TransformerBlock(d=32, heads=4, ff=64, dropout_at=dropout_at).eval()
+    blk.drop = Half()
+    x, mask = inputs(F=32, lengths=(30, 30, 30))
+    with torch.no_grad():
+        q, k, v = blk.qkv(x).view(3, 30, 3, 4, 8).permute(2, 0, 3, 1, 4)  # 3x (B, H, S, hd)
+        a = blk.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(3, 30, 32))  # (B, S, D)
+        if dropout_at == "residual":  # LN(x + drop(f(x))), ours
+            h = blk.ln1(x + 0.5 * a)
+            ref = blk.ln2(h + 0.5 * blk.ff(h))
+        else:  # drop(LN(x + f(x))) after each LayerNorm, the block output included: the authors' tsfm.py
+            h = 0.5 * blk.ln1(x + a)
+            ref = 0.5 * blk.ln2(h + blk.ff(h))
+        torch.testing.assert_close(blk(x, mask), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_dropout_placement_changes_no_parameter():
+    a, b = build_divita(16, 8), build_divita(16, 8, dropout_at="after_norm")
+    assert [(k, v.shape) for k, v in a.state_dict().items()] == [(k, v.shape) for k, v in b.state_dict().items()]
+    b.load_state_dict(a.state_dict())
+    x, mask = inputs()
+    with torch.no_grad():  # dropout acts only in training, so in eval the two are one model
+        torch.testing.assert_close(a.eval()(ix=x, vx=x[..., :8], ix_mask=mask, vx_mask=mask),
+                                   b.eval()(ix=x, vx=x[..., :8], ix_mask=mask, vx_mask=mask))
+    assert b.image.temporal.block.dropout_at == "after_norm"
+    out = b.train().image.temporal.block(torch.randn(4, 30, 128), torch.ones(4, 30, dtype=torch.bool))
+    assert 0.15 < (out == 0).float().mean() < 0.35  # dropout 0.25 on the block's output
+    for temporal in ("savg", "gru", "conv"):  # modules without dropout take the setting and ignore it
+        build_divita(16, None, temporal=temporal, dropout_at="after_norm")
+    with pytest.raises(ValueError, match="unknown dropout_at 'middle'; valid: residual, after_norm"):
+        build_divita(16, None, dropout_at="middle")
+
+
 def test_short_trailer_trains():
     m = build_divita(16, 8, temporal="tsfm").train()
     x, mask = inputs(B=2, S=3, lengths=(3, 2))

@@ -34,6 +34,7 @@ from trailers12k_feats.extraction.inputs import resolve_inputs
 from trailers12k_feats.extraction.video import ClipSpec
 from trailers12k_feats.training.data import TrailerData
 from trailers12k_feats.training.heads import build_divita
+from trailers12k_feats.training.protocols import head_options
 from trailers12k_feats.training.train import TrainConfig, snippet_probs
 from trailers12k_feats.utils import T12kError
 
@@ -81,7 +82,8 @@ def load_head(run_dir: str | os.PathLike, device: str = "cpu") -> TrainedHead:
     train = TrainConfig(**{k: v for k, v in info["config"].items() if k in fields} | {"device": device})
     streams = info["streams"]
     model = build_divita(streams.get("image", {}).get("feature_dim"), streams.get("video", {}).get("feature_dim"),
-                         temporal=train.temporal, fusion=train.fusion, dropout=train.dropout)
+                         temporal=train.temporal, fusion=train.fusion, dropout=train.dropout,
+                         **head_options(train.protocol))
     state = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
     return TrainedHead(model.to(device).eval(), train, streams)

@@ -31,6 +31,7 @@ from trailers12k_feats.training.tables import (
     comparison_html,
     format_cell,
     html_table,
+    protocol_note,
     summarise,
 )
 from trailers12k_feats.utils import T12kError, atomic_path, check_writable
@@ -233,9 +234,18 @@ def _metrics_html(obj: Run | Results) -> str:
         streams = ", ".join(f"{r}: {s.get('name')}" for r, s in obj.config.get("streams", {}).items())
         cfg = obj.config.get("config", {})
         note = (f"Streams {streams}; temporal {cfg.get('temporal')}, fusion {cfg.get('fusion')}, split "
-                f"{obj.split}; best epoch {m['best_epoch']} of {m['epochs']}; {m.get('seconds', '?')} s.")
+                f"{obj.split}; protocol {_protocol(obj)}; best epoch {m['best_epoch']} of {m['epochs']}; "
+                f"{m.get('seconds', '?')} s.")
         return f"<p>{html.escape(note)}</p>\n" + html_table(head, rows)
-    return "<p>Test set, mean ± sample std over splits, x100.</p>\n" + comparison_html(obj.summary)
+    protocols = ", ".join(sorted({_protocol(r) for r in obj.runs}))
+    note = " ".join(filter(None, [f"Test set, mean ± sample std over splits, x100; protocol {protocols}.",
+                                  protocol_note(protocols)]))
+    return f"<p>{html.escape(note)}</p>\n" + comparison_html(obj.summary)
+
+
+def _protocol(run: Run) -> str:
+    """The run's training protocol; runs made before protocols were recorded ran `masked`."""
+    return run.config.get("config", {}).get("protocol", "masked")
 
 
 CAPTIONS = {

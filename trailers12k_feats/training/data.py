@@ -7,6 +7,7 @@ trailer into consecutive non-overlapping snippets of `window` clips, the last on
 
 from __future__ import annotations
 
+import copy
 import csv
 import logging
 import os
@@ -215,6 +216,16 @@ class TrailerData:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def subset(self, keep: torch.Tensor) -> TrailerData:
+        """The trailers at positions `keep` (indices or a bool mask), in that order, sharing the features."""
+        idx = torch.arange(len(self))[keep]  # (m,)
+        out = copy.copy(self)
+        out.ids = [self.ids[i] for i in idx.tolist()]
+        out.labels = None if self.labels is None else self.labels[idx]
+        out.starts = {k: v[idx] for k, v in self.starts.items()}
+        out.lengths = self.lengths[idx]
+        return out
 
     def dims(self) -> dict[str, int]:
         return {k: int(v.shape[1]) for k, v in self.features.items()}

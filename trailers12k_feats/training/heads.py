@@ -5,7 +5,8 @@ and snippets are left-aligned), every row has at least one real clip, and padded
 must be finite (the loader zero-fills them; their values are otherwise ignored). Nothing
 checks these in forward, since a check would cost a pass or a sync per step. Padded clips
 never reach attention keys, BatchNorm statistics or pooling, so a trailer shorter than the
-window trains and predicts exactly as its real clips say.
+window trains and predicts exactly as its real clips say. An all-true mask over zero
+padding makes the zeros count as clips, as the authors' code does (training/protocols.py).
 """
 
 from __future__ import annotations
@@ -101,16 +102,25 @@ class FastDropout(nn.Module):
         return x * keep.to(x.dtype) * (1.0 / (1.0 - self.p))  # (..., D)
 
 
-class TransformerBlock(nn.Module):
-    """Post-norm block: x = LN(x + drop(MHA(x))); x = LN(x + drop(FF(x))), bias-free attention.
+DROPOUT_AT = ("residual", "after_norm")  # where TransformerBlock drops: see its docstring
 
-    The paper's dropout 0.25 is residual dropout on each sub-layer's output, before its
-    residual add (as in nn.TransformerEncoderLayer); attention probabilities are not dropped.
+
+class TransformerBlock(nn.Module):
+    """Post-norm block with bias-free attention; `dropout_at` says where dropout acts.
+
+    "residual": x = LN(x + drop(MHA(x))); x = LN(x + drop(FF(x))), residual dropout on each
+    sub-layer's output before its add (as in nn.TransformerEncoderLayer).
+    "after_norm": x = drop(LN(x + MHA(x))); x = drop(LN(x + FF(x))), dropout on each
+    LayerNorm's output, the block's output included (the authors' code, model/tsfm.py).
+    Both have the same parameters; attention probabilities are never dropped.
     """
 
-    def __init__(self, d: int = 128, heads: int = 4, ff: int = 768, dropout: float = 0.25) -> None:
+    def __init__(self, d: int = 128, heads: int = 4, ff: int = 768, dropout: float = 0.25,
+                 dropout_at: str = "residual") -> None:
         super().__init__()
-        self.heads = heads
+        if dropout_at not in DROPOUT_AT:
+            raise ValueError(f"unknown dropout_at {dropout_at!r}; valid: {', '.join(DROPOUT_AT)}.")
+        self.heads, self.dropout_at = heads, dropout_at
         self.qkv = nn.Linear(d, 3 * d, bias=False)  # q, k, v projections fused: same parameter count
         self.proj = nn.Linear(d, d, bias=False)
         self.ln1 = nn.LayerNorm(d)
@@ -129,6 +139,9 @@ class TransformerBlock(nn.Module):
         scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))  # padded keys get 0 weight
         att = scores.softmax(-1).to(v.dtype) @ v  # (B, H, S, hd); each row has a real key: no NaN
         att = att.transpose(1, 2).reshape(B, S, D)  # (B, S, D)
+        if self.dropout_at == "after_norm":
+            x = self.drop(self.ln1(x + self.proj(att)))  # (B, S, D)
+            return self.drop(self.ln2(x + self.ff(x)))  # (B, S, D)
         x = self.ln1(x + self.drop(self.proj(att)))  # (B, S, D)
         return self.ln2(x + self.drop(self.ff(x)))  # (B, S, D)
 
@@ -136,9 +149,9 @@ class TransformerBlock(nn.Module):
 class TsfmPool(nn.Module):
     """`tsfm`: one transformer block, then the mean over real clips."""
 
-    def __init__(self, d: int, heads: int, ff: int, dropout: float) -> None:
+    def __init__(self, d: int, heads: int, ff: int, dropout: float, dropout_at: str = "residual") -> None:
         super().__init__()
-        self.block = TransformerBlock(d, heads, ff, dropout)
+        self.block = TransformerBlock(d, heads, ff, dropout, dropout_at)
         self.out_dim = d
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -148,8 +161,8 @@ class TsfmPool(nn.Module):
 class SavgPool(nn.Module):
     """`savg`: mean over real clips, then ReLU."""
 
-    def __init__(self, d: int, heads: int, ff: int, dropout: float) -> None:
-        super().__init__()
+    def __init__(self, d: int, heads: int, ff: int, dropout: float, dropout_at: str = "residual") -> None:
+        super().__init__()  # no dropout here, so nothing to place
         self.out_dim = d
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -163,7 +176,8 @@ class GruPool(nn.Module):
     it: no packing needed, and padded steps' outputs are dropped by the masked mean.
     """
 
-    def __init__(self, d: int, heads: int, ff: int, dropout: float, hidden: int = 115) -> None:
+    def __init__(self, d: int, heads: int, ff: int, dropout: float, hidden: int = 115,
+                 dropout_at: str = "residual") -> None:
         super().__init__()
         self.gru = nn.GRU(d, hidden, num_layers=1, batch_first=True)
         self.out_dim = hidden
@@ -181,7 +195,7 @@ class ConvPool(nn.Module):
     window gives the same result as its real clips alone.
     """
 
-    def __init__(self, d: int, heads: int, ff: int, dropout: float) -> None:
+    def __init__(self, d: int, heads: int, ff: int, dropout: float, dropout_at: str = "residual") -> None:
         super().__init__()
         self.conv = nn.Conv1d(d, d, kernel_size=3, padding=1)
         self.out_dim = d
@@ -192,7 +206,8 @@ class ConvPool(nn.Module):
         return masked_mean(h, mask)  # (B, D)
 
 
-# name -> class(d, heads, ff, dropout) with attribute out_dim and forward(x (B, S, d), mask) -> (B, out_dim)
+# name -> class(d, heads, ff, dropout) with attribute out_dim and forward(x (B, S, d), mask) -> (B, out_dim);
+# it also gets dropout_at= (see TransformerBlock) when that is not "residual".
 TEMPORAL: dict[str, Callable[..., nn.Module]] = {}
 
 
@@ -221,12 +236,15 @@ class DivitaStream(nn.Module):
     """
 
     def __init__(self, in_dim: int, temporal: str = "tsfm", num_classes: int = NUM_GENRES, hidden: int = 128,
-                 heads: int = 4, ff: int = 768, dropout: float = 0.25) -> None:
+                 heads: int = 4, ff: int = 768, dropout: float = 0.25, dropout_at: str = "residual") -> None:
         super().__init__()
         _check_temporal(temporal)
+        if dropout_at not in DROPOUT_AT:
+            raise ValueError(f"unknown dropout_at {dropout_at!r}; valid: {', '.join(DROPOUT_AT)}.")
         self.norm = MaskedBatchNorm1d(in_dim)
         self.embed = nn.Linear(in_dim, hidden)  # no activation, no positional encoding
-        self.temporal = TEMPORAL[temporal](hidden, heads, ff, dropout)
+        place = {} if dropout_at == "residual" else {"dropout_at": dropout_at}  # registered modules may lack it
+        self.temporal = TEMPORAL[temporal](hidden, heads, ff, dropout, **place)
         self.num_features: int = self.temporal.out_dim
         self.head = nn.Linear(self.num_features, num_classes)
 
@@ -287,7 +305,7 @@ class Divita(nn.Module):
 def build_divita(ix_dim: int | None, vx_dim: int | None, temporal: str = "tsfm", fusion: str = "late",
                  num_classes: int = NUM_GENRES, **kw) -> Divita:
     """The DIViTA head for an image stream of dim `ix_dim` and/or a video stream of dim `vx_dim`.
-    `kw` goes to each DivitaStream (hidden, heads, ff, dropout)."""
+    `kw` goes to each DivitaStream (hidden, heads, ff, dropout, dropout_at)."""
     return Divita(ix_dim, vx_dim, temporal, fusion, num_classes, **kw)
 
 

@@ -2,7 +2,7 @@
 
 Layout of the results directory::
 
-    reproduce_config.json        training settings shared by every run (checked on resume)
+    reproduce_config.json        training settings shared by every run, protocol included (checked on resume)
     data.json                    what the runs were trained on: the metadata file and each stream's
                                  cache (path, size, shape, dtype, content fingerprint; checked on resume)
     runs/<row>/split<k>/         one finished run directory each (see train.py)
@@ -22,6 +22,7 @@ from pathlib import Path
 from trailers12k_feats import cache as cache_mod
 from trailers12k_feats.paper import TABLE6, get_row
 from trailers12k_feats.training.data import SPLITS, check_splits, load_metadata
+from trailers12k_feats.training.protocols import check_protocol
 from trailers12k_feats.training.streams import check_clips, check_dim, resolve_streams
 from trailers12k_feats.training.tables import write_results
 from trailers12k_feats.training.train import TrainConfig, load_streams, train_run
@@ -44,8 +45,12 @@ class ReproduceConfig:
     # settings that a results folder records (and compares on resume) stay as they were.
     allow_mismatched_clips: bool = False
     train: TrainConfig = field(default_factory=TrainConfig)
+    # The protocol of every run (protocols.py), the paper's by default; it replaces train.protocol.
+    protocol: str = "authors"
 
     def __post_init__(self) -> None:
+        check_protocol(self.protocol)
+        object.__setattr__(self, "train", dataclasses.replace(self.train, protocol=self.protocol))
         object.__setattr__(self, "rows", tuple(get_row(r).name for r in self.rows))
         if not self.rows:
             raise T12kError("select at least one Table 6 row.")
@@ -85,7 +90,7 @@ def _check_settings(cfg: ReproduceConfig) -> None:
     path = cfg.out_dir / "reproduce_config.json"
     settings = {k: v for k, v in config_dict(cfg.train).items() if k != "split"}
     if path.exists():
-        old = json.loads(path.read_text())
+        old = {"protocol": "masked", **json.loads(path.read_text())}  # folders older than protocols ran masked
         diff = sorted(k for k in settings.keys() | old.keys() if settings.get(k) != old.get(k))
         if diff:
             raise T12kError(f"{cfg.out_dir} holds runs made with other training settings ({', '.join(diff)}); "
@@ -185,6 +190,6 @@ def reproduce(cfg: ReproduceConfig, progress: bool = True) -> str:
             train_run(train_cfg, meta, sets, rows, _run_dir(cfg, row_name, split), progress=progress,
                       desc=f"{row_name} split{split}")
             _record_data(cfg, ident, [p.stem for p in caches.values()])
-            write_results(cfg.out_dir)
+            write_results(cfg.out_dir, cfg.protocol)
         del sets
-    return write_results(cfg.out_dir)
+    return write_results(cfg.out_dir, cfg.protocol)

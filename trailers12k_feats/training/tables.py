@@ -66,9 +66,19 @@ def comparison_rows(summary: Summary, cell: Callable[[float, float], str] = form
         yield [row.label if row else name, str(s["uAP"][2]), *ours, *paper]
 
 
-def format_table(summary: Summary, title: str = "test") -> str:
-    """A Markdown table of our mean ± std beside the paper's Table 6."""
-    lines = [f"Table 6 ({title}, mean ± sample std over splits, x100)", "",
+def protocol_note(protocol: str | None) -> str | None:
+    """The line a table carries when its runs used another protocol than the paper's, else None."""
+    if protocol is None or protocol == "authors":
+        return None
+    return (f"Protocol {protocol}: differs from the paper's (the authors' code, --protocol authors), so the paper's "
+            f"numbers are not the same measurement.")
+
+
+def format_table(summary: Summary, title: str = "test", protocol: str | None = None) -> str:
+    """A Markdown table of our mean ± std beside the paper's Table 6; runs of a `protocol` other
+    than the paper's ("authors") get a line saying so under the title."""
+    note = protocol_note(protocol)
+    lines = [f"Table 6 ({title}, mean ± sample std over splits, x100)", "", *([note, ""] if note else []),
              "| " + " | ".join(COMPARISON_HEAD) + " |", "|" + "---|" * len(COMPARISON_HEAD)]
     lines += ["| " + " | ".join(r) + " |" for r in comparison_rows(summary)]
     return "\n".join(lines)
@@ -86,8 +96,9 @@ def comparison_html(summary: Summary) -> str:
     return html_table(COMPARISON_HEAD, list(comparison_rows(summary, lambda m, s: format_cell(m, s, False))))
 
 
-def write_results(out_dir: Path) -> str:
-    """Rewrite val.csv, tst.csv and the summaries from the finished runs; return the test table."""
+def write_results(out_dir: Path, protocol: str | None = None) -> str:
+    """Rewrite val.csv, tst.csv and the summaries from the finished runs; return the test table.
+    `protocol` is the runs' training protocol, recorded in summary.csv and noted in the tables."""
     table = collect(out_dir)
     for subset, fname in (("val", "val.csv"), ("test", "tst.csv")):
         with atomic_path(out_dir / fname) as tmp, open(tmp, "w", newline="") as f:
@@ -97,12 +108,13 @@ def write_results(out_dir: Path) -> str:
                 w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in line.items()})
     with atomic_path(out_dir / "summary.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["run", "subset", "metric", "mean", "std", "splits", "paper_mean", "paper_std"])
+        w.writerow(["run", "subset", "metric", "mean", "std", "splits", "paper_mean", "paper_std", "protocol"])
         for subset in ("val", "test"):
             for run, s in summarise(table[subset]).items():
                 for k, (mean, std, n) in s.items():
                     paper = TABLE6[run].paper.get(k) if subset == "test" and run in TABLE6 else None
-                    w.writerow([run, subset, k, f"{mean:.4f}", f"{std:.4f}", n, *(paper or ("", ""))])
-    text = format_table(summarise(table["test"]))
-    write_text(out_dir / "summary.md", text + "\n\n" + format_table(summarise(table["val"]), "val") + "\n")
+                    w.writerow([run, subset, k, f"{mean:.4f}", f"{std:.4f}", n, *(paper or ("", "")), protocol or ""])
+    text = format_table(summarise(table["test"]), protocol=protocol)
+    write_text(out_dir / "summary.md",
+               text + "\n\n" + format_table(summarise(table["val"]), "val", protocol) + "\n")
     return text

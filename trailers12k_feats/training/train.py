@@ -2,7 +2,9 @@
 
 Random 30-clip windows for training; snippet-averaged sigmoid probabilities for evaluation;
 AdamW (amsgrad), ReduceLROnPlateau and early stopping on validation loss; the
-best-validation-loss weights are evaluated on val and test. A run directory holds
+best-validation-loss weights are evaluated on val and test. What the padding of a snippet does,
+which validation loss is used and which trailers train follow `TrainConfig.protocol`
+(protocols.py). A run directory holds
 config.json, history.csv, best.pt, predictions.csv and metrics.json, and appears only
 when the run has finished.
 """
@@ -24,14 +26,9 @@ import torch
 import torch.nn.functional as Fn
 from tqdm import tqdm
 
-from trailers12k_feats import GENRES, NUM_GENRES, __version__
+from trailers12k_feats import GENRES, __version__
 from trailers12k_feats import cache as cache_mod
-from trailers12k_feats.runtime import (
-    PRECISIONS,
-    autocast,
-    check_device,
-    check_precision,
-)
+from trailers12k_feats.runtime import PRECISIONS, check_device, check_precision
 from trailers12k_feats.training.data import (
     Metadata,
     TrailerData,
@@ -51,6 +48,15 @@ from trailers12k_feats.training.metrics import (
     metric_columns,
     multilabel_metrics,
 )
+from trailers12k_feats.training.protocols import (
+    average_probs,
+    batch_logits,
+    check_protocol,
+    evaluate_snippets,
+    head_options,
+    snippet_logits,
+    training_set,
+)
 from trailers12k_feats.training.streams import check_caches, resolve_streams
 from trailers12k_feats.utils import (
     T12kError,
@@ -69,7 +75,8 @@ TRAIN_PRECISIONS = ("bf16", "fp32")  # the heads are not trained in fp16
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One training run. Defaults are the paper's protocol."""
+    """One training run. Defaults are the paper's settings; `protocol` defaults to masked
+    (t12k reproduce runs the authors', see protocols.py)."""
 
     split: int = 0
     temporal: str = "tsfm"
@@ -88,9 +95,11 @@ class TrainConfig:
     precision: str = "bf16"  # autocast dtype for matmuls: "bf16" (AMX/tensor cores) or "fp32"
     eval_batch_size: int = 512
     device: str = "cpu"  # "cpu" or "cuda[:N]"; features stay in host RAM, batches move
+    protocol: str = "masked"  # "authors" (the authors' code) or "masked" (padding masked): see protocols.py
 
     def __post_init__(self) -> None:
         check_splits([self.split])
+        check_protocol(self.protocol)
         if self.temporal not in TEMPORAL:
             raise T12kError(f"unknown temporal module {self.temporal!r}; valid: {', '.join(TEMPORAL)}.")
         if self.fusion not in FUSIONS:
@@ -165,30 +174,11 @@ def _split_data(meta: Metadata, sets: dict, rows: np.ndarray, split: int) -> dic
     return out
 
 
-def batch_logits(model: torch.nn.Module, batch, dev: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """(B, 10) float32 logits of a Batch, moved to `dev`, under autocast to `dtype`."""
-    x = {k: v.to(dev, non_blocking=True) for k, v in batch.x.items()}
-    mask = batch.mask.to(dev, non_blocking=True)
-    with autocast(dev.type, dtype):
-        logits = model(ix=x.get("image"), vx=x.get("video"), ix_mask=mask, vx_mask=mask)
-    return logits.float()
-
-
-@torch.no_grad()
 def snippet_probs(model: torch.nn.Module, d: TrailerData, cfg: TrainConfig) -> torch.Tensor:
-    """The protocol's evaluation: each trailer cut into `cfg.window`-clip snippets (the last
-    zero-padded and masked), sigmoid probabilities averaged over its snippets. (n, 10)."""
-    model.eval()
-    dev = next(model.parameters()).device
-    dtype = PRECISIONS[cfg.precision]
-    owner, first = d.snippets(torch.arange(len(d)), cfg.window)  # (S,), (S,)
-    probs = torch.zeros(len(d), NUM_GENRES)  # (n, 10); no labels needed, so new videos work too
-    for s in range(0, len(owner), cfg.eval_batch_size):
-        batch = d.gather(owner[s:s + cfg.eval_batch_size], first[s:s + cfg.eval_batch_size], cfg.window,
-                         torch.float32)
-        probs.index_add_(0, batch.rows, torch.sigmoid(batch_logits(model, batch, dev, dtype)).cpu())
-    counts = torch.bincount(owner, minlength=len(d)).clamp(min=1)
-    return probs / counts[:, None]  # (n, 10)
+    """The evaluation of `cfg.protocol`: each trailer cut into `cfg.window`-clip snippets (the last
+    zero-padded), sigmoid probabilities averaged over its snippets. (n, 10)."""
+    owner, logits = snippet_logits(model, d, cfg.window, cfg.protocol, cfg.precision, cfg.eval_batch_size)
+    return average_probs(owner, logits, len(d), cfg.eval_batch_size)  # (n, 10)
 
 
 def diverged(desc: str, what: str) -> T12kError:
@@ -205,13 +195,14 @@ class Trainer:
             raise T12kError(f"training needs labelled trailers, but {', '.join(unlabelled)} has none; "
                             "build the data with TrailerData.from_metadata.")
         self.cfg = cfg
-        self.data = data
+        train, self.left_out = training_set(data["train"], cfg.protocol, cfg.window)
+        self.data = {**data, "train": train}
         tune_malloc()
         dims = data["train"].dims()
         self.gen = seed_everything(cfg.seed)
         self.device = torch.device(cfg.device)
-        self.model = build_divita(dims.get("image"), dims.get("video"), temporal=cfg.temporal,
-                                  fusion=cfg.fusion, dropout=cfg.dropout).to(self.device)
+        self.model = build_divita(dims.get("image"), dims.get("video"), temporal=cfg.temporal, fusion=cfg.fusion,
+                                  dropout=cfg.dropout, **head_options(cfg.protocol)).to(self.device)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True,
                                      amsgrad=cfg.amsgrad)
         self.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(self.opt, mode="min", factor=cfg.plateau_factor,
@@ -250,10 +241,12 @@ class Trainer:
         return snippet_probs(self.model, d, self.cfg)
 
     def evaluate(self, d: TrailerData) -> tuple[float, dict[str, float], torch.Tensor]:
-        p = self.predict(d)
+        """(validation loss of the protocol, metrics, snippet-averaged probabilities (n, 10))."""
+        cfg = self.cfg
+        loss, p = evaluate_snippets(self.model, d, cfg.protocol, cfg.window, cfg.batch_size, cfg.precision,
+                                    cfg.eval_batch_size)
         if not bool(torch.isfinite(p).all()):  # a diverged model: NaN loss and metrics, for fit to report
             return math.nan, dict.fromkeys((*metric_columns(), *AP_KEYS), math.nan), p
-        loss = float(Fn.binary_cross_entropy(p.clamp(1e-7, 1 - 1e-7), d.labels))
         return loss, multilabel_metrics(d.labels.numpy(), p.numpy()), p
 
     def fit(self, progress: bool = True, desc: str = "epochs") -> RunResult:
@@ -271,6 +264,11 @@ class Trainer:
                             **{f"val_{k}": val_m[k] for k in ("uAP", "mAP", "wAP", "sAP")},
                             "seconds": round(time.perf_counter() - t0, 2)})
             if not math.isfinite(val_loss):
+                if cfg.protocol == "authors" and best_state is not None:
+                    # the authors' EarlyStopping(check_finite=True) ends the run on the best checkpoint
+                    log.warning("%s: validation loss is %s at epoch %d; stopping and keeping epoch %d",
+                                desc, val_loss, epoch, best_epoch)
+                    break
                 raise diverged(desc, f"validation loss is {val_loss} at epoch {epoch}")
             if val_loss < best_loss:
                 best_loss, best_epoch = val_loss, epoch
@@ -305,11 +303,11 @@ def _write_predictions(path: Path, trainer: Trainer) -> None:
 def train_run(cfg: TrainConfig, meta: Metadata, sets: dict[str, cache_mod.FeatureSet], rows: np.ndarray,
               out_dir: str | os.PathLike | None = None, progress: bool = True, desc: str = "epochs") -> RunResult:
     """Train one configuration on split `cfg.split`; write a run directory if `out_dir` is given."""
-    data = _split_data(meta, sets, rows, cfg.split)
-    trainer = Trainer(cfg, data)
+    trainer = Trainer(cfg, _split_data(meta, sets, rows, cfg.split))
+    data = trainer.data  # the training set of the protocol
     n_params = count_params(trainer.model)
-    log.info("%s: %s, %d params, train/val/test %d/%d/%d trailers", desc,
-             " + ".join(f"{r}={fs.name}" for r, fs in sets.items()), n_params,
+    log.info("%s: %s, %d params, protocol %s, train/val/test %d/%d/%d trailers", desc,
+             " + ".join(f"{r}={fs.name}" for r, fs in sets.items()), n_params, cfg.protocol,
              len(data["train"]), len(data["val"]), len(data["test"]))
     result = trainer.fit(progress=progress, desc=desc)
     log.info("%s: best epoch %d of %d, %.0f s; test %s", desc, result.best_epoch, result.epochs, result.seconds,
@@ -328,6 +326,7 @@ def train_run(cfg: TrainConfig, meta: Metadata, sets: dict[str, cache_mod.Featur
                         for r, fs in sets.items()},
             "metadata": str(meta.path),
             "trailers": {k: len(v) for k, v in data.items()},
+            "short_train_trailers_left_out": trainer.left_out,  # authors protocol: fewer clips than the window
             "params": n_params,
             "package_version": __version__,
         }
