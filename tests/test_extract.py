@@ -174,18 +174,24 @@ def test_damaged_segments_stop_the_merge_and_change_nothing(tmp_path, monkeypatc
     assert _files(tmp_path) == before
 
 
-@pytest.mark.slow
-def test_kill_9_then_rerun_keeps_every_finished_trailer_once(tmp_path):
+def _start_extraction(tmp_path, **popen) -> tuple[subprocess.Popen, list[str]]:
+    """A real `t12k extract` of 8 videos in a subprocess, returned once its first segment is written."""
     vids = tmp_path / "v"
     for i in range(8):
         cut_video(vids / f"tt{i:07d}.mp4", [40, 40], size=(160, 96), seed=i)
     args = [sys.executable, "-m", "cli", "extract", str(vids), "-b", LIGHT, "--weights", f"{LIGHT}=random",
             "--fpc", "8", "--flush-every", "1", "--cache", str(tmp_path / "c")]
-    proc = subprocess.Popen(args, cwd=Path(__file__).parents[1], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(args, cwd=Path(__file__).parents[1], **popen)
     deadline = time.monotonic() + 120
     while not store.segments(tmp_path / "c", "k_shufflenet") and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.01)
-    assert proc.poll() is None, "extraction ended before it could be killed"
+    assert proc.poll() is None, "extraction ended before it could be stopped"
+    return proc, args
+
+
+@pytest.mark.slow
+def test_kill_9_then_rerun_keeps_every_finished_trailer_once(tmp_path):
+    proc, args = _start_extraction(tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     done = store.finished_ids(tmp_path / "c", "k_shufflenet")
@@ -202,17 +208,7 @@ def test_kill_9_then_rerun_keeps_every_finished_trailer_once(tmp_path):
 
 @pytest.mark.slow
 def test_ctrl_c_exits_130_and_keeps_finished_trailers(tmp_path):
-    vids = tmp_path / "v"
-    for i in range(8):
-        cut_video(vids / f"tt{i:07d}.mp4", [40, 40], size=(160, 96), seed=i)
-    args = [sys.executable, "-m", "cli", "extract", str(vids), "-b", LIGHT, "--weights", f"{LIGHT}=random",
-            "--fpc", "8", "--flush-every", "1", "--cache", str(tmp_path / "c")]
-    proc = subprocess.Popen(args, cwd=Path(__file__).parents[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    deadline = time.monotonic() + 120
-    while not store.segments(tmp_path / "c", "k_shufflenet") and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.01)
-    assert proc.poll() is None, "extraction ended before it could be interrupted"
+    proc, _ = _start_extraction(tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen = store.finished_ids(tmp_path / "c", "k_shufflenet")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
