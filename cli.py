@@ -7,115 +7,42 @@ command imports the package's modules it needs when it runs.
 
 from __future__ import annotations
 
-import functools
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
-from trailers12k_feats.cli_options import LazyChoice, given, option
+from trailers12k_feats.cli_options import (
+    CLIP,
+    DATA_DIR,
+    DEMO,
+    DOWNLOAD,
+    EXTRACT,
+    IMPORT,
+    PREDICT,
+    PROBE,
+    REPRODUCE,
+    SYNTH,
+    TRAIN,
+    TRAIN_JOB,
+    LazyChoice,
+    clips_option,
+    data_options,
+    errors,
+    given,
+    ints,
+    names,
+    option,
+    protocol_option,
+    resolve_data,
+    rows_splits,
+    shard_spec,
+    train_options,
+    weight_pairs,
+)
 from trailers12k_feats.utils import T12kError, setup_logging
-
-log = logging.getLogger("t12k")
-
-DATA_DIR = Path("cache")  # where `t12k download` puts mtgc.csv and the caches, and where commands look
-
-# The config dataclasses behind the options, as module:Class references imported on demand.
-TRAIN = "trailers12k_feats.training.train:TrainConfig"
-TRAIN_JOB = "trailers12k_feats.training.train:TrainJob"
-REPRODUCE = "trailers12k_feats.training.reproduce:ReproduceConfig"
-PROBE = "trailers12k_feats.training.probe:ProbeConfig"
-EXTRACT = "trailers12k_feats.extraction.extract:ExtractConfig"
-CLIP = "trailers12k_feats.extraction.video:ClipSpec"
-PREDICT = "trailers12k_feats.apps.predict:PredictConfig"
-DEMO = "trailers12k_feats.apps.demo:DemoConfig"
-SYNTH = "trailers12k_feats.sources.synthetic:SynthConfig"
-DOWNLOAD = "trailers12k_feats.sources.download:DownloadConfig"
-IMPORT = "trailers12k_feats.sources.zarr_import:ImportConfig"
-
-
-def _ints(text: str | None) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers such as 0,1,2, got {text!r}") from None
-
-
-def _names(text: str | None) -> tuple[str, ...] | None:
-    return tuple(x.strip() for x in text.split(",") if x.strip()) if text else None
-
-
-def _errors(fn):
-    """Turn a T12kError into one clear line and exit status 1, without a traceback."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except T12kError as e:
-            raise click.ClickException(str(e)) from None
-    return wrapper
-
-
-def _data_options(config: str):
-    """--data-dir, or --metadata and --cache-dir separately; --on-missing of `config`."""
-    def deco(fn):
-        fn = option(config, "--on-missing", type=click.Choice(["error", "warn"]),
-                    help="Trailers of the metadata missing from a cache: stop, or warn and drop them.")(fn)
-        fn = click.option("--cache-dir", type=click.Path(path_type=Path),
-                          help="Folder of <stream>.h5 caches  [default: DATA_DIR]")(fn)
-        fn = click.option("--metadata", type=click.Path(path_type=Path),
-                          help="Labels and splits file  [default: DATA_DIR/mtgc.csv]")(fn)
-        fn = click.option("--data-dir", type=click.Path(path_type=Path), default=DATA_DIR, show_default=True,
-                          help="Folder holding mtgc.csv and the <stream>.h5 caches.")(fn)
-        return fn
-    return deco
-
-
-def _clips_option(fn):
-    return click.option("--allow-mismatched-clips", is_flag=True,
-                        help="Fuse two streams even if their fps, fpc or segmentation differ.")(fn)
-
-
-def _resolve(data_dir: Path, metadata: Path | None, cache_dir: Path | None) -> tuple[Path, Path]:
-    return metadata or data_dir / "mtgc.csv", cache_dir or data_dir
-
-
-def _train_options(fn):
-    """Options of TrainConfig; unset ones keep the config's defaults (the paper's protocol)."""
-    opts = [
-        option(TRAIN, "--temporal", type=LazyChoice("trailers12k_feats.training.heads:TEMPORAL"),
-               help="Temporal module."),
-        option(TRAIN, "--fusion", type=LazyChoice("trailers12k_feats.training.heads:FUSIONS"),
-               help="Fusion of two streams."),
-        option(TRAIN, "--max-epochs", type=int, help="Epoch limit."),
-        option(TRAIN, "--batch-size", type=int, help="Trailers per batch."),
-        option(TRAIN, "--lr", type=float, help="AdamW learning rate."),
-        option(TRAIN, "--seed", type=int, help="Seed of weights, windows and dropout."),
-        option(TRAIN, "--precision", type=LazyChoice("trailers12k_feats.training.train:TRAIN_PRECISIONS"),
-               help="Autocast precision."),
-        option(TRAIN, "--device", help="cpu or cuda[:N]."),
-    ]
-    for opt in reversed(opts):
-        fn = opt(fn)
-    return fn
-
-
-def _protocol_option(config: str):
-    """--protocol, its default read from `config` (TrainConfig for train, ReproduceConfig for reproduce)."""
-    return option(config, "--protocol", type=LazyChoice("trailers12k_feats.training.protocols:PROTOCOLS"),
-                  help="authors: as the authors' code (zero padding seen as clips, snippet-level validation "
-                       "loss, training trailers under 30 clips left out); masked: padding masked everywhere.")
-
-
-def _train_config(**opts: Any):
-    from trailers12k_feats.training.train import TrainConfig
-
-    return TrainConfig(**given(**opts))
 
 
 class _Main(click.Group):
@@ -146,12 +73,12 @@ def main(verbose: bool) -> None:
 @option(SYNTH, "--trailers", field="num_trailers", type=int, help="Number of trailers.")
 @option(SYNTH, "--seed", type=int, help="Seed of labels, splits and features.")
 @option(SYNTH, "--streams", help="Comma-separated streams.")
-@_errors
+@errors
 def synth(out_dir: Path, trailers: int | None, seed: int | None, streams: str | None) -> None:
     """Write a synthetic Trailers12k-shaped corpus: mtgc.csv and one cache per stream."""
     from trailers12k_feats.sources.synthetic import SynthConfig, make_corpus
 
-    make_corpus(out_dir, SynthConfig(**given(num_trailers=trailers, seed=seed, streams=_names(streams))))
+    make_corpus(out_dir, SynthConfig(**given(num_trailers=trailers, seed=seed, streams=names(streams))))
     click.echo(f"wrote {out_dir}")
 
 
@@ -163,41 +90,30 @@ def cache() -> None:
 @cache.command("info")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@_errors
+@errors
 def cache_info(paths: tuple[Path, ...], as_json: bool) -> None:
     """Summarise caches (a folder lists every cache in it)."""
     from trailers12k_feats import cache as cache_mod
 
-    files = [f for p in paths for f in (cache_mod.list_caches(p) if p.is_dir() else [p])]
-    infos = [cache_mod.summary(f) for f in files]
-    if as_json:
-        click.echo(json.dumps(infos, indent=2))
-        return
-    for s in infos:
-        c = s["clips_per_trailer"]
-        click.echo(f"{s['path']}  ({s['size_mb']} MB, {s['dtype']})\n"
-                   f"  {s['name']}: {s['backbone']} ({s['kind']}, {s['pretraining']}), dim {s['feature_dim']}, "
-                   f"fps {s['fps']:g}, fpc {s['fpc']}, segmentation {s['segmentation']}, source {s['source']}\n"
-                   f"  {s['trailers']} trailers, {s['clips']} clips (min {c['min']}, median {c['median']:g}, "
-                   f"max {c['max']}; {s['trailers_under_30_clips']} trailers under 30 clips)")
+    infos = [cache_mod.summary(f) for f in cache_mod.expand(paths)]
+    click.echo(json.dumps(infos, indent=2) if as_json else "\n".join(map(cache_mod.format_summary, infos)))
 
 
 @cache.command("validate")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
-@_errors
+@errors
 def cache_validate(paths: tuple[Path, ...]) -> None:
     """Check caches' schema, index and values (NaN/Inf)."""
     from trailers12k_feats import cache as cache_mod
 
-    files = [f for p in paths for f in (cache_mod.list_caches(p) if p.is_dir() else [p])]
-    for f in files:
+    for f in cache_mod.expand(paths):
         cache_mod.validate(f)
         click.echo(f"ok  {f}")
 
 
 @cache.command("merge")
 @click.argument("cache_dir", type=click.Path(path_type=Path))
-@_errors
+@errors
 def cache_merge(cache_dir: Path) -> None:
     """Merge extraction segments (from `t12k extract --shard`) into <stream>.h5 caches."""
     from trailers12k_feats.extraction.store import merge_all
@@ -207,26 +123,6 @@ def cache_merge(cache_dir: Path) -> None:
         raise T12kError(f"{cache_dir} has no extraction segments to merge.")
     for p in merged:
         click.echo(f"merged {p}")
-
-
-def _shard(text: str | None) -> tuple[int, int] | None:
-    if text is None:
-        return None
-    try:
-        k, n = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise click.BadParameter(f"expected K/N such as 2/4, got {text!r}") from None
-    return k, n
-
-
-def _weights(items: tuple[str, ...]) -> tuple[tuple[str, str], ...] | None:
-    out = []
-    for item in items:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise click.BadParameter(f"expected NAME=PATH (or NAME=random), got {item!r}")
-        out.append((name, path))
-    return tuple(out) or None
 
 
 @main.command()
@@ -260,7 +156,7 @@ def _weights(items: tuple[str, ...]) -> tuple[tuple[str, str], ...] | None:
 @option(EXTRACT, "--partial", type=LazyChoice("trailers12k_feats.extraction.extract:PARTIALS"),
         help="A video that decodes shorter than its file declares (by more than 1 s and 5%; truncated): keep "
              "its clips in the cache or drop it; either way it is listed in failures.jsonl.")
-@_errors
+@errors
 def extract(inputs, backbones, cache_dir, shard, weights, fps, fpc, segmentation, leftover, shot_threshold,
             min_shot_frames, **opts) -> None:
     """Embed the clips of videos (files, folders or list files) into feature caches.
@@ -276,16 +172,11 @@ def extract(inputs, backbones, cache_dir, shard, weights, fps, fpc, segmentation
     clip = ClipSpec(**given(fps=fps, fpc=fpc, segmentation=segmentation, leftover=leftover,
                              shot_threshold=shot_threshold, min_shot_frames=min_shot_frames))
     cfg = ExtractConfig(backbones=backbones, clip=clip,
-                        **given(**opts, shard=_shard(shard), weights=_weights(weights)))
+                        **given(**opts, shard=shard_spec(shard), weights=weight_pairs(weights)))
     res = run(list(inputs), cache_dir, cfg)
-    click.echo(f"{res.extracted} trailer(s) extracted ({res.clips} clips, {res.seconds:.0f} s), "
-               f"{res.skipped} already done, {len(res.failures)} failed, {len(res.partial)} partial "
-               f"({'kept' if cfg.partial == 'keep' else 'dropped'})")
-    for p in res.caches:
-        click.echo(f"  {p}")
+    click.echo(res.summary(cfg.partial))
     if not res.ok:
-        click.echo(f"failures listed in {cache_dir / 'failures.jsonl'}" if cfg.shard[1] == 1
-                   else f"failures listed in {cache_dir}/failures.shard*.jsonl", err=True)
+        click.echo(f"failures listed in {res.report}", err=True)
         sys.exit(3)
 
 
@@ -299,7 +190,7 @@ def extract(inputs, backbones, cache_dir, shard, weights, fps, fpc, segmentation
 @option(PREDICT, "--device", help="cpu or cuda[:N].")
 @click.option("--workers", type=int, help="Decoding processes  [default: 0 on the CPU, up to 8 with CUDA]")
 @click.option("--weights", "weights", multiple=True, help="NAME=PATH of a backbone's weight file (repeatable).")
-@_errors
+@errors
 def predict(videos, run_dir, fmt, cache_dir, weights, **opts) -> None:
     """The 10 genre probabilities of videos (files, folders or list files) with a trained run.
 
@@ -309,7 +200,7 @@ def predict(videos, run_dir, fmt, cache_dir, weights, **opts) -> None:
     from trailers12k_feats.apps.predict import PredictConfig, format_predictions
     from trailers12k_feats.apps.predict import predict as run
 
-    cfg = PredictConfig(run_dir=run_dir, cache_dir=cache_dir, **given(**opts, weights=_weights(weights)))
+    cfg = PredictConfig(run_dir=run_dir, cache_dir=cache_dir, **given(**opts, weights=weight_pairs(weights)))
     result = run(list(videos), cfg, progress=fmt == "table")
     click.echo(format_predictions(result, fmt))
     for r in result["failures"]:
@@ -320,41 +211,37 @@ def predict(videos, run_dir, fmt, cache_dir, weights, **opts) -> None:
 
 @main.command("backbones")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@_errors
+@errors
 def backbones_(as_json: bool) -> None:
     """List the backbone registry: dims, inputs, pretraining and whether weights are present."""
-    from trailers12k_feats.extraction.backbones import describe, weights_dir
+    from trailers12k_feats.extraction.backbones import describe, format_registry
 
     rows = describe()
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
-        return
-    cols = ("name", "stream", "kind", "dim", "input", "pretraining", "weights", "found")
-    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
-    click.echo("  ".join(c.ljust(widths[c]) for c in cols))
-    for r in rows:
-        click.echo("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
-    click.echo(f"\nweights are read from {weights_dir()} or --weights NAME=PATH; any timm 2D model: timm:<name>")
+    click.echo(json.dumps(rows, indent=2) if as_json else format_registry(rows))
 
 
 @main.command()
-@_data_options(TRAIN_JOB)
+@data_options(TRAIN_JOB)
 @click.option("--row", help="A Table 6 row (sets --image/--video), e.g. ik_swin or shufflenet_fusion.")
 @click.option("--image", help="Image stream: a name in the cache folder or a path to an .h5 cache.")
 @click.option("--video", help="Video stream: a name in the cache folder or a path to an .h5 cache.")
 @option(TRAIN, "--split", type=int, help="Split of mtgc.csv to train and evaluate on.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Run directory to create.")
-@_clips_option
-@_protocol_option(TRAIN)
-@_train_options
-@_errors
+@clips_option
+@protocol_option(TRAIN)
+@train_options
+@errors
 def train(data_dir, metadata, cache_dir, on_missing, row, image, video, out, allow_mismatched_clips, **opts) -> None:
     """Train one head on one split and save a run directory."""
     from trailers12k_feats.training.metrics import format_metrics
-    from trailers12k_feats.training.train import TrainJob, train_from_caches
+    from trailers12k_feats.training.train import (
+        TrainConfig,
+        TrainJob,
+        train_from_caches,
+    )
 
-    metadata, cache_dir = _resolve(data_dir, metadata, cache_dir)
-    job = TrainJob(metadata=metadata, cache_dir=cache_dir, out=out, train=_train_config(**opts),
+    metadata, cache_dir = resolve_data(data_dir, metadata, cache_dir)
+    job = TrainJob(metadata=metadata, cache_dir=cache_dir, out=out, train=TrainConfig(**given(**opts)),
                    allow_mismatched_clips=allow_mismatched_clips,
                    **given(row=row, image=image, video=video, on_missing=on_missing))
     res = train_from_caches(job)
@@ -362,54 +249,47 @@ def train(data_dir, metadata, cache_dir, on_missing, row, image, video, out, all
                f"  test {format_metrics(res.test)}\nrun saved to {out}")
 
 
-def _rows_splits(config: str):
-    """--rows and --splits of `config`."""
-    def deco(fn):
-        fn = option(config, "--splits", help="Comma-separated splits.")(fn)
-        return option(config, "--rows", help="Comma-separated Table 6 rows.")(fn)
-    return deco
-
-
 @main.command()
-@_data_options(REPRODUCE)
-@_rows_splits(REPRODUCE)
+@data_options(REPRODUCE)
+@rows_splits(REPRODUCE)
 @option(REPRODUCE, "--out", field="out_dir", type=click.Path(path_type=Path), help="Results folder.")
-@_clips_option
-@_protocol_option(REPRODUCE)
-@_train_options
-@_errors
+@clips_option
+@protocol_option(REPRODUCE)
+@train_options
+@errors
 def reproduce(data_dir, metadata, cache_dir, on_missing, rows, splits, out, allow_mismatched_clips, protocol,
               **opts) -> None:
     """Run Table 6 (rows x splits), resuming finished runs; print it beside the paper."""
     from trailers12k_feats.training.reproduce import ReproduceConfig
     from trailers12k_feats.training.reproduce import reproduce as run
+    from trailers12k_feats.training.train import TrainConfig
 
-    metadata, cache_dir = _resolve(data_dir, metadata, cache_dir)
-    cfg = ReproduceConfig(metadata=metadata, cache_dir=cache_dir, train=_train_config(**opts),
+    metadata, cache_dir = resolve_data(data_dir, metadata, cache_dir)
+    cfg = ReproduceConfig(metadata=metadata, cache_dir=cache_dir, train=TrainConfig(**given(**opts)),
                           allow_mismatched_clips=allow_mismatched_clips,
-                          **given(out_dir=out, on_missing=on_missing, rows=_names(rows), splits=_ints(splits),
+                          **given(out_dir=out, on_missing=on_missing, rows=names(rows), splits=ints(splits),
                                   protocol=protocol))
     click.echo(run(cfg))
     click.echo(f"\nresults in {cfg.out_dir} (val.csv, tst.csv, summary.csv, summary.md)")
 
 
 @main.command()
-@_data_options(PROBE)
-@_rows_splits(PROBE)
+@data_options(PROBE)
+@rows_splits(PROBE)
 @option(PROBE, "--pool", type=LazyChoice("trailers12k_feats.training.probe:POOLS"),
         help="Pooling of each trailer's clips.")
 @option(PROBE, "--alpha", type=float, help="Ridge penalty.")
-@_clips_option
-@_errors
+@clips_option
+@errors
 def probe(data_dir, metadata, cache_dir, on_missing, rows, splits, pool, alpha, allow_mismatched_clips) -> None:
     """Linear probe on pooled clip features: the Table 6 rows in seconds."""
     from trailers12k_feats.training.probe import ProbeConfig
     from trailers12k_feats.training.probe import probe as run
     from trailers12k_feats.training.tables import format_table, summarise
 
-    metadata, cache_dir = _resolve(data_dir, metadata, cache_dir)
+    metadata, cache_dir = resolve_data(data_dir, metadata, cache_dir)
     cfg = ProbeConfig(metadata=metadata, cache_dir=cache_dir, allow_mismatched_clips=allow_mismatched_clips,
-                      **given(pool=pool, alpha=alpha, on_missing=on_missing, rows=_names(rows), splits=_ints(splits)))
+                      **given(pool=pool, alpha=alpha, on_missing=on_missing, rows=names(rows), splits=ints(splits)))
     table = run(cfg)
     click.echo(format_table(summarise(table["test"]), f"test, linear probe on {cfg.pool}-pooled features"))
 
@@ -429,13 +309,13 @@ def probe(data_dir, metadata, cache_dir, on_missing, rows, splits, pool, alpha, 
 @option(DOWNLOAD, "--retries", type=int, help="Further attempts after a failed transfer, each resuming it.")
 @option(DOWNLOAD, "--max-size-factor", type=float,
         help="Multiply the size bounds of each download and of unpacking (a mirror that repackages the files).")
-@_errors
+@errors
 def download(data_dir, only, base_url, no_import, keep_zarr, dtype, timeout, retries, max_size_factor) -> None:
     """Download the authors' released features (about 40 GB), verify their md5, unpack and import them."""
     from trailers12k_feats.sources.download import DownloadConfig
     from trailers12k_feats.sources.download import download as run
 
-    cfg = DownloadConfig(only=tuple(n for o in only for n in _names(o) or ()), import_caches=not no_import,
+    cfg = DownloadConfig(only=tuple(n for o in only for n in names(o) or ()), import_caches=not no_import,
                          keep_zarr=keep_zarr, **given(data_dir=data_dir, base_url=base_url or None, dtype=dtype,
                                                        timeout=timeout, retries=retries,
                                                        max_size_factor=max_size_factor))
@@ -453,7 +333,7 @@ def download(data_dir, only, base_url, no_import, keep_zarr, dtype, timeout, ret
 @click.option("--out", type=click.Path(path_type=Path), help="Cache file to write  [default: DATA_DIR/<name>.h5]")
 @option(IMPORT, "--dtype", type=click.Choice(["float16", "float32"]), help="Dtype of the cache.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache.")
-@_errors
+@errors
 def import_zarr(src, name, data_dir, out, dtype, overwrite) -> None:
     """Convert a released zarr store (SRC.zarr folder) into an HDF5 feature cache, every trailer and clip."""
     from trailers12k_feats.sources.download import provenance
@@ -470,7 +350,7 @@ def import_zarr(src, name, data_dir, out, dtype, overwrite) -> None:
 @click.option("--out", type=click.Path(path_type=Path), help="Report folder to write  [default: PATH/report]")
 @click.option("--metadata", type=click.Path(path_type=Path),
               help="mtgc.csv with the runs' labels, for PR curves  [default: the one in each run's config.json]")
-@_errors
+@errors
 def report(path: Path, out: Path | None, metadata: Path | None) -> None:
     """Plots and an HTML page for a run directory (train) or a results folder (reproduce)."""
     from trailers12k_feats.apps.report import write_report
@@ -483,16 +363,13 @@ def report(path: Path, out: Path | None, metadata: Path | None) -> None:
 @option(DEMO, "--trailers", type=int, help="Synthetic trailer videos to make.")
 @option(DEMO, "--max-epochs", type=int, help="Epoch limit per run.")
 @option(DEMO, "--seed", type=int, help="Seed of the videos, labels, splits and heads.")
-@_errors
+@errors
 def demo(out: Path, **opts) -> None:
     """The whole pipeline: synthetic trailer videos -> extraction (real ImageNet MobileNetV2 and a
     3D ShuffleNet) -> image, video and fusion heads -> results, plots -> genres of a held-out video."""
-    from trailers12k_feats.apps.demo import DemoConfig, run
+    from trailers12k_feats.apps.demo import DemoConfig, format_result, run
 
-    res = run(out, DemoConfig(**given(**opts)))
-    click.echo("\ntest set of split 0:\n" + res["table"])
-    click.echo("\nplots: " + ", ".join(str(p) for p in res["reports"]))
-    click.echo("\nheld-out video, fusion head:\n" + res["prediction"] + f"\ntrue genres: {res['truth']}")
+    click.echo(format_result(run(out, DemoConfig(**given(**opts)))))
 
 
 if __name__ == "__main__":

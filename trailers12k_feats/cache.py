@@ -526,6 +526,11 @@ def list_caches(root: str | os.PathLike) -> list[Path]:
     return sorted(p for p in root.glob(f"*{SUFFIX}") if not p.name.startswith("."))
 
 
+def expand(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """The cache files that `paths` name: a file as it is, a folder as every cache in it."""
+    return [f for p in map(Path, paths) for f in (list_caches(p) if p.is_dir() else [p])]
+
+
 def summary(path: str | os.PathLike) -> dict[str, Any]:
     """A small dict describing a cache (for `t12k cache info`)."""
     path = Path(path)
@@ -549,3 +554,13 @@ def summary(path: str | os.PathLike) -> dict[str, Any]:
         }
     out.update(dataclasses.asdict(attrs))
     return out
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """A :func:`summary` as the three lines `t12k cache info` prints."""
+    c = s["clips_per_trailer"]
+    return (f"{s['path']}  ({s['size_mb']} MB, {s['dtype']})\n"
+            f"  {s['name']}: {s['backbone']} ({s['kind']}, {s['pretraining']}), dim {s['feature_dim']}, "
+            f"fps {s['fps']:g}, fpc {s['fpc']}, segmentation {s['segmentation']}, source {s['source']}\n"
+            f"  {s['trailers']} trailers, {s['clips']} clips (min {c['min']}, median {c['median']:g}, "
+            f"max {c['max']}; {s['trailers_under_30_clips']} trailers under 30 clips)")

@@ -3,7 +3,10 @@
 An option made with `option` is None unless given; `given` drops the Nones, so a config
 built from the options keeps its own defaults, and help shows them. Configs and choice lists
 are named as `module:name` references and imported when help is printed or a value is checked,
-so `t12k` imports a command's modules only when that command runs.
+so `t12k` imports a command's modules only when that command runs. The parsers of option
+values (`ints`, `names`, `shard_spec`, `weight_pairs`) and the option groups several
+commands share (`data_options`, `train_options`, ...) live here too, so `cli.py` holds only
+the commands.
 """
 
 from __future__ import annotations
@@ -11,9 +14,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+from pathlib import Path
 from typing import Any
 
 import click
+
+from trailers12k_feats.utils import T12kError
 
 
 def load_ref(ref: str) -> Any:
@@ -75,3 +81,130 @@ class LazyChoice(click.Choice):
 def given(**values: Any) -> dict[str, Any]:
     """The options that were given: None means "left out", so the config's default applies."""
     return {k: v for k, v in values.items() if v is not None}
+
+
+# The parsers and the option groups the commands share.
+
+DATA_DIR = Path("cache")  # where `t12k download` puts mtgc.csv and the caches, and where commands look
+
+# The config dataclasses behind the options, as module:Class references imported on demand.
+TRAIN = "trailers12k_feats.training.train:TrainConfig"
+TRAIN_JOB = "trailers12k_feats.training.train:TrainJob"
+REPRODUCE = "trailers12k_feats.training.reproduce:ReproduceConfig"
+PROBE = "trailers12k_feats.training.probe:ProbeConfig"
+EXTRACT = "trailers12k_feats.extraction.extract:ExtractConfig"
+CLIP = "trailers12k_feats.extraction.video:ClipSpec"
+PREDICT = "trailers12k_feats.apps.predict:PredictConfig"
+DEMO = "trailers12k_feats.apps.demo:DemoConfig"
+SYNTH = "trailers12k_feats.sources.synthetic:SynthConfig"
+DOWNLOAD = "trailers12k_feats.sources.download:DownloadConfig"
+IMPORT = "trailers12k_feats.sources.zarr_import:ImportConfig"
+
+
+def ints(text: str | None) -> tuple[int, ...] | None:
+    """"0,1,2" -> (0, 1, 2); None stays None (left out)."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers such as 0,1,2, got {text!r}") from None
+
+
+def names(text: str | None) -> tuple[str, ...] | None:
+    """"a, b" -> ("a", "b"); None or "" stays None (left out)."""
+    return tuple(x.strip() for x in text.split(",") if x.strip()) if text else None
+
+
+def errors(fn):
+    """Turn a T12kError into one clear line and exit status 1, without a traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except T12kError as e:
+            raise click.ClickException(str(e)) from None
+    return wrapper
+
+
+def data_options(config: str):
+    """--data-dir, or --metadata and --cache-dir separately; --on-missing of `config`."""
+    def deco(fn):
+        fn = option(config, "--on-missing", type=click.Choice(["error", "warn"]),
+                    help="Trailers of the metadata missing from a cache: stop, or warn and drop them.")(fn)
+        fn = click.option("--cache-dir", type=click.Path(path_type=Path),
+                          help="Folder of <stream>.h5 caches  [default: DATA_DIR]")(fn)
+        fn = click.option("--metadata", type=click.Path(path_type=Path),
+                          help="Labels and splits file  [default: DATA_DIR/mtgc.csv]")(fn)
+        fn = click.option("--data-dir", type=click.Path(path_type=Path), default=DATA_DIR, show_default=True,
+                          help="Folder holding mtgc.csv and the <stream>.h5 caches.")(fn)
+        return fn
+    return deco
+
+
+def clips_option(fn):
+    """--allow-mismatched-clips."""
+    return click.option("--allow-mismatched-clips", is_flag=True,
+                        help="Fuse two streams even if their fps, fpc or segmentation differ.")(fn)
+
+
+def resolve_data(data_dir: Path, metadata: Path | None, cache_dir: Path | None) -> tuple[Path, Path]:
+    """(metadata file, cache folder): those given, else DATA_DIR/mtgc.csv and DATA_DIR."""
+    return metadata or data_dir / "mtgc.csv", cache_dir or data_dir
+
+
+def train_options(fn):
+    """Options of TrainConfig; unset ones keep the config's defaults (the paper's protocol)."""
+    opts = [
+        option(TRAIN, "--temporal", type=LazyChoice("trailers12k_feats.training.heads:TEMPORAL"),
+               help="Temporal module."),
+        option(TRAIN, "--fusion", type=LazyChoice("trailers12k_feats.training.heads:FUSIONS"),
+               help="Fusion of two streams."),
+        option(TRAIN, "--max-epochs", type=int, help="Epoch limit."),
+        option(TRAIN, "--batch-size", type=int, help="Trailers per batch."),
+        option(TRAIN, "--lr", type=float, help="AdamW learning rate."),
+        option(TRAIN, "--seed", type=int, help="Seed of weights, windows and dropout."),
+        option(TRAIN, "--precision", type=LazyChoice("trailers12k_feats.training.train:TRAIN_PRECISIONS"),
+               help="Autocast precision."),
+        option(TRAIN, "--device", help="cpu or cuda[:N]."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def protocol_option(config: str):
+    """--protocol, its default read from `config` (TrainConfig for train, ReproduceConfig for reproduce)."""
+    return option(config, "--protocol", type=LazyChoice("trailers12k_feats.training.protocols:PROTOCOLS"),
+                  help="authors: as the authors' code (zero padding seen as clips, snippet-level validation "
+                       "loss, training trailers under 30 clips left out); masked: padding masked everywhere.")
+
+
+def shard_spec(text: str | None) -> tuple[int, int] | None:
+    """"K/N" -> (K, N); None stays None."""
+    if text is None:
+        return None
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise click.BadParameter(f"expected K/N such as 2/4, got {text!r}") from None
+    return k, n
+
+
+def weight_pairs(items: tuple[str, ...]) -> tuple[tuple[str, str], ...] | None:
+    """("NAME=PATH", ...) -> ((NAME, PATH), ...); None when none are given."""
+    out = []
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise click.BadParameter(f"expected NAME=PATH (or NAME=random), got {item!r}")
+        out.append((name, path))
+    return tuple(out) or None
+
+
+def rows_splits(config: str):
+    """--rows and --splits of `config`."""
+    def deco(fn):
+        fn = option(config, "--splits", help="Comma-separated splits.")(fn)
+        return option(config, "--rows", help="Comma-separated Table 6 rows.")(fn)
+    return deco

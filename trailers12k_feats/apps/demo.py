@@ -131,3 +131,10 @@ def _reports(out: Path) -> list[Path]:
     from trailers12k_feats.apps.report import write_report
 
     return [write_report(out / "runs" / name) for name in ("image", "video", "fusion")]
+
+
+def format_result(res: dict) -> str:
+    """What :func:`run` returns, as `t12k demo` prints it."""
+    return ("\ntest set of split 0:\n" + res["table"]
+            + "\n\nplots: " + ", ".join(str(p) for p in res["reports"])
+            + "\n\nheld-out video, fusion head:\n" + res["prediction"] + f"\ntrue genres: {res['truth']}")

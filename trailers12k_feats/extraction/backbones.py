@@ -323,3 +323,13 @@ def _found(entry: Backbone) -> bool:
         return entry.weights is not None and weights_path(entry).is_file()
     except T12kError:
         return False
+
+
+def format_registry(rows: list[dict]) -> str:
+    """:func:`describe`'s rows as the aligned table `t12k backbones` prints, and where weights are read."""
+    cols = ("name", "stream", "kind", "dim", "input", "pretraining", "weights", "found")
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    lines = ["  ".join(c.ljust(widths[c]) for c in cols)]
+    lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in cols) for r in rows]
+    return "\n".join(lines) + (f"\n\nweights are read from {weights_dir()} or --weights NAME=PATH; "
+                               f"any timm 2D model: timm:<name>")

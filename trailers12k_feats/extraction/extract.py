@@ -132,10 +132,18 @@ class ExtractResult:
     clips: int
     partial: list[dict] = field(default_factory=list)  # {"id", "path", "status": "partial", "reason",
     #                                                     "decoded_s", "declared_s", "kept"}
+    report: Path | None = None  # the failure report of this run (None when not written)
 
     @property
     def ok(self) -> bool:
         return not self.failures and not self.partial
+
+    def summary(self, partial: str = "keep") -> str:
+        """What the run did, in one line, then the caches it wrote; `partial` is the run's setting."""
+        lines = [f"{self.extracted} trailer(s) extracted ({self.clips} clips, {self.seconds:.0f} s), "
+                 f"{self.skipped} already done, {len(self.failures)} failed, {len(self.partial)} partial "
+                 f"({'kept' if partial == 'keep' else 'dropped'})"]
+        return "\n".join(lines + [f"  {p}" for p in self.caches])
 
 
 # ---------------------------------------------------------------------------- model side
@@ -270,7 +278,7 @@ def extract(inputs: list[str | os.PathLike], cache_dir: str | os.PathLike, cfg: 
     if (run.failures or run.partial) and report:
         log.warning("%d video(s) failed, %d partial; reasons in %s", len(run.failures), len(run.partial), report_path)
     return ExtractResult(caches, run.completed, skipped, run.failures, time.perf_counter() - t0, run.clips,
-                         run.partial)
+                         run.partial, report_path if report else None)
 
 
 class _Run:
