@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from trailers12k_feats.cli_options import (
+    AUTO_HELP,
     CLIP,
     DATA_DIR,
     DEMO,
@@ -143,7 +144,7 @@ def cache_merge(cache_dir: Path) -> None:
         help="2D backbones: clip = mean of frames or centre frame.")
 @option(EXTRACT, "--image-frames", type=int, help="2D backbones: frames embedded per clip, evenly spaced; 0 = all.")
 @option(EXTRACT, "--precision", type=LazyChoice("trailers12k_feats.extraction.extract:EXTRACT_PRECISIONS"),
-        help="Autocast precision.")
+        help=AUTO_HELP + " fp16 needs CUDA.")
 @option(EXTRACT, "--device", help="cpu or cuda[:N].")
 @option(EXTRACT, "--batch-size", type=int, help="Clips per forward pass.")
 @click.option("--workers", type=int, help="Decoding processes; 0 decodes in the main process  "

@@ -9,10 +9,11 @@ Prints
   * full extraction (`extract.extract`) with all requested backbones: clips/s, seconds and
     the ratio full / decode-only (the aim is <= 1.2: compute hidden behind decoding),
   * precision check: each backbone's features in the chosen autocast dtype against fp32 on the
-    same clips (max relative error, minimum cosine similarity).
+    same clips (max relative error, minimum cosine similarity); `--precision auto` (the default,
+    as in `t12k extract`) is resolved first and the choice printed.
 
     python bench/bench_extract.py [--backbones mobilenet_v2] [--videos 6] [--seconds 12]
-        [--device cpu] [--precision fp32] [--workers 0] [--image-frames 0]
+        [--device cpu] [--precision auto] [--workers 0] [--image-frames 0]
 
 Weights: mobilenet_v2 from the offline package when present, others from the torch hub
 cache, or random with --random-weights (speed does not depend on the values).
@@ -21,6 +22,7 @@ cache, or random with --random-weights (speed does not depend on the values).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -37,6 +39,7 @@ from trailers12k_feats.extraction.extract import (
     ExtractConfig,
     build_models,
     extract,
+    extract_precision,
 )
 from trailers12k_feats.sources.synthvideo import cut_video
 
@@ -72,17 +75,21 @@ def main() -> None:
     cfg = ExtractConfig(backbones=names, device=args.device, precision=args.precision, workers=args.workers,
                         batch_size=args.batch_size, image_frames=args.image_frames,
                         random_weights=args.random_weights, weights=() if args.random_weights else weights)
+    choice = extract_precision(cfg)  # `auto` resolved as `t12k extract` resolves it
+    cfg = dataclasses.replace(cfg, precision=choice.precision)
     spec = cfg.clip
     dev = args.device
     gpu = torch.cuda.get_device_name(0) if dev.startswith("cuda") else None
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_summary()}"
           + (f", {gpu}" if gpu else ""))
+    if choice.requested != choice.precision:
+        print(f"precision {choice.requested} -> {choice.precision}: {choice.reason}")
     W, H = (int(x) for x in args.size.split("x"))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         paths = make_videos(tmp / "videos", args.videos, args.seconds, (W, H))
         print(f"{len(paths)} videos {W}x{H}, {args.seconds:.0f} s each; fps {spec.fps}, fpc {spec.fpc}, "
-              f"short side {spec.short_side}; backbones {', '.join(names)}; {args.precision} on {dev}, "
+              f"short side {spec.short_side}; backbones {', '.join(names)}; {cfg.precision} on {dev}, "
               f"workers {args.workers}")
 
         t0 = time.perf_counter()
@@ -127,12 +134,12 @@ def main() -> None:
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
             print(f"{m.entry.name:22} alone: {n / dt:8.1f} clips/s  ({t} frames of {x.shape[-1]}px per clip)")
-            if args.precision != "fp32":
+            if cfg.precision != "fp32":
                 ref = m.embed(batches[0], ExtractConfig(backbones=names, device=dev, precision="fp32"))
                 low = m.embed(batches[0], cfg)
                 rel = ((low - ref).norm(dim=1) / ref.norm(dim=1)).max().item()
                 cos = torch.nn.functional.cosine_similarity(low, ref, dim=1).min().item()
-                print(f"{'':22} {args.precision} vs fp32: max relative error {rel:.2e}, min cosine {cos:.6f}")
+                print(f"{'':22} {cfg.precision} vs fp32: max relative error {rel:.2e}, min cosine {cos:.6f}")
             del out
 
         t0 = time.perf_counter()

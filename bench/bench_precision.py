@@ -21,8 +21,8 @@ from trailers12k_feats.training.tables import collect
 from trailers12k_feats.training.train import TrainConfig
 from trailers12k_feats.utils import setup_logging
 
-SETTINGS = {"bf16 seed 0": TrainConfig(), "fp32 seed 0": TrainConfig(precision="fp32"),
-            "bf16 seed 1": TrainConfig(seed=1)}
+SETTINGS = {"bf16 seed 0": TrainConfig(precision="bf16"), "fp32 seed 0": TrainConfig(precision="fp32"),
+            "bf16 seed 1": TrainConfig(precision="bf16", seed=1)}
 
 
 def main() -> None:

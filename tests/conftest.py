@@ -11,10 +11,21 @@ import torch
 
 from trailers12k_feats import NUM_GENRES
 from trailers12k_feats.cache import CacheAttrs, CacheWriter
+from trailers12k_feats.runtime import CACHE_ENV
 from trailers12k_feats.sources.synthetic import SynthConfig, make_corpus
 from trailers12k_feats.training.data import write_metadata
 
 torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def probe_cache(tmp_path_factory):
+    """The folder `--precision auto` keeps its per-machine probe in: a session tmp folder, never
+    the user's cache (subprocesses inherit it)."""
+    folder = tmp_path_factory.mktemp("t12k_cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(CACHE_ENV, str(folder))
+        yield folder
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from cli import main
 from trailers12k_feats import cache
+from trailers12k_feats.extraction.extract import ExtractConfig
 from trailers12k_feats.paper import get_row
 from trailers12k_feats.training.probe import ProbeConfig
 from trailers12k_feats.training.reproduce import ReproduceConfig
@@ -154,7 +155,7 @@ def test_help_shows_the_configs_defaults():
     for opt, value in (("--max-epochs", cfg.max_epochs), ("--precision", cfg.precision), ("--split", cfg.split)):
         line = " ".join(r.output.split(opt, 1)[1].split("--", 1)[0].split())
         assert f"[default: {value}]" in line, line
-    assert "[bf16|fp32]" in r.output
+    assert "[auto|bf16|fp32]" in r.output
     # --protocol: train's default from TrainConfig, reproduce's from ReproduceConfig (the paper's).
     for cmd, value in (("train", cfg.protocol), ("reproduce", ReproduceConfig.protocol)):
         line = " ".join(run(cmd, "--help").output.split("--protocol", 1)[1].split("--", 1)[0].split())
@@ -162,7 +163,14 @@ def test_help_shows_the_configs_defaults():
     assert (cfg.protocol, ReproduceConfig.protocol) == ("masked", "authors")
     r = run("probe", "--help")
     assert f"[default: {ProbeConfig.alpha:g}]" in " ".join(r.output.split())
-    assert "[fp32|bf16|fp16]" in run("extract", "--help").output
+    assert "[auto|fp32|bf16|fp16]" in run("extract", "--help").output
+
+
+def test_precision_defaults_to_auto_in_every_command_that_has_it():
+    for cmd, cfg in (("train", TrainConfig), ("reproduce", TrainConfig), ("extract", ExtractConfig)):
+        line = " ".join(run(cmd, "--help").output.split("--precision", 1)[1].split("\n  -", 1)[0].split())
+        assert cfg.precision == "auto" and "[default: auto]" in line and "[auto|" in line, line
+        assert "bf16 on CUDA" in line and "faster than fp32" in line, line
 
 
 def test_cli_imports_the_package_only_in_commands():

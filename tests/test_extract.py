@@ -13,12 +13,13 @@ import torchvision
 from click.testing import CliRunner
 
 from cli import main
-from trailers12k_feats import cache
+from trailers12k_feats import cache, runtime
 from trailers12k_feats.extraction import backbones as bb
 from trailers12k_feats.extraction import store, video
 from trailers12k_feats.extraction.extract import ExtractConfig, extract
 from trailers12k_feats.extraction.inputs import resolve_inputs
 from trailers12k_feats.extraction.video import ClipSpec
+from trailers12k_feats.runtime import CACHE_ENV
 from trailers12k_feats.sources.synthvideo import cut_video
 from trailers12k_feats.utils import T12kError
 
@@ -38,6 +39,7 @@ def videos(tmp_path_factory):
 
 def _cfg(**kw):
     base = {"backbones": ("mobilenet_v2", "r2plus1d_18"), "clip": SPEC, "image_frames": 2, "batch_size": 5,
+            "precision": "fp32",  # the models run directly in the tests are fp32
             "weights": (("mobilenet_v2", str(bb.offline_weights())), ("r2plus1d_18", "random"))}
     return ExtractConfig(**{**base, **kw})
 
@@ -352,3 +354,29 @@ def test_cuda_workers_and_fp16_match_the_cpu(videos, tmp_path):
         for tid in a:
             cos = (a[tid] * b[tid]).sum(1) / np.linalg.norm(a[tid], axis=1) / np.linalg.norm(b[tid], axis=1)
             assert cos.min() > 0.999, (name, tid, cos.min())
+
+
+def test_auto_precision_is_recorded_in_the_cache_and_kept_when_adding_to_it(videos, tmp_path, monkeypatch):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "probe"))
+    figures = {"fp32": 259.0, "bf16": 144.0, "seconds": 0.1}  # bf16 slower: auto -> fp32
+    monkeypatch.setattr(runtime, "measure_matmul", lambda: dict(figures))
+    kw = {"backbones": (LIGHT,), "weights": ((LIGHT, "random"),), "precision": "auto"}
+    out = tmp_path / "c"
+    extract([videos], out, _cfg(shard=(1, 2), **kw), progress=False)
+    (seg,) = store.segments(out, "k_shufflenet")
+    config = cache.read_attrs(seg).config
+    assert config["features"]["precision"] == config["extract"]["precision"] == "fp32"
+    assert config["precision"]["requested"] == "auto" and config["precision"]["precision"] == "fp32"
+    assert "bf16 matmul 144 GFLOP/s vs fp32 259 GFLOP/s" in config["precision"]["reason"]
+
+    figures.update(bf16=2400.0)  # now bf16 is faster (measured again), but the cache being added to is fp32
+    (tmp_path / "probe" / runtime.PROBE_FILE).unlink()
+    extract([videos], out, _cfg(shard=(2, 2), **kw), progress=False)
+    second = [cache.read_attrs(p).config for p in store.segments(out, "k_shufflenet") if p != seg]
+    assert [c["features"]["precision"] for c in second] == ["fp32"]
+    assert second[0]["precision"]["reason"] == f"resuming {seg}, made in fp32"
+    with pytest.raises(T12kError, match="precision: 'fp32' there, 'bf16' now"):
+        extract([videos], out, _cfg(**{**kw, "precision": "bf16"}), progress=False)
+    assert [p.name for p in store.merge_all(out)] == ["k_shufflenet.h5"]
+    extract([videos], tmp_path / "fresh", _cfg(**kw), progress=False)
+    assert cache.read_attrs(tmp_path / "fresh" / "k_shufflenet.h5").config["features"]["precision"] == "bf16"

@@ -1,12 +1,15 @@
 import csv
 import dataclasses
+import json
 import shutil
 
 import h5py
 import numpy as np
 import pytest
 
+from trailers12k_feats import runtime
 from trailers12k_feats.paper import TABLE6, get_row
+from trailers12k_feats.runtime import CACHE_ENV
 from trailers12k_feats.training import data
 from trailers12k_feats.training.reproduce import ReproduceConfig, reproduce
 from trailers12k_feats.training.tables import COLUMNS, format_table, summarise
@@ -261,3 +264,30 @@ def test_unwritable_results_folder_is_refused_before_any_work(corpus, tmp_path, 
         reproduce(config(corpus, tmp_path / "file" / "res"), progress=False)
     with pytest.raises(T12kError, match=r"output folder .*file cannot be created: .*file is a regular file"):
         reproduce(config(corpus, tmp_path / "file"), progress=False)
+
+
+def test_auto_resumes_in_the_precision_of_the_runs_and_records_it(corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    figures = {"fp32": 259.0, "bf16": 144.0, "seconds": 0.1}  # bf16 slower: auto -> fp32
+    monkeypatch.setattr(runtime, "measure_matmul", lambda: dict(figures))
+    out = tmp_path / "res"
+    reproduce(config(corpus, out, rows=("k_r2plus1d",), splits=(0,)), progress=False)
+    assert json.loads((out / "reproduce_config.json").read_text())["precision"] == "fp32"
+    run0 = json.loads((out / "runs" / "k_r2plus1d" / "split0" / "config.json").read_text())
+    assert run0["config"]["precision"] == "fp32" and run0["precision"]["requested"] == "auto"
+    assert "bf16 matmul 144 GFLOP/s vs fp32 259 GFLOP/s" in run0["precision"]["reason"]
+
+    # The probe now favours bf16 (another machine, say): auto goes on in the runs' fp32...
+    figures.update(bf16=2400.0)
+    (tmp_path / "cache" / runtime.PROBE_FILE).unlink()  # measured again
+    reproduce(config(corpus, out, rows=("k_r2plus1d",), splits=(1,)), progress=False)
+    run1 = json.loads((out / "runs" / "k_r2plus1d" / "split1" / "config.json").read_text())
+    assert run1["config"]["precision"] == "fp32"
+    assert run1["precision"]["reason"] == f"resuming the runs in {out}, made in fp32"
+    # ...a fresh folder takes bf16, and asking for bf16 in the fp32 folder is refused.
+    reproduce(config(corpus, tmp_path / "new", rows=("k_r2plus1d",), splits=(0,)), progress=False)
+    assert json.loads((tmp_path / "new" / "reproduce_config.json").read_text())["precision"] == "bf16"
+    with pytest.raises(T12kError, match=r"other training settings \(precision\)"):
+        reproduce(config(corpus, out, rows=("k_r2plus1d",), splits=(2,), train=TrainConfig(max_epochs=1,
+                                                                                           precision="bf16")),
+                  progress=False)

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from trailers12k_feats import GENRES, cache
+from trailers12k_feats import GENRES, cache, runtime
+from trailers12k_feats.runtime import CACHE_ENV
 from trailers12k_feats.training import data
+from trailers12k_feats.training import train as train_mod
 from trailers12k_feats.training.heads import build_divita
 from trailers12k_feats.training.metrics import multilabel_metrics
 from trailers12k_feats.training.streams import check_dim, resolve_streams
@@ -117,7 +119,7 @@ def test_bad_config():
         TrainConfig(split=3)
     with pytest.raises(T12kError, match="batch_size must be at least 1"):
         TrainConfig(batch_size=0)
-    with pytest.raises(T12kError, match="unknown precision 'fp16'; valid: bf16, fp32"):
+    with pytest.raises(T12kError, match=r"unknown precision 'fp16'; valid: auto, bf16, fp32\.$"):
         TrainConfig(precision="fp16")
     for lr in (float("inf"), float("nan"), 1e6, 0.0, -1e-4):
         with pytest.raises(T12kError, match=r"lr must be a finite number in \(0, 1\], got .*; larger AdamW steps "):
@@ -255,3 +257,25 @@ def test_trains_on_gpu(corpus):
     meta, sets, rows = setup(corpus)
     res = train_run(TrainConfig(max_epochs=2, device="cuda"), meta, sets, rows, progress=False)
     assert res.epochs == 2 and 0 < res.test["uAP"] <= 100
+
+
+def test_auto_precision_is_resolved_before_training_and_recorded(corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(runtime, "measure_matmul", lambda: {"fp32": 259.0, "bf16": 144.0, "seconds": 0.1})
+    job = TrainJob(metadata=corpus / "mtgc.csv", cache_dir=corpus, out=tmp_path / "run", image="k_r2plus1d",
+                   train=TrainConfig(max_epochs=1))
+    assert job.train.precision == "auto"
+    train_from_caches(job, progress=False)
+    info = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert info["config"]["precision"] == "fp32"  # what ran, as `t12k predict` repeats it
+    rec = info["precision"]
+    assert rec["requested"] == "auto" and rec["precision"] == "fp32"
+    assert "bf16 matmul 144 GFLOP/s vs fp32 259 GFLOP/s" in rec["reason"]
+    assert rec["probe"]["fp32"] == 259.0 and rec["probe"]["cache"] == str(tmp_path / "cache" / "precision.json")
+
+    meta, sets, rows = setup(corpus, "k_r2plus1d")
+    split = train_mod._split_data(meta, sets, rows, 0)
+    trainer = Trainer(TrainConfig(max_epochs=1), split)  # resolved from the kept probe
+    assert trainer.cfg.precision == "fp32" and trainer.dtype == torch.float32 and trainer.precision.probe["cached"]
+    with pytest.raises(T12kError, match="the precision choice is for --precision auto, but the config asks for bf16"):
+        Trainer(TrainConfig(precision="bf16"), split, trainer.precision)

@@ -101,6 +101,11 @@ DOWNLOAD = "trailers12k_feats.sources.download:DownloadConfig"
 IMPORT = "trailers12k_feats.sources.zarr_import:ImportConfig"
 
 
+# --precision of training and extraction; its choices and default come from the configs.
+AUTO_HELP = ("Autocast precision; auto: bf16 on CUDA, and on the CPU bf16 only where a matmul probe (run once per "
+             "machine and cached) finds it faster than fp32.")
+
+
 def ints(text: str | None) -> tuple[int, ...] | None:
     """"0,1,2" -> (0, 1, 2); None stays None (left out)."""
     if text is None:
@@ -165,7 +170,7 @@ def train_options(fn):
         option(TRAIN, "--lr", type=float, help="AdamW learning rate."),
         option(TRAIN, "--seed", type=int, help="Seed of weights, windows and dropout."),
         option(TRAIN, "--precision", type=LazyChoice("trailers12k_feats.training.train:TRAIN_PRECISIONS"),
-               help="Autocast precision."),
+               help=AUTO_HELP),
         option(TRAIN, "--device", help="cpu or cuda[:N]."),
     ]
     for opt in reversed(opts):

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from trailers12k_feats import __version__
-from trailers12k_feats.cache import CacheAttrs, check_dtype
+from trailers12k_feats.cache import CacheAttrs, check_dtype, read_attrs
 from trailers12k_feats.extraction import backbones as bb
 from trailers12k_feats.extraction import store
 from trailers12k_feats.extraction.clipstream import (
@@ -36,16 +36,19 @@ from trailers12k_feats.extraction.clipstream import (
 from trailers12k_feats.extraction.inputs import resolve_inputs
 from trailers12k_feats.extraction.video import ClipSpec, is_partial
 from trailers12k_feats.runtime import (
+    AUTO,
     PRECISIONS,
+    PrecisionChoice,
     autocast,
     check_device,
     check_precision,
+    resolve_precision,
 )
 from trailers12k_feats.utils import T12kError, config_dict
 
 log = logging.getLogger(__name__)
 
-EXTRACT_PRECISIONS = ("fp32", "bf16", "fp16")
+EXTRACT_PRECISIONS = (AUTO, "fp32", "bf16", "fp16")
 FRAME_POOLS = ("mean", "center")
 PARTIALS = ("keep", "drop")  # what to do with a video that decodes shorter than its file declares
 
@@ -65,7 +68,9 @@ class ExtractConfig:
     clip: ClipSpec = field(default_factory=ClipSpec)
     frame_pool: str = "mean"  # 2D backbones: "mean" of the clip's frame embeddings or the "center" frame's
     image_frames: int = 0  # 2D backbones: embed this many evenly spaced frames per clip; 0 = all fpc
-    precision: str = "fp32"  # autocast dtype: "fp32", "bf16" or "fp16" (docs/extraction.md compares them)
+    # autocast dtype: "fp32", "bf16" or "fp16" (docs/extraction.md compares them), or "auto": bf16 on
+    # CUDA, and on the CPU whichever a cached matmul probe finds faster (runtime.resolve_precision)
+    precision: str = AUTO
     device: str = "cpu"
     batch_size: int = 16  # clips per forward pass, across shots and trailers
     max_images: int = 256  # 2D backbones: frames per forward pass at most (bounds memory)
@@ -183,8 +188,33 @@ class _Trailer:
         self.durations: tuple[float | None, float | None] = (None, None)  # (decoded, declared) seconds
 
 
-def build_models(cfg: ExtractConfig) -> list[_Model]:
-    """Look up, check and load every requested backbone before any video is touched."""
+def extract_precision(cfg: ExtractConfig, cache_dir: str | os.PathLike | None = None) -> PrecisionChoice:
+    """The concrete precision `cfg.precision` runs in. With `auto`, caches in `cache_dir` that the
+    run adds to keep the precision they were made in (when they all agree), so resuming never
+    mixes two precisions in one cache; see runtime.resolve_precision for the rest."""
+    recorded, where = None, ""
+    if cfg.precision == AUTO and cache_dir is not None:
+        found = {}
+        for name in cfg.backbones:
+            for p in store.sources(cache_dir, bb.get_backbone(name).stream):
+                found[p] = read_attrs(p).config.get("features", {}).get("precision")
+        if len(set(found.values())) == 1:
+            recorded, where = next(iter(found.values())), ", ".join(map(str, found))
+    return resolve_precision(cfg.precision, cfg.device, EXTRACT_PRECISIONS, recorded=recorded, where=where)
+
+
+def build_models(cfg: ExtractConfig, precision: PrecisionChoice | None = None) -> list[_Model]:
+    """Look up, check and load every requested backbone before any video is touched.
+
+    `precision` is the resolved `cfg.precision` (resolved here when None): the models' settings
+    and cache attributes hold the concrete precision, and "precision" in the attributes' config
+    what was asked for and why this was chosen.
+    """
+    precision = precision or extract_precision(cfg)
+    if precision.requested != cfg.precision:
+        raise T12kError(f"the precision choice is for --precision {precision.requested}, but the config asks for "
+                        f"{cfg.precision}; resolve it with extract_precision(cfg).")
+    cfg = dataclasses.replace(cfg, precision=precision.precision)
     entries = [bb.get_backbone(n) for n in cfg.backbones]
     given = dict(cfg.weights)
     missing = []  # every missing file is named at once, before loading any
@@ -211,7 +241,7 @@ def build_models(cfg: ExtractConfig) -> list[_Model]:
         attrs = CacheAttrs(name=e.stream, backbone=e.name, feature_dim=e.feature_dim, weights=feats["weights"],
                            pretraining=e.pretraining, kind=e.kind, fps=cfg.clip.fps, fpc=cfg.clip.fpc,
                            segmentation=cfg.clip.segmentation, source="t12k extract", package_version=__version__,
-                           config={"extract": config_dict(cfg), "features": feats})
+                           config={"extract": config_dict(cfg), "features": feats, "precision": precision.record()})
         models.append(_Model(e, net, g, attrs, set()))
     return models
 
@@ -235,7 +265,9 @@ def extract(inputs: list[str | os.PathLike], cache_dir: str | os.PathLike, cfg: 
     cache_dir = Path(cache_dir)
     k, n = cfg.shard
     videos = resolve_inputs(inputs)[k - 1::n]
-    models = build_models(cfg)
+    precision = extract_precision(cfg, cache_dir)
+    models = build_models(cfg, precision)
+    cfg = dataclasses.replace(cfg, precision=precision.precision)  # what the forward passes run in
     cache_dir.mkdir(parents=True, exist_ok=True)
     for m in models:
         store.clean_stale(cache_dir, m.attrs.name)

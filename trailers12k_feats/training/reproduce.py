@@ -2,7 +2,8 @@
 
 Layout of the results directory::
 
-    reproduce_config.json        training settings shared by every run, protocol included (checked on resume)
+    reproduce_config.json        training settings shared by every run, protocol included (checked on resume;
+                                 the precision as resolved: `auto` resumes in the recorded one)
     data.json                    what the runs were trained on: the metadata file and each stream's
                                  cache (path, size, shape, dtype, content fingerprint; checked on resume)
     runs/<row>/split<k>/         one finished run directory each (see train.py)
@@ -25,7 +26,12 @@ from trailers12k_feats.training.data import SPLITS, check_splits, load_metadata
 from trailers12k_feats.training.protocols import check_protocol
 from trailers12k_feats.training.streams import check_clips, check_dim, resolve_streams
 from trailers12k_feats.training.tables import write_results
-from trailers12k_feats.training.train import TrainConfig, load_streams, train_run
+from trailers12k_feats.training.train import (
+    TrainConfig,
+    load_streams,
+    train_precision,
+    train_run,
+)
 from trailers12k_feats.utils import T12kError, check_writable, config_dict, write_json
 
 log = logging.getLogger(__name__)
@@ -85,10 +91,23 @@ def _check_inputs(cfg: ReproduceConfig, todo: list[tuple[str, int]]) -> None:
             check_clips({p: attrs[p] for p in caches.values()}, cfg.allow_mismatched_clips)
 
 
-def _check_settings(cfg: ReproduceConfig) -> None:
-    """Refuse to mix runs made with different training settings in one results directory."""
+def _recorded_precision(cfg: ReproduceConfig) -> str | None:
+    """The precision the runs of the results directory were made in, None where none is recorded."""
     path = cfg.out_dir / "reproduce_config.json"
-    settings = {k: v for k, v in config_dict(cfg.train).items() if k != "split"}
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):  # none yet, or unreadable: _check_settings says so
+        return None
+    return old.get("precision") if isinstance(old, dict) else None
+
+
+def _check_settings(cfg: ReproduceConfig, precision: str) -> None:
+    """Refuse to mix runs made with different training settings in one results directory.
+
+    `precision` is `cfg.train.precision` resolved: the arithmetic of the runs is what must match.
+    """
+    path = cfg.out_dir / "reproduce_config.json"
+    settings = {k: v for k, v in config_dict(cfg.train).items() if k != "split"} | {"precision": precision}
     if path.exists():
         old = {"protocol": "masked", **json.loads(path.read_text())}  # folders older than protocols ran masked
         diff = sorted(k for k in settings.keys() | old.keys() if settings.get(k) != old.get(k))
@@ -175,7 +194,8 @@ def reproduce(cfg: ReproduceConfig, progress: bool = True) -> str:
     if todo:
         _check_inputs(cfg, todo)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    _check_settings(cfg)
+    precision = train_precision(cfg.train, recorded=_recorded_precision(cfg), where=f"the runs in {cfg.out_dir}")
+    _check_settings(cfg, precision.precision)
     ident = _data_identity(cfg, todo) if todo else {}
     if todo:
         _check_data(cfg, ident)
@@ -188,7 +208,7 @@ def reproduce(cfg: ReproduceConfig, progress: bool = True) -> str:
         for split in [s for r, s in todo if r == row_name]:
             train_cfg = dataclasses.replace(cfg.train, split=split)
             train_run(train_cfg, meta, sets, rows, _run_dir(cfg, row_name, split), progress=progress,
-                      desc=f"{row_name} split{split}")
+                      desc=f"{row_name} split{split}", precision=precision)
             _record_data(cfg, ident, [p.stem for p in caches.values()])
             write_results(cfg.out_dir, cfg.protocol)
         del sets

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import json
 import logging
 import math
@@ -28,7 +29,14 @@ from tqdm import tqdm
 
 from trailers12k_feats import GENRES, __version__
 from trailers12k_feats import cache as cache_mod
-from trailers12k_feats.runtime import PRECISIONS, check_device, check_precision
+from trailers12k_feats.runtime import (
+    AUTO,
+    PRECISIONS,
+    PrecisionChoice,
+    check_device,
+    check_precision,
+    resolve_precision,
+)
 from trailers12k_feats.training.data import (
     Metadata,
     TrailerData,
@@ -70,7 +78,7 @@ from trailers12k_feats.utils import (
 
 log = logging.getLogger(__name__)
 
-TRAIN_PRECISIONS = ("bf16", "fp32")  # the heads are not trained in fp16
+TRAIN_PRECISIONS = (AUTO, "bf16", "fp32")  # the heads are not trained in fp16
 
 
 @dataclass(frozen=True)
@@ -92,7 +100,9 @@ class TrainConfig:
     early_stop_patience: int = 20
     dropout: float = 0.25
     seed: int = 0
-    precision: str = "bf16"  # autocast dtype for matmuls: "bf16" (AMX/tensor cores) or "fp32"
+    # autocast dtype for matmuls: "bf16" (AMX/tensor cores), "fp32", or "auto": bf16 on CUDA, and on
+    # the CPU whichever a cached matmul probe finds faster (runtime.resolve_precision)
+    precision: str = AUTO
     eval_batch_size: int = 512
     device: str = "cpu"  # "cpu" or "cuda[:N]"; features stay in host RAM, batches move
     protocol: str = "masked"  # "authors" (the authors' code) or "masked" (padding masked): see protocols.py
@@ -186,14 +196,29 @@ def diverged(desc: str, what: str) -> T12kError:
     return T12kError(f"{desc}: {what}; training diverged, lower --lr or use --precision fp32.")
 
 
-class Trainer:
-    """Holds the model, optimiser and data of one run; `fit()` runs the protocol."""
+def train_precision(cfg: TrainConfig, **kw) -> PrecisionChoice:
+    """The concrete precision `cfg.precision` runs in (`kw`: recorded, where; see resolve_precision)."""
+    return resolve_precision(cfg.precision, cfg.device, TRAIN_PRECISIONS, **kw)
 
-    def __init__(self, cfg: TrainConfig, data: dict[str, TrailerData]) -> None:
+
+class Trainer:
+    """Holds the model, optimiser and data of one run; `fit()` runs the protocol.
+
+    `self.cfg` is `cfg` with `--precision auto` resolved: by `precision` when given (it must be
+    the choice for `cfg.precision`), else now.
+    """
+
+    def __init__(self, cfg: TrainConfig, data: dict[str, TrailerData],
+                 precision: PrecisionChoice | None = None) -> None:
         unlabelled = [k for k, d in data.items() if d.labels is None]
         if unlabelled:
             raise T12kError(f"training needs labelled trailers, but {', '.join(unlabelled)} has none; "
                             "build the data with TrailerData.from_metadata.")
+        self.precision = precision or train_precision(cfg)
+        if self.precision.requested != cfg.precision:
+            raise T12kError(f"the precision choice is for --precision {self.precision.requested}, but the config "
+                            f"asks for {cfg.precision}; resolve it with train_precision(cfg).")
+        cfg = dataclasses.replace(cfg, precision=self.precision.precision)
         self.cfg = cfg
         train, self.left_out = training_set(data["train"], cfg.protocol, cfg.window)
         self.data = {**data, "train": train}
@@ -301,9 +326,14 @@ def _write_predictions(path: Path, trainer: Trainer) -> None:
 
 
 def train_run(cfg: TrainConfig, meta: Metadata, sets: dict[str, cache_mod.FeatureSet], rows: np.ndarray,
-              out_dir: str | os.PathLike | None = None, progress: bool = True, desc: str = "epochs") -> RunResult:
-    """Train one configuration on split `cfg.split`; write a run directory if `out_dir` is given."""
-    trainer = Trainer(cfg, _split_data(meta, sets, rows, cfg.split))
+              out_dir: str | os.PathLike | None = None, progress: bool = True, desc: str = "epochs",
+              precision: PrecisionChoice | None = None) -> RunResult:
+    """Train one configuration on split `cfg.split`; write a run directory if `out_dir` is given.
+
+    `precision`: the resolved `cfg.precision` (resolved here when None); config.json records the
+    config with it resolved and, under "precision", what was asked for and why this was chosen.
+    """
+    trainer = Trainer(cfg, _split_data(meta, sets, rows, cfg.split), precision)
     data = trainer.data  # the training set of the protocol
     n_params = count_params(trainer.model)
     log.info("%s: %s, %d params, protocol %s, train/val/test %d/%d/%d trailers", desc,
@@ -314,7 +344,8 @@ def train_run(cfg: TrainConfig, meta: Metadata, sets: dict[str, cache_mod.Featur
              format_metrics(result.test))
     if out_dir is not None:
         info = {
-            "config": config_dict(cfg),
+            "config": config_dict(trainer.cfg),  # the precision that ran: `t12k predict` repeats it
+            "precision": trainer.precision.record(),
             "streams": {r: {"name": fs.name, "path": str(fs.path), "feature_dim": fs.feature_dim,
                             "backbone": fs.attrs.backbone, "kind": fs.attrs.kind, "fps": fs.attrs.fps,
                             "fpc": fs.attrs.fpc, "segmentation": fs.attrs.segmentation,
@@ -351,5 +382,7 @@ def train_from_caches(job: TrainJob, progress: bool = True) -> RunResult:
     check_writable(job.out, "run directory", replace=True)
     meta = load_metadata(job.metadata)
     meta.check_splits([job.train.split])
+    precision = train_precision(job.train)
     sets, rows = load_streams(meta, caches, job.on_missing, job.allow_mismatched_clips)
-    return train_run(job.train, meta, sets, rows, job.out, progress=progress, desc=f"split{job.train.split}")
+    return train_run(job.train, meta, sets, rows, job.out, progress=progress, desc=f"split{job.train.split}",
+                     precision=precision)
