@@ -7,7 +7,10 @@ in-RAM features) and prints, for fp32 and bf16 autocast:
     FLOPs counted by torch's FlopCounterMode),
   * full training steps (`Trainer.train_epoch`: random-window gather from the in-RAM bank,
     fwd, bwd, AdamW) as examples/s and GFLOP/s,
-and the ratio achieved / peak, with the CPU model and its AMX / AVX512-BF16 flags.
+and the ratio achieved / peak, with the CPU model and its AMX / AVX512-BF16 flags. Then
+`--precision auto` (the default): what it resolves to on this machine as a first run here would
+(`runtime.resolve_precision`, with a fresh probe cache), the probe's figures, its training speed
+with the real Trainer, and auto / max(fp32, bf16), which should be >= 0.95 (exit status 1 if not).
 
     python bench/bench_train.py [--dim 1024] [--clips 600000] [--steps 20] [--seconds 5] [--threads N]
 """
@@ -15,6 +18,9 @@ and the ratio achieved / peak, with the CPU model and its AMX / AVX512-BF16 flag
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,6 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from trailers12k_feats import NUM_GENRES
 from trailers12k_feats.cache import CacheAttrs, FeatureSet
+from trailers12k_feats.runtime import BF16_MARGIN, CACHE_ENV, PrecisionChoice
 from trailers12k_feats.training.data import Metadata, TrailerData
 from trailers12k_feats.training.train import (
     PRECISIONS,
@@ -75,6 +82,41 @@ def feature_bank(clips: int, dim: int, gen: torch.Generator) -> tuple[Metadata, 
     labels[np.arange(n), np.arange(n) % NUM_GENRES] = 1
     meta = Metadata(path=Path("<in memory>"), ids=ids, labels=labels, splits=np.zeros((n, 3), np.int8))
     return meta, fs
+
+
+def auto_training(train: TrailerData, batch: int, window: int, seconds: float) -> tuple[PrecisionChoice, float]:
+    """`--precision auto` resolved by the real Trainer as on a machine's first run (its probe cache
+    in a temporary folder), and that Trainer's training examples/s."""
+    old = os.environ.get(CACHE_ENV)
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ[CACHE_ENV] = tmp
+        try:
+            trainer = Trainer(TrainConfig(window=window, batch_size=batch), {"train": train})  # precision: auto
+        finally:
+            if old is None:
+                del os.environ[CACHE_ENV]
+            else:
+                os.environ[CACHE_ENV] = old
+    t_epoch = timeit(trainer.train_epoch, seconds, warmup=1)
+    return trainer.precision, len(train) / t_epoch
+
+
+def report_auto(speed: dict[str, float], peaks: dict[str, float], choice: PrecisionChoice, auto_speed: float) -> bool:
+    """Print the matmul peaks, the probe auto used and auto's speed against the faster of fp32 and
+    bf16 (`speed`: training examples/s); True when auto reaches 0.95 of it."""
+    probe = choice.probe or {}
+    best = max(speed, key=speed.get)
+    ratio = auto_speed / speed[best]
+    print(f"\nmatmul peak bf16 / fp32: {peaks['bf16'] / peaks['fp32']:.2f}x ({peaks['bf16']:.0f} vs "
+          f"{peaks['fp32']:.0f} GFLOP/s)")
+    if probe:
+        print(f"auto's probe (autocast F.linear at the head's shapes, {probe['seconds']:.2f} s): bf16 "
+              f"{probe['bf16']:.0f} GFLOP/s, fp32 {probe['fp32']:.0f} GFLOP/s, bf16 / fp32 "
+              f"{probe['bf16'] / probe['fp32']:.2f}x (bf16 needs {BF16_MARGIN:.2f}x)")
+    print(f"auto -> {choice.precision}: {choice.reason}")
+    print(f"training ex/s: fp32 {speed['fp32']:.0f}, bf16 {speed['bf16']:.0f}, auto {auto_speed:.0f}; "
+          f"auto / max(fp32, bf16) = {ratio:.2f} ({'ok' if ratio >= 0.95 else 'BELOW 0.95'}, faster: {best})")
+    return ratio >= 0.95
 
 
 def main() -> None:
@@ -130,6 +172,10 @@ def main() -> None:
               f"{st:8.0f} GF/s {st / peak:6.1%}")
     print(f"\nbf16 / fp32 training speed: {results[1][4] / results[0][4]:.2f}x; "
           f"head FLOPs per step (fwd+bwd): {flops / 1e9:.2f} GFLOP")
+
+    choice, auto_speed = auto_training(train, B, S, args.seconds)
+    if not report_auto({r[0]: r[4] for r in results}, {r[0]: r[1] for r in results}, choice, auto_speed):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

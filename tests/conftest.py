@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from trailers12k_feats import NUM_GENRES
+from trailers12k_feats import NUM_GENRES, runtime
 from trailers12k_feats.cache import CacheAttrs, CacheWriter
-from trailers12k_feats.runtime import CACHE_ENV
+from trailers12k_feats.runtime import CACHE_ENV, PROBE_FILE
 from trailers12k_feats.sources.synthetic import SynthConfig, make_corpus
 from trailers12k_feats.training.data import write_metadata
 
@@ -26,6 +26,31 @@ def probe_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(CACHE_ENV, str(folder))
         yield folder
+
+
+class FakeProbe:
+    """Stands in for runtime.measure_matmul: returns `figures` (edit them), counts `calls`."""
+
+    def __init__(self, folder: Path) -> None:
+        self.figures = {"fp32": 259.0, "bf16": 144.0, "spread": 1.0, "seconds": 0.1}  # bf16 slower
+        self.calls = 0
+        self.path = folder / PROBE_FILE  # the per-machine cache file
+
+    def __call__(self, *args, **kwargs) -> dict:
+        self.calls += 1
+        return dict(self.figures)
+
+
+@pytest.fixture
+def fake_probe(tmp_path, monkeypatch) -> FakeProbe:
+    """`--precision auto` on a quiet machine whose probe measures `fake_probe.figures`, with its
+    own empty cache folder; delete `fake_probe.path` to have it measured again."""
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "probe_cache"))
+    fake = FakeProbe(tmp_path / "probe_cache")
+    monkeypatch.setattr(runtime, "measure_matmul", fake)
+    monkeypatch.setattr(runtime, "machine_load", lambda: (0.0, 2))
+    monkeypatch.setattr(runtime, "_UNKEPT", {})
+    return fake
 
 
 @pytest.fixture(scope="session")

@@ -13,13 +13,12 @@ import torchvision
 from click.testing import CliRunner
 
 from cli import main
-from trailers12k_feats import cache, runtime
+from trailers12k_feats import cache
 from trailers12k_feats.extraction import backbones as bb
 from trailers12k_feats.extraction import store, video
 from trailers12k_feats.extraction.extract import ExtractConfig, extract
 from trailers12k_feats.extraction.inputs import resolve_inputs
 from trailers12k_feats.extraction.video import ClipSpec
-from trailers12k_feats.runtime import CACHE_ENV
 from trailers12k_feats.sources.synthvideo import cut_video
 from trailers12k_feats.utils import T12kError
 
@@ -356,10 +355,7 @@ def test_cuda_workers_and_fp16_match_the_cpu(videos, tmp_path):
             assert cos.min() > 0.999, (name, tid, cos.min())
 
 
-def test_auto_precision_is_recorded_in_the_cache_and_kept_when_adding_to_it(videos, tmp_path, monkeypatch):
-    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "probe"))
-    figures = {"fp32": 259.0, "bf16": 144.0, "seconds": 0.1}  # bf16 slower: auto -> fp32
-    monkeypatch.setattr(runtime, "measure_matmul", lambda: dict(figures))
+def test_auto_precision_is_recorded_in_the_cache_and_kept_when_adding_to_it(videos, tmp_path, fake_probe):
     kw = {"backbones": (LIGHT,), "weights": ((LIGHT, "random"),), "precision": "auto"}
     out = tmp_path / "c"
     extract([videos], out, _cfg(shard=(1, 2), **kw), progress=False)
@@ -369,8 +365,8 @@ def test_auto_precision_is_recorded_in_the_cache_and_kept_when_adding_to_it(vide
     assert config["precision"]["requested"] == "auto" and config["precision"]["precision"] == "fp32"
     assert "bf16 matmul 144 GFLOP/s vs fp32 259 GFLOP/s" in config["precision"]["reason"]
 
-    figures.update(bf16=2400.0)  # now bf16 is faster (measured again), but the cache being added to is fp32
-    (tmp_path / "probe" / runtime.PROBE_FILE).unlink()
+    fake_probe.figures.update(bf16=2400.0)  # bf16 now faster (measured again), but the cache added to is fp32
+    fake_probe.path.unlink()
     extract([videos], out, _cfg(shard=(2, 2), **kw), progress=False)
     second = [cache.read_attrs(p).config for p in store.segments(out, "k_shufflenet") if p != seg]
     assert [c["features"]["precision"] for c in second] == ["fp32"]

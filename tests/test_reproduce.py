@@ -7,9 +7,7 @@ import h5py
 import numpy as np
 import pytest
 
-from trailers12k_feats import runtime
 from trailers12k_feats.paper import TABLE6, get_row
-from trailers12k_feats.runtime import CACHE_ENV
 from trailers12k_feats.training import data
 from trailers12k_feats.training.reproduce import ReproduceConfig, reproduce
 from trailers12k_feats.training.tables import COLUMNS, format_table, summarise
@@ -266,10 +264,7 @@ def test_unwritable_results_folder_is_refused_before_any_work(corpus, tmp_path, 
         reproduce(config(corpus, tmp_path / "file"), progress=False)
 
 
-def test_auto_resumes_in_the_precision_of_the_runs_and_records_it(corpus, tmp_path, monkeypatch):
-    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
-    figures = {"fp32": 259.0, "bf16": 144.0, "seconds": 0.1}  # bf16 slower: auto -> fp32
-    monkeypatch.setattr(runtime, "measure_matmul", lambda: dict(figures))
+def test_auto_resumes_in_the_precision_of_the_runs_and_records_it(corpus, tmp_path, fake_probe):
     out = tmp_path / "res"
     reproduce(config(corpus, out, rows=("k_r2plus1d",), splits=(0,)), progress=False)
     assert json.loads((out / "reproduce_config.json").read_text())["precision"] == "fp32"
@@ -278,8 +273,8 @@ def test_auto_resumes_in_the_precision_of_the_runs_and_records_it(corpus, tmp_pa
     assert "bf16 matmul 144 GFLOP/s vs fp32 259 GFLOP/s" in run0["precision"]["reason"]
 
     # The probe now favours bf16 (another machine, say): auto goes on in the runs' fp32...
-    figures.update(bf16=2400.0)
-    (tmp_path / "cache" / runtime.PROBE_FILE).unlink()  # measured again
+    fake_probe.figures.update(bf16=2400.0)
+    fake_probe.path.unlink()  # measured again
     reproduce(config(corpus, out, rows=("k_r2plus1d",), splits=(1,)), progress=False)
     run1 = json.loads((out / "runs" / "k_r2plus1d" / "split1" / "config.json").read_text())
     assert run1["config"]["precision"] == "fp32"

@@ -13,7 +13,6 @@ from trailers12k_feats.extraction.extract import EXTRACT_PRECISIONS, ExtractConf
 from trailers12k_feats.runtime import (
     BF16_MARGIN,
     CACHE_ENV,
-    PROBE_FILE,
     check_precision,
     cpu_choice,
     cuda_choice,
@@ -24,23 +23,8 @@ from trailers12k_feats.utils import T12kError
 
 
 @pytest.fixture
-def probe(tmp_path, monkeypatch):
-    """A private probe cache folder and a fake measurement: set `figures`, read `calls`."""
-    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
-
-    class Fake:
-        def __init__(self) -> None:
-            self.figures = {"fp32": 259.0, "bf16": 144.0, "seconds": 0.1}
-            self.calls = 0
-
-        def __call__(self, *a, **k):
-            self.calls += 1
-            return dict(self.figures)
-
-    fake = Fake()
-    monkeypatch.setattr(runtime, "measure_matmul", fake)
-    fake.path = tmp_path / "cache" / PROBE_FILE
-    return fake
+def probe(fake_probe):
+    return fake_probe
 
 
 def no_probe(*a, **k):
@@ -68,7 +52,7 @@ def test_auto_takes_fp32_where_bf16_is_slower(probe, caplog):
 
 
 def test_auto_takes_bf16_where_it_is_faster_by_the_margin(probe):
-    probe.figures = {"fp32": 300.0, "bf16": 2400.0, "seconds": 0.1}
+    probe.figures.update(fp32=300.0, bf16=2400.0)
     assert resolve_precision("auto", "cpu", TRAIN_PRECISIONS).precision == "bf16"
     assert resolve_precision("auto", "cpu", EXTRACT_PRECISIONS).precision == "bf16"  # never fp16 on the CPU
     assert probe.calls == 1
@@ -110,6 +94,25 @@ def test_a_corrupt_probe_cache_is_measured_again(probe, content, caplog):
     assert json.loads(probe.path.read_text())["entries"][runtime.probe_key()]["fp32"] == 259.0
     resolve_precision("auto", "cpu", TRAIN_PRECISIONS)
     assert probe.calls == 1  # the repaired file is used
+
+
+@pytest.mark.parametrize(("load", "spread", "why"), [(9.9, 1.0, "load average 9.9 on 2 CPUs"),
+                                                     (0.5, 2.0, "its timings varied 2.0x")])
+def test_a_probe_on_a_busy_machine_decides_this_process_only(probe, monkeypatch, caplog, load, spread, why):
+    monkeypatch.setattr(runtime, "machine_load", lambda: (load, 2))
+    probe.figures["spread"] = spread
+    with caplog.at_level(logging.INFO, logger="trailers12k_feats.runtime"):
+        choice = resolve_precision("auto", "cpu", TRAIN_PRECISIONS)
+    assert choice.precision == "fp32" and choice.reason.endswith(f"measured while the machine was busy ({why}), "
+                                                                 f"not kept")
+    assert not probe.path.exists() and "the machine was busy during the precision probe" in caplog.text
+    resolve_precision("auto", "cpu", TRAIN_PRECISIONS)
+    assert probe.calls == 1  # this process reuses it
+    monkeypatch.setattr(runtime, "_UNKEPT", {})  # another process, on a quiet machine: measured and kept
+    monkeypatch.setattr(runtime, "machine_load", lambda: (0.5, 2))
+    probe.figures["spread"] = 1.1
+    assert not resolve_precision("auto", "cpu", TRAIN_PRECISIONS).probe.get("busy")
+    assert probe.calls == 2 and probe.path.exists()
 
 
 def test_an_unwritable_probe_cache_only_warns(probe, tmp_path, monkeypatch, caplog):
@@ -164,8 +167,10 @@ def test_auto_on_cuda_is_bf16_from_ampere(monkeypatch):
 
 def test_the_real_probe_measures_both_quickly():
     m = runtime.measure_matmul()
-    assert m["fp32"] > 0 and m["bf16"] > 0
-    assert m["seconds"] < 2.0  # about 0.1 s on 2 cores; generous for a shared machine
+    assert m["fp32"] > 0 and m["bf16"] > 0 and m["spread"] >= 1.0
+    assert m["seconds"] < 5.0  # about 0.1 s on 2 quiet cores; generous for a shared, busy machine
+    load, cpus = runtime.machine_load()
+    assert load >= 0.0 and cpus >= 1
 
 
 def test_runtime_imports_no_stage():

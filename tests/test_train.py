@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from trailers12k_feats import GENRES, cache, runtime
-from trailers12k_feats.runtime import CACHE_ENV
+from trailers12k_feats import GENRES, cache
 from trailers12k_feats.training import data
 from trailers12k_feats.training import train as train_mod
 from trailers12k_feats.training.heads import build_divita
@@ -259,9 +258,7 @@ def test_trains_on_gpu(corpus):
     assert res.epochs == 2 and 0 < res.test["uAP"] <= 100
 
 
-def test_auto_precision_is_resolved_before_training_and_recorded(corpus, tmp_path, monkeypatch):
-    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
-    monkeypatch.setattr(runtime, "measure_matmul", lambda: {"fp32": 259.0, "bf16": 144.0, "seconds": 0.1})
+def test_auto_precision_is_resolved_before_training_and_recorded(corpus, tmp_path, fake_probe):
     job = TrainJob(metadata=corpus / "mtgc.csv", cache_dir=corpus, out=tmp_path / "run", image="k_r2plus1d",
                    train=TrainConfig(max_epochs=1))
     assert job.train.precision == "auto"
@@ -271,7 +268,7 @@ def test_auto_precision_is_resolved_before_training_and_recorded(corpus, tmp_pat
     rec = info["precision"]
     assert rec["requested"] == "auto" and rec["precision"] == "fp32"
     assert "bf16 matmul 144 GFLOP/s vs fp32 259 GFLOP/s" in rec["reason"]
-    assert rec["probe"]["fp32"] == 259.0 and rec["probe"]["cache"] == str(tmp_path / "cache" / "precision.json")
+    assert rec["probe"]["fp32"] == 259.0 and rec["probe"]["cache"] == str(fake_probe.path)
 
     meta, sets, rows = setup(corpus, "k_r2plus1d")
     split = train_mod._split_data(meta, sets, rows, 0)

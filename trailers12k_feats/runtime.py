@@ -28,6 +28,7 @@ AUTO = "auto"  # resolved to one of PRECISIONS before any work (resolve_precisio
 # On the CPU bf16 is chosen only when its autocast matmuls beat fp32's by this factor: near 1 the
 # casts autocast adds eat the gain, and fp32 keeps exact arithmetic.
 BF16_MARGIN = 1.10
+BUSY_SPREAD = 1.5  # a probe whose median round is this much slower than its best ran beside other work
 CACHE_ENV = "T12K_CACHE_DIR"  # where the per-machine probe result is kept (tests point it at tmp dirs)
 PROBE_FILE = "precision.json"
 # (rows, in, out) of the probe's autocast F.linear: rows = 32 trailers x 30 clips of a training
@@ -121,7 +122,8 @@ def measure_matmul(shapes: Sequence[tuple[int, int, int]] = PROBE_SHAPES, rounds
 
     fp32 inputs and a weight that requires grad, so bf16 pays autocast's casts as a real run
     does. The two are timed in alternating rounds and each keeps its best, so a burst of other
-    work on the machine hits both alike. {"fp32", "bf16", "seconds"}; about 0.1 s on a 2-core CPU.
+    work on the machine hits both alike. {"fp32", "bf16", "spread" (the larger median / best
+    time of the two: near 1 on a quiet machine), "seconds"}; about 0.1 s on a 2-core CPU.
     """
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(0)
@@ -137,8 +139,31 @@ def measure_matmul(shapes: Sequence[tuple[int, int, int]] = PROBE_SHAPES, rounds
                     for x, w in pairs:
                         torch.nn.functional.linear(x, w)  # (m, n)
                     seconds.append(time.perf_counter() - t)
-    return {**{k: round(flops / min(t[1:]) / 1e9, 1) for k, t in times.items()},
+    kept = {k: sorted(t[1:]) for k, t in times.items()}
+    return {**{k: round(flops / t[0] / 1e9, 1) for k, t in kept.items()},
+            "spread": round(max(t[len(t) // 2] / t[0] for t in kept.values()), 2),
             "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def machine_load() -> tuple[float, int]:
+    """(1-minute load average, CPUs this process may use); load 0.0 where the OS does not say."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        load = 0.0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return load, cpus
+
+
+def _busy(entry: dict) -> str:
+    """Why a probe was taken on a busy machine ("" if it was not): other work then skews the
+    figures, so they decide this run only and are not kept."""
+    load, cpus = machine_load()
+    if load > cpus:
+        return f"load average {load:.1f} on {cpus} CPUs"
+    if entry.get("spread", 1.0) > BUSY_SPREAD:
+        return f"its timings varied {entry['spread']:.1f}x"
+    return ""
 
 
 def _valid_entry(entry: object) -> bool:
@@ -182,11 +207,17 @@ def _lock(folder: Path) -> Iterator[None]:
         os.close(fd)
 
 
+# Probes taken on a busy machine: not kept in the cache file, but reused by this process.
+_UNKEPT: dict[str, dict] = {}
+
+
 def cpu_probe(measure: Callable[[], dict] | None = None) -> dict:
-    """fp32 and bf16 GFLOP/s of this machine (:func:`measure_matmul`), read from the per-machine
-    cache when it holds them for this CPU, torch version and thread count, else measured now and
-    kept there. A corrupt cache is measured again and replaced; one that cannot be written only
-    costs a warning. Returns the figures with "key", "cache" (the file) and "cached"."""
+    """fp32 and bf16 GFLOP/s of this machine (`measure`, by default :func:`measure_matmul`), read
+    from the per-machine cache when it holds them for this CPU, torch version and thread count,
+    else measured now and kept there, unless the machine was busy (:func:`machine_load`, or
+    timings spread by more than BUSY_SPREAD): then they serve this process only. A corrupt cache
+    is measured again and replaced; one that cannot be written only costs a warning. Returns the
+    figures with "key", "cache" (the file), "cached" (read, not measured) and "busy" (why not kept)."""
     folder = cache_dir()
     path = folder / PROBE_FILE
     cpu = cpu_identity()
@@ -195,15 +226,24 @@ def cpu_probe(measure: Callable[[], dict] | None = None) -> dict:
         entries = _read_entries(path)
         entry = entries.get(key)
         cached = _valid_entry(entry)
-        if not cached:
+        if not cached and key in _UNKEPT:
+            entry = _UNKEPT[key]
+        elif not cached:
             entry = {**(measure or measure_matmul)(), "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
             if not _valid_entry(entry):
                 raise T12kError(f"the precision probe measured {entry}; pass --precision fp32 or bf16.")
-            try:
-                write_json(path, {"entries": {**entries, key: entry}})
-            except OSError as e:
-                log.warning("cannot keep the precision probe in %s (%s); set %s to a writable folder", path, e,
-                            CACHE_ENV)
+            busy = _busy(entry)
+            if busy:
+                entry["busy"] = busy
+                _UNKEPT[key] = entry
+                log.info("the machine was busy during the precision probe (%s): its figures decide this process's "
+                         "runs but are not kept in %s", busy, path)
+            else:
+                try:
+                    write_json(path, {"entries": {**entries, key: entry}})
+                except OSError as e:
+                    log.warning("cannot keep the precision probe in %s (%s); set %s to a writable folder", path, e,
+                                CACHE_ENV)
     return {**entry, "cpu": cpu["model"], "key": key, "cache": str(path), "cached": cached}
 
 
@@ -249,9 +289,10 @@ def resolve_precision(requested: str, device: str, allowed: Sequence[str], *, re
     else:
         probe = cpu_probe()
         precision = cpu_choice(probe["fp32"], probe["bf16"], allowed)
+        where = (f"measured while the machine was busy ({probe['busy']}), not kept" if probe.get("busy") else
+                 f"{'cached' if probe['cached'] else 'measured'} at {probe['cache']}")
         reason = (f"bf16 matmul {probe['bf16']:.0f} GFLOP/s vs fp32 {probe['fp32']:.0f} GFLOP/s on {probe['key']}"
-                  f" (bf16 needs {BF16_MARGIN:.2f}x), {'cached' if probe['cached'] else 'measured'} at "
-                  f"{probe['cache']}")
+                  f" (bf16 needs {BF16_MARGIN:.2f}x), {where}")
         choice = PrecisionChoice(AUTO, precision, reason, probe)
     log.info("precision auto -> %s: %s", choice.precision, choice.reason)
     return choice
