@@ -104,9 +104,10 @@ def cpu_identity() -> dict:
 def probe_key(cpu: dict | None = None, threads: int | None = None) -> str:
     """What a probe result holds for: CPU model, its bf16 flags, torch version, thread count."""
     cpu = cpu or cpu_identity()
+    threads = threads or torch.get_num_threads()
     yes = {True: "yes", False: "no"}
     return (f"{cpu['model']}; AMX-BF16 {yes[cpu['amx_bf16']]}, AVX512-BF16 {yes[cpu['avx512_bf16']]}; "
-            f"torch {torch.__version__}; {threads or torch.get_num_threads()} threads")
+            f"torch {torch.__version__}; {threads} thread{'' if threads == 1 else 's'}")
 
 
 def cache_dir() -> Path:
