@@ -376,3 +376,13 @@ def test_auto_precision_is_recorded_in_the_cache_and_kept_when_adding_to_it(vide
     assert [p.name for p in store.merge_all(out)] == ["k_shufflenet.h5"]
     extract([videos], tmp_path / "fresh", _cfg(**kw), progress=False)
     assert cache.read_attrs(tmp_path / "fresh" / "k_shufflenet.h5").config["features"]["precision"] == "bf16"
+
+
+def test_recorded_precision_needs_every_cache_to_agree(tmp_path, toy_cache):
+    toy_cache(tmp_path / "a.h5", config={"features": {"precision": "bf16"}})
+    toy_cache(tmp_path / "b.h5", config={"features": {"precision": "fp32"}})
+    toy_cache(tmp_path / "c.h5")  # imported: no feature settings
+    assert store.recorded_precision(tmp_path, ["a"]) == ("bf16", str(tmp_path / "a.h5"))
+    assert store.recorded_precision(tmp_path, ["a", "b"]) == (None, "")
+    assert store.recorded_precision(tmp_path, ["c"]) == (None, "")
+    assert store.recorded_precision(tmp_path, ["missing"]) == (None, "")

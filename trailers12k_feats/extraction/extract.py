@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from trailers12k_feats import __version__
-from trailers12k_feats.cache import CacheAttrs, check_dtype, read_attrs
+from trailers12k_feats.cache import CacheAttrs, check_dtype
 from trailers12k_feats.extraction import backbones as bb
 from trailers12k_feats.extraction import store
 from trailers12k_feats.extraction.clipstream import (
@@ -189,26 +189,18 @@ class _Trailer:
 
 
 def extract_precision(cfg: ExtractConfig, cache_dir: str | os.PathLike | None = None) -> PrecisionChoice:
-    """The concrete precision `cfg.precision` runs in. With `auto`, caches in `cache_dir` that the
-    run adds to keep the precision they were made in (when they all agree), so resuming never
-    mixes two precisions in one cache; see runtime.resolve_precision for the rest."""
+    """The concrete precision `cfg.precision` runs in; with `auto`, that of the caches in
+    `cache_dir` the run adds to (store.recorded_precision), so no cache mixes two."""
     recorded, where = None, ""
     if cfg.precision == AUTO and cache_dir is not None:
-        found = {}
-        for name in cfg.backbones:
-            for p in store.sources(cache_dir, bb.get_backbone(name).stream):
-                found[p] = read_attrs(p).config.get("features", {}).get("precision")
-        if len(set(found.values())) == 1:
-            recorded, where = next(iter(found.values())), ", ".join(map(str, found))
+        recorded, where = store.recorded_precision(cache_dir, [bb.get_backbone(n).stream for n in cfg.backbones])
     return resolve_precision(cfg.precision, cfg.device, EXTRACT_PRECISIONS, recorded=recorded, where=where)
 
 
 def build_models(cfg: ExtractConfig, precision: PrecisionChoice | None = None) -> list[_Model]:
     """Look up, check and load every requested backbone before any video is touched.
 
-    `precision` is the resolved `cfg.precision` (resolved here when None): the models' settings
-    and cache attributes hold the concrete precision, and "precision" in the attributes' config
-    what was asked for and why this was chosen.
+    `precision`: `cfg.precision` resolved (here when None); the attributes' config records it.
     """
     precision = precision or extract_precision(cfg)
     if precision.requested != cfg.precision:

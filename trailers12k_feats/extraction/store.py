@@ -62,6 +62,16 @@ def check_compatible(cache_dir: str | os.PathLike, stream: str, features: dict) 
                 "use the same settings to resume, or another --cache folder.")
 
 
+def recorded_precision(cache_dir: str | os.PathLike, streams: list[str]) -> tuple[str | None, str]:
+    """(precision, the files) of the existing caches and segments of `streams` when they all
+    record the same one, else (None, "")."""
+    found = {str(p): cache_mod.read_attrs(p).config.get("features", {}).get("precision")
+             for s in streams for p in sources(cache_dir, s)}
+    if len(set(found.values())) != 1 or None in found.values():  # none, disagreeing, or imported
+        return None, ""
+    return next(iter(found.values())), ", ".join(found)
+
+
 def clean_stale(cache_dir: str | os.PathLike, stream: str) -> None:
     """Remove temporary files left by killed writers (their process is gone)."""
     for d in (segment_dir(cache_dir, stream), Path(cache_dir)):
