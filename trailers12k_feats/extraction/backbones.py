@@ -39,10 +39,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Preprocess:
-    """Resize + centre crop (on uint8, worker side) then scale + normalise (model side).
-
-    The split is exactly torchvision's ImageClassification / VideoClassification: the
-    geometric half runs where frames are decoded, so only small uint8 crops travel.
+    """Resize + centre crop on uint8, then scale + normalise: torchvision's ImageClassification /
+    VideoClassification split in two. Extraction runs both halves batched on the model's device
+    (:meth:`geometric`, :meth:`normalize`), so the workers' work does not grow with the backbones.
     """
 
     resize_size: tuple[int, ...]

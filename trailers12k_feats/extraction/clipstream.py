@@ -1,9 +1,11 @@
 """The worker side of extraction: videos -> preprocessed clip chunks, ready for the models.
 
-`ClipDataset` runs in DataLoader workers: it decodes each video, cuts shots and clips, applies
-every backbone group's uint8 resize and crop, and yields small chunks, so only compact crops
-cross process boundaries. A bad video yields a failure record instead of raising; the end
-marker of a good one carries its decoded and declared durations.
+`ClipDataset` runs in DataLoader workers: it decodes each video, cuts shots and clips, and
+yields chunks of the clips' frames that any backbone sees (the union of the groups' frame
+indices), once, however many backbones there are. Each group's resize, crop and
+normalisation run batched on the model's device (:func:`crops`). A bad video yields a failure
+record instead of raising; the end marker of a good one carries its decoded and declared
+durations.
 """
 
 from __future__ import annotations
@@ -27,11 +29,36 @@ from trailers12k_feats.extraction.video import (
 
 @dataclass(frozen=True)
 class Group:
-    """Backbones that share frame selection and geometry share one uint8 tensor."""
+    """Backbones that share frame selection and geometry share one uint8 crop."""
 
     key: int
     pre: bb.Preprocess
     frames: tuple[int, ...]  # which of the clip's fpc frames the models see
+
+
+def union_frames(groups: list[Group]) -> tuple[int, ...]:
+    """The clip frames some group sees, in order: what the workers ship."""
+    return tuple(sorted({i for g in groups for i in g.frames}))
+
+
+def crops(parts: list[torch.Tensor], group: Group, shipped: tuple[int, ...]) -> torch.Tensor:
+    """Chunks of shipped frames -> one batch of the group's uint8 crops, on the chunks' device.
+
+    parts: (n, k, H, W, 3) uint8 each, k = len(shipped); chunks of one size are resized
+    together (videos differ in size). Returns (B, t, 3, h, w) uint8, B = sum of the n.
+    """
+    pos = [shipped.index(i) for i in group.frames]
+    out, i = [], 0
+    while i < len(parts):
+        j = i + 1
+        while j < len(parts) and parts[j].shape[2:] == parts[i].shape[2:]:
+            j += 1
+        f = torch.cat(parts[i:j])[:, pos]  # (n, t, H, W, 3)
+        n, t, H, W, _ = f.shape
+        c = group.pre.geometric(f.reshape(n * t, H, W, 3).permute(0, 3, 1, 2))  # (n*t, 3, h, w)
+        out.append(c.reshape(n, t, *c.shape[1:]))
+        i = j
+    return torch.cat(out).contiguous()  # (B, t, 3, h, w)
 
 
 def frame_index(kind: str, fpc: int, frame_pool: str = "mean", image_frames: int = 0) -> tuple[int, ...]:
@@ -58,9 +85,9 @@ class ClipDataset(IterableDataset):
     say it was cut short).
     """
 
-    def __init__(self, videos: list[tuple[str, Path]], spec: ClipSpec, groups: list[Group], chunk: int,
+    def __init__(self, videos: list[tuple[str, Path]], spec: ClipSpec, frames: tuple[int, ...], chunk: int,
                  threads: int) -> None:
-        self.videos, self.spec, self.groups, self.chunk, self.threads = videos, spec, groups, chunk, threads
+        self.videos, self.spec, self.frames, self.chunk, self.threads = videos, spec, list(frames), chunk, threads
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -98,13 +125,7 @@ class ClipDataset(IterableDataset):
         return f"{path}: shorter than one clip ({self.spec.fpc} frames at {self.spec.fps:g} fps{within})"
 
     def _pack(self, tid: str, buf: list) -> dict:
-        frames = torch.from_numpy(np.stack([c.frames for c in buf]))  # (n, fpc, H, W, 3) uint8
-        x = {}
-        for g in self.groups:
-            f = frames[:, list(g.frames)]  # (n, t, H, W, 3)
-            n, t, H, W, _ = f.shape
-            f = g.pre.geometric(f.reshape(n * t, H, W, 3).permute(0, 3, 1, 2))  # (n*t, 3, h, w)
-            x[g.key] = f.reshape(n, t, *f.shape[1:]).contiguous()  # (n, t, 3, h, w) uint8
+        x = torch.from_numpy(np.stack([c.frames[self.frames] for c in buf]))  # (n, k, H, W, 3) uint8
         return {"tid": tid, "x": x,
                 "start": np.array([c.start for c in buf], np.float32),
                 "end": np.array([c.end for c in buf], np.float32),
@@ -116,4 +137,4 @@ def as_is(item: dict) -> dict:
 
 
 def worker_init(_: int) -> None:
-    torch.set_num_threads(1)  # workers resize with torch; one thread each avoids oversubscription
+    torch.set_num_threads(1)  # the models' threads and FFmpeg's own need the cores

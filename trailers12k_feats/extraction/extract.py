@@ -1,9 +1,11 @@
 """Stage 1: videos -> per-clip embeddings of frozen backbones -> the HDF5 feature cache.
 
-One decoding pass per video feeds every requested backbone. Decoding, shot detection,
-clip building and the uint8 resize/crop run in worker processes (``workers``); the main
-process batches clips across shots and trailers, normalises them on the device and runs the
-backbones. Finished trailers are flushed to crash-safe segments (see store.py), so a killed
+One decoding pass per video feeds every requested backbone. Decoding, shot detection and
+clip building run in worker processes (``workers``), once per clip however many backbones;
+the main process uploads the clips' frames once, batches clips across shots and trailers,
+resizes, crops and normalises them per backbone on the device and runs the backbones. On
+CUDA the upload runs on its own stream and outputs stay on the device until a flush copies
+them back in one go, so copies, compute and book-keeping overlap. Finished trailers are flushed to crash-safe segments (see store.py), so a killed
 run resumes where it stopped; bad videos are skipped and listed in a failure report, and so
 are videos that decode shorter than their file declares (truncated: "partial").
 """
@@ -30,7 +32,9 @@ from trailers12k_feats.extraction.clipstream import (
     ClipDataset,
     Group,
     as_is,
+    crops,
     frame_index,
+    union_frames,
     worker_init,
 )
 from trailers12k_feats.extraction.inputs import resolve_inputs
@@ -74,7 +78,7 @@ class ExtractConfig:
     device: str = "cpu"
     batch_size: int = 16  # clips per forward pass, across shots and trailers
     max_images: int = 256  # 2D backbones: frames per forward pass at most (bounds memory)
-    workers: int = -1  # decoding processes; 0 decodes in the main process; -1: 0 on the CPU, up to 8 on CUDA
+    workers: int = -1  # decoding processes; 0 decodes in the main process; -1: 0 on the CPU, cores - 1 on CUDA
     decode_threads: int = 0  # FFmpeg threads per video; 0 = FFmpeg's choice
     chunk: int = 8  # clips a worker sends at once
     shard: tuple[int, int] = (1, 1)  # (K, N): this process takes every N-th video from the K-th
@@ -110,10 +114,19 @@ class ExtractConfig:
 
     @property
     def num_workers(self) -> int:
-        """Decoding processes: on the CPU inference needs the cores; a GPU needs decoding in parallel."""
+        """Decoding processes: on the CPU inference needs the cores; a GPU needs decoding in parallel
+        on every core this process may run on but the one that feeds the GPU."""
         if self.workers >= 0:
             return self.workers
-        return min(8, max(1, (os.cpu_count() or 2) - 1)) if self.device.startswith("cuda") else 0
+        return max(1, usable_cores() - 1) if self.device.startswith("cuda") else 0
+
+    @property
+    def model_threads(self) -> int | None:
+        """Torch threads of the main process on the CPU with workers: the cores the workers leave
+        (at least one), since more threads than cores stall both sides; None: leave torch's."""
+        if self.device != "cpu" or self.num_workers == 0:
+            return None
+        return max(1, usable_cores() - self.num_workers)
 
     def is_random(self, backbone: str) -> bool:
         return self.random_weights or dict(self.weights).get(backbone) == "random"
@@ -151,6 +164,14 @@ class ExtractResult:
         return "\n".join(lines + [f"  {p}" for p in self.caches])
 
 
+def usable_cores() -> int:
+    """The CPUs this process may run on (its affinity, which containers and taskset narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 # ---------------------------------------------------------------------------- model side
 
 @dataclass
@@ -160,7 +181,7 @@ class _Model:
     group: Group
     attrs: CacheAttrs
     done: set[str]  # trailers already in the cache
-    buf: list = field(default_factory=list)  # (tid, index of first clip, uint8 clips)
+    buf: list = field(default_factory=list)  # (tid, index of first clip, (n, k, H, W, 3) uint8 frames)
     rows: int = 0
 
     def embed(self, x: torch.Tensor, cfg: ExtractConfig) -> torch.Tensor:
@@ -183,7 +204,7 @@ class _Trailer:
         self.n = 0  # clips received
         self.total: int | None = None  # set by the end marker
         self.meta: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        self.feats: dict[str, dict[int, np.ndarray]] = {}  # backbone -> first clip -> (n, F)
+        self.feats: dict[str, dict[int, torch.Tensor]] = {}  # backbone -> first clip -> (n, F) on the device
         self.embedded: dict[str, int] = {}
         self.durations: tuple[float | None, float | None] = (None, None)  # (decoded, declared) seconds
 
@@ -273,12 +294,16 @@ def extract(inputs: list[str | os.PathLike], cache_dir: str | os.PathLike, cfg: 
     report_path = cache_dir / ("failures.jsonl" if n == 1 else f"failures.{tag}.jsonl")
     groups = list({m.group.key: m.group for m in models}.values())
     cuda = cfg.device.startswith("cuda")
-    loader = DataLoader(ClipDataset(todo, cfg.clip, groups, cfg.chunk, cfg.decode_threads), batch_size=None,
+    shipped = union_frames(groups)
+    loader = DataLoader(ClipDataset(todo, cfg.clip, shipped, cfg.chunk, cfg.decode_threads), batch_size=None,
                         collate_fn=as_is, num_workers=cfg.num_workers, pin_memory=cuda,
                         worker_init_fn=worker_init if cfg.num_workers else None,
                         prefetch_factor=4 if cfg.num_workers else None)
-    run = _Run(models, cfg, cache_dir, tag, report_path if report else None, {**HINTS, **(hints or {})})
+    run = _Run(models, cfg, cache_dir, tag, report_path if report else None, {**HINTS, **(hints or {})}, shipped)
     bar = tqdm(total=len(todo), unit="trailer", desc="extract", disable=not progress, dynamic_ncols=True)
+    threads = torch.get_num_threads()
+    if cfg.model_threads:
+        torch.set_num_threads(cfg.model_threads)
     try:
         for item in loader:
             run.take(item)
@@ -291,6 +316,7 @@ def extract(inputs: list[str | os.PathLike], cache_dir: str | os.PathLike, cfg: 
     finally:
         bar.close()
         run.flush()  # also on Ctrl-C: every finished trailer is kept
+        torch.set_num_threads(threads)
     caches = []
     for m in models:
         if n == 1:
@@ -309,9 +335,11 @@ class _Run:
     """Book-keeping of one extraction: buffers per backbone, trailers in flight, flushes."""
 
     def __init__(self, models: list[_Model], cfg: ExtractConfig, cache_dir: Path, tag: str, report: Path | None,
-                 hints: dict[str, str]) -> None:
+                 hints: dict[str, str], shipped: tuple[int, ...]) -> None:
         self.models, self.cfg, self.cache_dir, self.tag, self.report = models, cfg, cache_dir, tag, report
-        self.hints = hints
+        self.hints, self.shipped = hints, shipped
+        # Uploads on a stream of their own overlap the models' work on the current one.
+        self.copies = torch.cuda.Stream(cfg.device) if cfg.device.startswith("cuda") else None
         self.trailers: dict[str, _Trailer] = {}
         self.finished: list[str] = []
         self.failures: list[dict] = []
@@ -349,8 +377,9 @@ class _Run:
         i0, c = tr.n, len(item["start"])
         tr.n += c
         tr.meta.append((item["start"], item["end"], item["shot"]))
+        x = self.upload(item["x"])  # (n, k, H, W, 3) uint8, once for every backbone
         for m in self.models:
-            m.buf.append((tid, i0, item["x"][m.group.key]))
+            m.buf.append((tid, i0, x))
             m.rows += c
             if m.rows >= self.cfg.batch_size:
                 self.forward(m)
@@ -366,11 +395,22 @@ class _Run:
             m.buf = [b for b in m.buf if b[0] != tid]
             m.rows = sum(len(b[2]) for b in m.buf)
 
+    def upload(self, x: torch.Tensor) -> torch.Tensor:
+        """A (pinned) chunk of frames onto the device without waiting for the copy."""
+        if self.copies is None:
+            return x.to(self.cfg.device)
+        with torch.cuda.stream(self.copies):
+            y = x.to(self.cfg.device, non_blocking=True)
+        compute = torch.cuda.current_stream(self.cfg.device)
+        compute.wait_stream(self.copies)  # work queued from now on sees the frames
+        y.record_stream(compute)  # the allocator must not reuse them before that work is done
+        return y
+
     def forward(self, m: _Model) -> None:
         if not m.buf:
             return
-        x = torch.cat([b[2] for b in m.buf]).to(self.cfg.device, non_blocking=True)  # (B, t, 3, h, w) uint8
-        out = m.embed(x, self.cfg).cpu().numpy()  # (B, F)
+        x = crops([b[2] for b in m.buf], m.group, self.shipped)  # (B, t, 3, h, w) uint8 on the device
+        out = m.embed(x, self.cfg)  # (B, F), left on the device until the flush
         r = 0
         touched = []
         for tid, i0, xb in m.buf:
@@ -399,15 +439,19 @@ class _Run:
         """Write finished trailers to one new segment per backbone; update the failure report."""
         if self.finished:
             for m in self.models:
-                items = []
-                for tid in self.finished:
-                    if tid in m.done:
-                        continue  # written by an earlier run that died between two segment renames
+                tids = [t for t in self.finished if t not in m.done]  # in m.done: written by an earlier run
+                #                                                   that died between two segment renames
+                parts = [self.trailers[t].feats[m.entry.name] for t in tids]
+                if not tids:
+                    continue
+                # One copy back per backbone and flush: (sum C, F) in trailer and clip order.
+                feats = torch.cat([p[i] for p in parts for i in sorted(p)]).cpu().numpy()
+                items, r = [], 0
+                for tid in tids:
                     tr = self.trailers[tid]
-                    parts = tr.feats[m.entry.name]
-                    feats = np.concatenate([parts[i] for i in sorted(parts)])  # (C, F) in clip order
                     start, end, shot = (np.concatenate(col) for col in zip(*tr.meta))
-                    items.append((tid, feats, start, end, shot, *tr.durations))
+                    items.append((tid, feats[r:r + len(start)], start, end, shot, *tr.durations))
+                    r += len(start)
                 store.write_segment(self.cache_dir, m.attrs, items, self.tag, self.cfg.dtype)
                 m.done.update(t for t, *_ in items)
             for tid in self.finished:
