@@ -3,9 +3,11 @@
 Prints
   * decode: frames/s of decoding + resampling + scaling alone, and with shot detection and
     clip building (what the workers do, without the backbones' uint8 resize/crop),
-  * the workers' clip stream (`clipstream.ClipDataset`, in this process): decoding, shots, clips
-    and every backbone group's uint8 resize/crop, as extraction runs it,
-  * per backbone: clips/s of the model alone on clips already cropped by that stream,
+  * the workers' clip stream (`clipstream.ClipDataset` in a DataLoader with the extraction's
+    workers): decoding, shots and clips, as extraction runs it (`decode_clips_per_s`),
+  * per backbone: clips/s of its resize/crop on the device, and of the model alone on
+    preprocessed clips; all models together: 1 / the sum of their seconds per clip
+    (`compute_clips_per_s`),
   * full extraction (`extract.extract`) with all requested backbones: clips/s, seconds and
     the ratio full / decode-only (the aim is <= 1.2: compute hidden behind decoding),
   * precision check: each backbone's features in the chosen autocast dtype against fp32 on the
@@ -13,7 +15,11 @@ Prints
     as in `t12k extract`) is resolved first and the choice printed.
 
     python bench/bench_extract.py [--backbones mobilenet_v2] [--videos 6] [--seconds 12]
-        [--device cpu] [--precision auto] [--workers 0] [--image-frames 0]
+        [--device cpu] [--precision auto] [--workers 0] [--image-frames 0] [--json FILE]
+
+`--json FILE` writes device, backbones, workers, decode_clips_per_s, compute_clips_per_s,
+clips_per_s (full extraction, model loading excluded) and ratio: clips_per_s / min(decode,
+compute) on a GPU, clips_per_s / (1 / (1/decode + 1/compute)) on the CPU, where both share the cores.
 
 Weights: mobilenet_v2 from the offline package when present, others from the torch hub
 cache, or random with --random-weights (speed does not depend on the values).
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -30,10 +37,17 @@ from pathlib import Path
 import numpy as np
 import torch
 from machine import cpu_summary
+from torch.utils.data import DataLoader
 
 from trailers12k_feats.extraction import backbones as bb
 from trailers12k_feats.extraction import video
-from trailers12k_feats.extraction.clipstream import ClipDataset
+from trailers12k_feats.extraction.clipstream import (
+    ClipDataset,
+    as_is,
+    crops,
+    union_frames,
+    worker_init,
+)
 from trailers12k_feats.extraction.extract import (
     EXTRACT_PRECISIONS,
     ExtractConfig,
@@ -68,6 +82,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--image-frames", type=int, default=0)
     ap.add_argument("--random-weights", action="store_true")
+    ap.add_argument("--json", type=Path, help="write the figures to this file")
     args = ap.parse_args()
 
     names = tuple(args.backbones.split(","))
@@ -106,34 +121,47 @@ def main() -> None:
         t0 = time.perf_counter()
         models = build_models(cfg)
         t_load = time.perf_counter() - t0
-        # The workers' own stream: each model group's frames (clipstream.frame_index), resized and cropped.
+        # The workers' own stream, in the extraction's DataLoader set-up: decode, shots, clips.
         groups = list({m.group.key: m.group for m in models}.values())
-        stream = ClipDataset([(p.stem, p) for p in paths], spec, groups, cfg.chunk, cfg.decode_threads)
+        shipped = union_frames(groups)
+        nw = cfg.num_workers
+        loader = DataLoader(ClipDataset([(p.stem, p) for p in paths], spec, shipped, cfg.chunk, cfg.decode_threads),
+                            batch_size=None, collate_fn=as_is, num_workers=nw, worker_init_fn=worker_init if nw else None,
+                            prefetch_factor=4 if nw else None)
         t0 = time.perf_counter()
-        kept, n_stream = [], 0  # the crops of the first clips feed the models below
-        for item in stream:
+        kept, n_stream = [], 0  # the frames of the first clips feed the models below
+        for item in loader:
             if "x" in item:
                 if n_stream < 4 * args.batch_size:
                     kept.append(item["x"])
                 n_stream += len(item["start"])
         t_stream = time.perf_counter() - t0
-        print(f"clip stream with crops:   {n_frames / t_stream:8.0f} frames/s  ({n_stream} clips, "
-              f"{n_stream / t_stream:.1f} clips/s; {len(groups)} crop group(s))")
+        decode_rate = n_stream / t_stream
+        print(f"clip stream, {nw} worker(s): {n_frames / t_stream:8.0f} frames/s  ({n_stream} clips, "
+              f"{decode_rate:.1f} clips/s; {len(shipped)} of {spec.fpc} frames shipped per clip)")
         print()
+        sync = torch.cuda.synchronize if dev.startswith("cuda") else (lambda: None)
+        seconds = 0.0  # all models' seconds per clip
         for m in models:
-            x = torch.cat([c[m.group.key] for c in kept])[:4 * args.batch_size].to(dev)  # (n, t, 3, h, w) uint8
+            parts = [x.to(dev) for x in kept]
+            crops(parts[:1], m.group, shipped)  # warm-up
+            sync()
+            t0 = time.perf_counter()
+            x = crops(parts, m.group, shipped)[:4 * args.batch_size]  # (n, t, 3, h, w) uint8
+            sync()
+            t_pre = time.perf_counter() - t0
             n, t = x.shape[:2]
             batches = [x[i:i + args.batch_size] for i in range(0, n, args.batch_size)]
             m.embed(batches[0], cfg)  # warm-up
-            if dev.startswith("cuda"):
-                torch.cuda.synchronize()
+            sync()
             t0 = time.perf_counter()
             for b in batches:
                 out = m.embed(b, cfg)
-            if dev.startswith("cuda"):
-                torch.cuda.synchronize()
+            sync()
             dt = time.perf_counter() - t0
-            print(f"{m.entry.name:22} alone: {n / dt:8.1f} clips/s  ({t} frames of {x.shape[-1]}px per clip)")
+            seconds += dt / n
+            print(f"{m.entry.name:22} alone: {n / dt:8.1f} clips/s  ({t} frames of {x.shape[-1]}px per clip); "
+                  f"its resize/crop {len(x) / t_pre:.1f} clips/s")
             if cfg.precision != "fp32":
                 ref = m.embed(batches[0], ExtractConfig(backbones=names, device=dev, precision="fp32"))
                 low = m.embed(batches[0], cfg)
@@ -141,6 +169,8 @@ def main() -> None:
                 cos = torch.nn.functional.cosine_similarity(low, ref, dim=1).min().item()
                 print(f"{'':22} {cfg.precision} vs fp32: max relative error {rel:.2e}, min cosine {cos:.6f}")
             del out
+        compute_rate = 1 / seconds
+        print(f"{'all models':22}      : {compute_rate:8.1f} clips/s")
 
         t0 = time.perf_counter()
         res = extract([tmp / "videos"], tmp / "cache", cfg, progress=False)
@@ -150,6 +180,16 @@ def main() -> None:
               f"of which {t_load:.1f} s loading the models)")
         print(f"ratio full / decode+clips: {t_full / t_clips:.2f}x, {t_run / t_clips:.2f}x without model loading "
               "(aim <= 1.2x)")
+        rate = res.clips / t_run
+        # A GPU and the workers run side by side; on the CPU the models and the workers share the cores.
+        bound = min(decode_rate, compute_rate) if dev.startswith("cuda") else 1 / (1 / decode_rate + 1 / compute_rate)
+        print(f"clips/s without model loading {rate:.1f}; decode {decode_rate:.1f}, compute {compute_rate:.1f} "
+              f"-> bound {bound:.1f}, ratio {rate / bound:.2f}")
+        if args.json:
+            fig = {"device": gpu or f"cpu: {cpu_summary()}", "backbones": list(names), "workers": nw,
+                   "precision": cfg.precision, "decode_clips_per_s": decode_rate,
+                   "compute_clips_per_s": compute_rate, "clips_per_s": rate, "ratio": rate / bound}
+            args.json.write_text(json.dumps(fig, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -386,3 +386,29 @@ def test_recorded_precision_needs_every_cache_to_agree(tmp_path, toy_cache):
     assert store.recorded_precision(tmp_path, ["a", "b"]) == (None, "")
     assert store.recorded_precision(tmp_path, ["c"]) == (None, "")
     assert store.recorded_precision(tmp_path, ["missing"]) == (None, "")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device")])])
+def test_device_crops_equal_the_per_clip_preprocessing(device):
+    from trailers12k_feats.extraction.clipstream import Group, crops, frame_index, union_frames
+    from trailers12k_feats.extraction.extract import _Model
+
+    rng = np.random.default_rng(0)
+    groups = [Group(i, bb.get_backbone(n).preprocess(), frame_index(k, 8, image_frames=2))
+              for i, (n, k) in enumerate((("mobilenet_v2", "2d"), (LIGHT, "3d")))]
+    shipped = union_frames(groups)
+    # Two videos of different sizes, as chunks of (n, k, H, W, 3) frames the workers ship.
+    parts = [torch.from_numpy(rng.integers(0, 256, (n, len(shipped), h, w, 3), dtype=np.uint8))
+             for n, h, w in ((3, 128, 213), (2, 128, 213), (2, 96, 128))]
+    for g, (name, kind) in zip(groups, (("mobilenet_v2", "2d"), (LIGHT, "3d"))):
+        got = crops([p.to(device) for p in parts], g, shipped).cpu()  # (7, t, 3, h, w)
+        pos = [shipped.index(i) for i in g.frames]
+        old = torch.cat([torch.stack([g.pre.geometric(c[pos].permute(0, 3, 1, 2)) for c in p]) for p in parts])
+        assert got.shape == old.shape == (7, len(g.frames), 3, *g.pre.crop_size)
+        assert (got.int() - old.int()).abs().max() <= (0 if device == "cpu" else 1)
+        net = bb.load(bb.get_backbone(name), random=True)
+        m = _Model(bb.get_backbone(name), net.to(device), g, None, set())
+        cfg = _cfg(backbones=(name,), weights=((name, "random"),), device=device)
+        a, b = m.embed(got.to(device), cfg).cpu(), m.embed(old.to(device), cfg).cpu()
+        assert torch.nn.functional.cosine_similarity(a, b, dim=1).min() >= 0.999
