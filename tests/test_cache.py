@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from trailers12k_feats import cache
+from trailers12k_feats import cache, cache_info
 from trailers12k_feats.utils import T12kError
 
 
@@ -23,7 +23,7 @@ def test_roundtrip(tmp_path, toy_cache):
     assert fs.attrs.config == {"a": 1} and fs.attrs.backbone == "toy_net"
     assert np.isnan(fs.clip_start).all() and (fs.shot == -1).all()
     assert cache.validate(p).name == "toy"
-    s = cache.summary(p)
+    s = cache_info.summary(p)
     assert s["trailers"] == 3 and s["clips"] == 9 and s["trailers_under_30_clips"] == 3
 
 
@@ -73,8 +73,13 @@ def test_nonfinite_features_are_found(tmp_path, value, toy_cache):
     toy_cache(p, (3, 1, 5))
     with h5py.File(p, "r+") as h5:
         h5["features"][5, 2] = value  # trailer 2 (rows 4..8), clip 1
+    msg = r"trailer tt0000002 \(clip 1\) has NaN or Inf"
+    with pytest.raises(T12kError, match=msg):  # validate checks every value, whatever the writer recorded
+        cache.validate(p)
+    with h5py.File(p, "r+") as h5:
+        del h5.attrs[cache.FINITE]  # as a writer before the finite record left it
     for fn in (cache.load, cache.validate):
-        with pytest.raises(T12kError, match=r"trailer tt0000002 \(clip 1\) has NaN or Inf"):
+        with pytest.raises(T12kError, match=msg):
             fn(p)
 
 

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 
 from trailers12k_feats import cache
+from trailers12k_feats.pooling import pool_features
 from trailers12k_feats.training.probe import (
     ProbeConfig,
     fit_predict,
-    pool_features,
     probe,
 )
 from trailers12k_feats.utils import T12kError

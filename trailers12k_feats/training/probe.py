@@ -1,9 +1,10 @@
 """The fast probe: a linear multi-label classifier on pooled clip features, answers in seconds.
 
-Each trailer's clips are pooled once per stream (mean, or mean and max concatenated);
-fusion rows concatenate the two streams' pooled vectors. A standardised ridge
-regression (scikit-learn, one solve for all 10 genres) scores the genres; AP metrics
-only need a ranking, so its scores are used as they are.
+Each trailer's clips are pooled per stream (mean, or mean and max concatenated), read from
+the summaries each cache stores (pooling.py), so no clip is read; fusion rows concatenate
+the two streams' pooled vectors. A standardised ridge regression (one Gram matrix and one
+Cholesky solve for all 10 genres) scores the genres; AP metrics only need a ranking, so its
+scores are used as they are.
 """
 
 from __future__ import annotations
@@ -14,15 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from sklearn.linear_model import Ridge
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
+from scipy.linalg import cho_factor, cho_solve
 from tqdm import tqdm
 
-from trailers12k_feats import cache as cache_mod
-from trailers12k_feats.cache import FeatureSet
 from trailers12k_feats.paper import TABLE6, get_row
+from trailers12k_feats.pooling import POOLS, load_pooled
 from trailers12k_feats.training.data import SPLITS, align, check_splits, load_metadata
 from trailers12k_feats.training.metrics import multilabel_metrics
 from trailers12k_feats.training.streams import (
@@ -34,7 +31,7 @@ from trailers12k_feats.utils import T12kError
 
 log = logging.getLogger(__name__)
 
-POOLS = ("mean", "meanmax")
+__all__ = ["POOLS", "ProbeConfig", "fit_predict", "probe"]
 
 
 @dataclass(frozen=True)
@@ -61,28 +58,69 @@ class ProbeConfig:
         object.__setattr__(self, "splits", check_splits(self.splits))
 
 
-def pool_features(fs: FeatureSet, pool: str = "mean", chunk: int = 1 << 18) -> np.ndarray:
-    """(n, F) mean or (n, 2F) mean+max of each trailer's clips."""
-    lengths = fs.lengths
-    reductions = ("mean", "max") if pool == "meanmax" else ("mean",)
-    out = np.empty((len(fs), fs.feature_dim * len(reductions)), np.float32)
-    # Whole trailers per chunk of clips, so a float32 copy never holds the whole cache.
-    t0 = 0
-    while t0 < len(fs):
-        t1 = int(np.searchsorted(fs.offsets.numpy(), int(fs.offsets[t0]) + chunk, side="right")) - 1
-        t1 = max(t1, t0 + 1)
-        x = fs.features[fs.offsets[t0]:fs.offsets[t1]].float()  # (clips, F)
-        parts = [torch.segment_reduce(x, r, lengths=lengths[t0:t1], axis=0) for r in reductions]
-        out[t0:t1] = torch.cat(parts, 1).numpy()  # (t1 - t0, F * len(reductions))
-        t0 = t1
-    return out
+@dataclass
+class _Standardised:
+    """One block of columns (a stream's pooled features) of one split, ready for the ridge."""
+
+    z: np.ndarray  # (n_train, F) training z-scores, centred
+    z_mean: np.ndarray  # (F,) what centring took off
+    evals: list[np.ndarray]  # (n_eval, F) z-scores of each evaluated set
+    gram: np.ndarray  # (F, F) z.T @ z
+
+
+def _standardise(x_train: np.ndarray, x_eval: list[np.ndarray]) -> _Standardised:
+    """Scale each column to the training set's z-scores (StandardScaler's rule: constant columns
+    keep scale 1) and centre them (as Ridge centres its input; z-scores are centred up to rounding)."""
+    x_train = np.asarray(x_train, np.float32)
+    n, eps = len(x_train), np.finfo(np.float64).eps
+    mean, var = x_train.mean(0, dtype=np.float64), x_train.var(0, dtype=np.float64)  # (F,)
+    constant = var <= n * eps * var + (n * mean * eps) ** 2
+    shift, scale = mean.astype(np.float32), (1 / np.sqrt(np.where(constant, 1.0, var))).astype(np.float32)
+    z = (x_train - shift) * scale  # (n, F)
+    z_mean = z.mean(0)
+    z -= z_mean
+    return _Standardised(z, z_mean, [(np.asarray(x, np.float32) - shift) * scale for x in x_eval], z.T @ z)
+
+
+def _ridge(named: dict[str, _Standardised], y_train: np.ndarray, alpha: float,
+           cross: dict[tuple[str, str], np.ndarray] | None = None) -> list[np.ndarray]:
+    """Fit the ridge on the columns of the `named` blocks side by side and score each evaluated set.
+
+    The Gram matrix of concatenated columns is made of the blocks' own Gram matrices and the
+    products between blocks, so rows that share a stream share its work; `cross` keeps the
+    products between blocks by their names.
+    """
+    names, blocks = list(named), list(named.values())
+    y = y_train.astype(np.float32)  # (n, 10)
+    y_mean = y.mean(0)
+    dims = np.cumsum([0] + [b.z.shape[1] for b in blocks])
+    gram = np.empty((dims[-1], dims[-1]), np.float32)  # (F, F)
+    for i, a in enumerate(blocks):
+        gram[dims[i]:dims[i + 1], dims[i]:dims[i + 1]] = a.gram
+        for j in range(i + 1, len(blocks)):
+            key = (names[i], names[j])
+            ab = cross[key] if cross is not None and key in cross else a.z.T @ blocks[j].z
+            if cross is not None:
+                cross[key] = ab
+            gram[dims[i]:dims[i + 1], dims[j]:dims[j + 1]] = ab
+            gram[dims[j]:dims[j + 1], dims[i]:dims[i + 1]] = ab.T
+    gram.flat[::dims[-1] + 1] += np.float32(alpha)
+    rhs = np.concatenate([b.z.T @ (y - y_mean) for b in blocks])  # (F, 10)
+    w = cho_solve(cho_factor(gram, overwrite_a=True), rhs)  # (F, 10)
+    ws = [w[dims[i]:dims[i + 1]] for i in range(len(blocks))]
+    bias = y_mean - sum(b.z_mean @ wb for b, wb in zip(blocks, ws))  # (10,)
+    return [(sum(b.evals[e] @ wb for b, wb in zip(blocks, ws)) + bias).astype(np.float64)
+            for e in range(len(blocks[0].evals))]
 
 
 def fit_predict(x_train: np.ndarray, y_train: np.ndarray, x_eval: list[np.ndarray], alpha: float) -> list[np.ndarray]:
-    """Fit a standardised multi-output ridge and score each array of `x_eval`."""
-    model = make_pipeline(StandardScaler(), Ridge(alpha=alpha, solver="cholesky"))
-    model.fit(x_train, y_train.astype(np.float32))
-    return [model.predict(x).astype(np.float64) for x in x_eval]
+    """Fit a standardised multi-output ridge and score each array of `x_eval`.
+
+    The model of scikit-learn's ``make_pipeline(StandardScaler(), Ridge(alpha, solver="cholesky"))``
+    on float32 features, computed as it does (z-scores, centred, one Gram matrix and a Cholesky
+    solve in float32) without its input checks and copies, which cost more than the solve.
+    """
+    return _ridge({"x": _standardise(x_train, x_eval)}, y_train, alpha)
 
 
 def probe(cfg: ProbeConfig, progress: bool = True) -> dict[str, list[dict]]:
@@ -92,31 +130,40 @@ def probe(cfg: ProbeConfig, progress: bool = True) -> dict[str, list[dict]]:
     for r in cfg.rows:  # dims and fused clip settings, before any pooling
         check_caches(resolve_streams(cfg.cache_dir, row=r).values(), cfg.allow_mismatched_clips)
     streams = sorted({s for r in cfg.rows for s in TABLE6[r].streams})
-    pooled, index = {}, {}
+    pooled = {}
     t0 = time.perf_counter()
     for s in tqdm(streams, desc="pool", unit="cache", disable=not progress, leave=False):
-        fs = cache_mod.load(stream_cache(cfg.cache_dir, s))
-        align(meta, [fs], cfg.on_missing)
-        pooled[s] = pool_features(fs, cfg.pool)
-        index[s] = fs.index
-        del fs
-    log.info("pooled %d streams in %.1f s", len(streams), time.perf_counter() - t0)
-    present = np.array([all(t in index[s] for s in streams) for t in meta.ids])
-    table: dict[str, list[dict]] = {"val": [], "test": []}
-    jobs = [(r, k) for r in cfg.rows for k in cfg.splits]
-    for row_name, split in tqdm(jobs, desc="probe", unit="run", disable=not progress, leave=False):
-        row = TABLE6[row_name]
+        ps = load_pooled(stream_cache(cfg.cache_dir, s), cfg.pool)
+        align(meta, [ps], cfg.on_missing)
+        pooled[s] = ps
+    log.info("read the %s-pooled features of %d streams in %.1f s", cfg.pool, len(streams), time.perf_counter() - t0)
+    present = np.array([all(t in pooled[s].index for s in streams) for t in meta.ids])
+    results = {}
+    bar = tqdm(total=len(cfg.rows) * len(cfg.splits), desc="probe", unit="run", disable=not progress, leave=False)
+    for split in cfg.splits:  # each stream standardised once per split, shared by the rows that use it
         subsets = {n: meta.subset(split, n) for n in ("train", "val", "test")}
         subsets = {n: r[present[r]] for n, r in subsets.items()}
+        blocks: dict[str, _Standardised] = {}
+        cross: dict[tuple[str, str], np.ndarray] = {}
 
-        def feats(rows: np.ndarray) -> np.ndarray:
-            ids = [meta.ids[i] for i in rows]
-            return np.concatenate([pooled[s][[index[s][t] for t in ids]] for s in row.streams], 1)
+        def block(s: str) -> _Standardised:
+            if s not in blocks:
+                rows = {n: [pooled[s].index[meta.ids[i]] for i in r] for n, r in subsets.items()}
+                x = pooled[s].features
+                blocks[s] = _standardise(x[rows["train"]], [x[rows["val"]], x[rows["test"]]])
+            return blocks[s]
 
-        scores = fit_predict(feats(subsets["train"]), meta.labels[subsets["train"]],
-                             [feats(subsets["val"]), feats(subsets["test"])], cfg.alpha)
-        for subset, sc in zip(("val", "test"), scores):
-            m = multilabel_metrics(meta.labels[subsets[subset]], sc)
-            table[subset].append({"run": row_name, "split": split, "epoch": 0, **m})
-    log.info("probe: %d runs in %.1f s", len(jobs), time.perf_counter() - t0)
+        for row_name in cfg.rows:
+            scores = _ridge({s: block(s) for s in TABLE6[row_name].streams}, meta.labels[subsets["train"]],
+                            cfg.alpha, cross)
+            results[row_name, split] = {subset: multilabel_metrics(meta.labels[subsets[subset]], sc)
+                                        for subset, sc in zip(("val", "test"), scores)}
+            bar.update()
+    bar.close()
+    table: dict[str, list[dict]] = {"val": [], "test": []}
+    for row_name in cfg.rows:
+        for split in cfg.splits:
+            for subset in ("val", "test"):
+                table[subset].append({"run": row_name, "split": split, "epoch": 0, **results[row_name, split][subset]})
+    log.info("probe: %d runs in %.1f s", len(results), time.perf_counter() - t0)
     return table
