@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -27,7 +28,7 @@ def summary(path: str | os.PathLike) -> dict[str, Any]:
         out = {
             "path": str(path),
             "size_mb": round(path.stat().st_size / 2**20, 1),
-            "trailers": int(len(lengths)),
+            "trailers": len(lengths),
             "clips": int(lengths.sum()),
             "dtype": r.dtype,
             "clips_per_trailer": {
