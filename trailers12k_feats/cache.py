@@ -536,7 +536,11 @@ def _read_features(ds: h5py.Dataset, dtype: torch.dtype | None, block_bytes: int
     about `block_bytes` straight into the tensor (through one block-sized buffer when `dtype`
     differs from the stored dtype, so two full copies never coexist)."""
     stored = torch.from_numpy(np.empty(0, ds.dtype)).dtype
-    out = torch.empty(ds.shape, dtype=dtype or stored)  # (num_clips, F)
+    # NumPy allocates large arrays on huge pages (madvise), torch.empty does not: with 4 KB pages
+    # the page faults of filling a fresh GB tensor cost about as much as reading it.
+    as_numpy = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}.get(dtype or stored)
+    out = (torch.from_numpy(np.empty(ds.shape, as_numpy)) if as_numpy is not None
+           else torch.empty(ds.shape, dtype=dtype))  # (num_clips, F)
     rows = max(1, block_bytes // max(1, ds.shape[1] * ds.dtype.itemsize))
     buf = out.numpy() if out.dtype == stored else np.empty((min(rows, ds.shape[0]), ds.shape[1]), ds.dtype)
     for r0 in range(0, ds.shape[0], rows):
