@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -59,17 +59,19 @@ class ProbeConfig:
 
 
 @dataclass
-class _Standardised:
-    """One block of columns (a stream's pooled features) of one split, ready for the ridge."""
+class _Block:
+    """One stream's pooled features in one split, ready for the ridge: the columns of a design."""
 
     z: np.ndarray  # (n_train, F) training z-scores: (x - mean) * scale
     mean: np.ndarray  # (F,) training mean, float32
     scale: np.ndarray  # (F,) 1 / training std (1 for constant columns), float32
     evals: list[np.ndarray]  # (n_eval, F) features of each evaluated set, as they are
     gram: np.ndarray  # (F, F) z.T @ z
+    zy: np.ndarray  # (F, 10) z.T @ (y - mean of y)
+    chol: dict[float, torch.Tensor] = field(default_factory=dict)  # alpha -> Cholesky factor of gram + alpha I
 
 
-def _standardise(x_train: np.ndarray, x_eval: list[np.ndarray]) -> _Standardised:
+def _standardise(x_train: np.ndarray, y_centred: np.ndarray, x_eval: list[np.ndarray]) -> _Block:
     """z-scores of the training set, with StandardScaler's rule that constant columns keep scale 1.
 
     The variances come from the diagonal of the Gram matrix of the centred columns, which the
@@ -79,48 +81,59 @@ def _standardise(x_train: np.ndarray, x_eval: list[np.ndarray]) -> _Standardised
     n, eps = len(x_train), np.finfo(np.float64).eps
     mean = x_train.mean(0, dtype=np.float64)  # (F,)
     shift = mean.astype(np.float32)
-    xc = x_train - shift  # (n, F) centred
-    gram = xc.T @ xc  # (F, F)
+    z = x_train - shift  # (n, F) centred
+    gram = z.T @ z  # (F, F)
     var = np.diag(gram).astype(np.float64) / n  # (F,)
     constant = var <= n * eps * var + (n * mean * eps) ** 2
     scale = (1 / np.sqrt(np.where(constant, 1.0, var))).astype(np.float32)
-    xc *= scale  # now z
+    z *= scale
     gram *= scale[:, None]
     gram *= scale[None, :]
-    return _Standardised(xc, shift, scale, [np.asarray(x, np.float32) for x in x_eval], gram)
+    return _Block(z, shift, scale, [np.asarray(x, np.float32) for x in x_eval], gram, z.T @ y_centred)
 
 
-def _ridge(named: dict[str, _Standardised], y_train: np.ndarray, alpha: float,
-           cross: dict[tuple[str, str], np.ndarray] | None = None) -> list[np.ndarray]:
-    """Fit the ridge on the columns of the `named` blocks side by side and score each evaluated set.
+def _factor(b: _Block, alpha: float) -> torch.Tensor:
+    """The lower Cholesky factor of `b.gram + alpha I`, computed once per block."""
+    if alpha not in b.chol:
+        g = torch.from_numpy(b.gram).clone()
+        g.diagonal().add_(alpha)
+        # torch's Cholesky (MKL) is several times faster here than SciPy's (OpenBLAS) on the same matrix.
+        b.chol[alpha] = torch.linalg.cholesky(g)  # (F, F)
+    return b.chol[alpha]
 
-    The Gram matrix of concatenated columns is made of the blocks' own Gram matrices and the
-    products between blocks, so rows that share a stream share its work; `cross` keeps the
-    products between blocks by their names. Scoring folds the standardisation into the weights.
+
+def _ridge(blocks: list[_Block], y_mean: np.ndarray, alpha: float) -> list[np.ndarray]:
+    """Fit the ridge on the columns of `blocks` side by side and score each evaluated set.
+
+    The system (Z'Z + alpha I) w = Z'y of side-by-side blocks a | b is solved by block
+    Cholesky: the factor of block a alone (shared with the row that uses a alone) and that of
+    the Schur complement of b, which is the factor of the whole matrix; so rows that share a
+    stream share its Gram matrix and its factorisation. Scoring folds the z-scores into the weights.
     """
-    names, blocks = list(named), list(named.values())
-    y = y_train.astype(np.float32)  # (n, 10)
-    y_mean = y.mean(0)
-    dims = np.cumsum([0] + [b.z.shape[1] for b in blocks])
-    gram = np.empty((dims[-1], dims[-1]), np.float32)  # (F, F)
-    for i, a in enumerate(blocks):
-        gram[dims[i]:dims[i + 1], dims[i]:dims[i + 1]] = a.gram
-        for j in range(i + 1, len(blocks)):
-            key = (names[i], names[j])
-            ab = cross[key] if cross is not None and key in cross else a.z.T @ blocks[j].z
-            if cross is not None:
-                cross[key] = ab
-            gram[dims[i]:dims[i + 1], dims[j]:dims[j + 1]] = ab
-            gram[dims[j]:dims[j + 1], dims[i]:dims[i + 1]] = ab.T
-    gram.flat[::dims[-1] + 1] += np.float32(alpha)
-    rhs = np.concatenate([b.z.T @ (y - y_mean) for b in blocks])  # (F, 10)
-    # torch's Cholesky (MKL) is several times faster here than SciPy's (OpenBLAS) on the same matrix.
-    chol = torch.linalg.cholesky(torch.from_numpy(gram))  # (F, F) lower
-    w = torch.cholesky_solve(torch.from_numpy(rhs), chol).numpy()  # (F, 10) on z-scores
-    ws = [b.scale[:, None] * w[dims[i]:dims[i + 1]] for i, b in enumerate(blocks)]  # (F_b, 10) on features
-    bias = y_mean - sum(b.mean @ wb for b, wb in zip(blocks, ws))  # (10,)
-    return [(sum(b.evals[e] @ wb for b, wb in zip(blocks, ws)) + bias).astype(np.float64)
-            for e in range(len(blocks[0].evals))]
+    a, rest = blocks[0], blocks[1:]
+    la = _factor(a, alpha)  # (Fa, Fa)
+    ya = torch.linalg.solve_triangular(la, torch.from_numpy(a.zy), upper=False)  # (Fa, 10)
+    if not rest:
+        ws = [torch.linalg.solve_triangular(la.T, ya, upper=True).numpy()]
+    else:
+        dims = np.cumsum([0] + [b.z.shape[1] for b in rest])
+        g_ab = np.concatenate([a.z.T @ b.z for b in rest], axis=1)  # (Fa, Fb)
+        g_bb = np.empty((dims[-1], dims[-1]), np.float32)  # (Fb, Fb)
+        for i, b in enumerate(rest):
+            for j, c in enumerate(rest):
+                g_bb[dims[i]:dims[i + 1], dims[j]:dims[j + 1]] = b.gram if i == j else b.z.T @ c.z
+        g_bb.flat[::dims[-1] + 1] += np.float32(alpha)
+        cross = torch.linalg.solve_triangular(la, torch.from_numpy(g_ab), upper=False)  # (Fa, Fb)
+        lb = torch.linalg.cholesky(torch.from_numpy(g_bb) - cross.T @ cross)  # (Fb, Fb) Schur complement
+        zy_b = torch.from_numpy(np.concatenate([b.zy for b in rest]))  # (Fb, 10)
+        yb = torch.linalg.solve_triangular(lb, zy_b - cross.T @ ya, upper=False)
+        wb = torch.linalg.solve_triangular(lb.T, yb, upper=True)  # (Fb, 10)
+        wa = torch.linalg.solve_triangular(la.T, ya - cross @ wb, upper=True)  # (Fa, 10)
+        ws = [wa.numpy()] + [wb[dims[i]:dims[i + 1]].numpy() for i in range(len(rest))]
+    ws = [b.scale[:, None] * w for b, w in zip(blocks, ws)]  # (F_b, 10) weights on the features
+    bias = y_mean - sum(b.mean @ w for b, w in zip(blocks, ws))  # (10,)
+    return [(sum(b.evals[e] @ w for b, w in zip(blocks, ws)) + bias).astype(np.float64)
+            for e in range(len(a.evals))]
 
 
 def fit_predict(x_train: np.ndarray, y_train: np.ndarray, x_eval: list[np.ndarray], alpha: float) -> list[np.ndarray]:
@@ -131,7 +144,9 @@ def fit_predict(x_train: np.ndarray, y_train: np.ndarray, x_eval: list[np.ndarra
     float32; equal up to float rounding) without its input checks and copies, which cost more
     than the solve.
     """
-    return _ridge({"x": _standardise(x_train, x_eval)}, y_train, alpha)
+    y = y_train.astype(np.float32)  # (n, 10)
+    y_mean = y.mean(0)
+    return _ridge([_standardise(x_train, y - y_mean, x_eval)], y_mean, alpha)
 
 
 def probe(cfg: ProbeConfig, progress: bool = True) -> dict[str, list[dict]]:
@@ -151,19 +166,19 @@ def probe(cfg: ProbeConfig, progress: bool = True) -> dict[str, list[dict]]:
     present = np.array([all(t in pooled[s].index for s in streams) for t in meta.ids])
     results = {}
     bar = tqdm(total=len(cfg.rows) * len(cfg.splits), desc="probe", unit="run", disable=not progress, leave=False)
-    for split in cfg.splits:  # each stream standardised once per split, shared by the rows that use it
+    for split in cfg.splits:  # each stream standardised and factorised once per split, for every row using it
         subsets = {n: meta.subset(split, n) for n in ("train", "val", "test")}
         subsets = {n: r[present[r]] for n, r in subsets.items()}
-        blocks: dict[str, _Standardised] = {}
-        cross: dict[tuple[str, str], np.ndarray] = {}
+        y = meta.labels[subsets["train"]].astype(np.float32)  # (n_train, 10)
+        y_mean = y.mean(0)
+        blocks: dict[str, _Block] = {}
         for row_name in cfg.rows:
             for s in TABLE6[row_name].streams:
                 if s not in blocks:
                     x, where = pooled[s].features, pooled[s].index
                     rows = {n: [where[meta.ids[i]] for i in r] for n, r in subsets.items()}
-                    blocks[s] = _standardise(x[rows["train"]], [x[rows["val"]], x[rows["test"]]])
-            scores = _ridge({s: blocks[s] for s in TABLE6[row_name].streams}, meta.labels[subsets["train"]],
-                            cfg.alpha, cross)
+                    blocks[s] = _standardise(x[rows["train"]], y - y_mean, [x[rows["val"]], x[rows["test"]]])
+            scores = _ridge([blocks[s] for s in TABLE6[row_name].streams], y_mean, cfg.alpha)
             results[row_name, split] = {subset: multilabel_metrics(meta.labels[subsets[subset]], sc)
                                         for subset, sc in zip(("val", "test"), scores)}
             bar.update()
