@@ -94,10 +94,10 @@ def cache() -> None:
 @errors
 def cache_info(paths: tuple[Path, ...], as_json: bool) -> None:
     """Summarise caches (a folder lists every cache in it)."""
-    from trailers12k_feats import cache as cache_mod
+    from trailers12k_feats.cache_info import expand, format_summary, summary
 
-    infos = [cache_mod.summary(f) for f in cache_mod.expand(paths)]
-    click.echo(json.dumps(infos, indent=2) if as_json else "\n".join(map(cache_mod.format_summary, infos)))
+    infos = [summary(f) for f in expand(paths)]
+    click.echo(json.dumps(infos, indent=2) if as_json else "\n".join(map(format_summary, infos)))
 
 
 @cache.command("validate")
@@ -106,8 +106,9 @@ def cache_info(paths: tuple[Path, ...], as_json: bool) -> None:
 def cache_validate(paths: tuple[Path, ...]) -> None:
     """Check caches' schema, index and values (NaN/Inf)."""
     from trailers12k_feats import cache as cache_mod
+    from trailers12k_feats.cache_info import expand
 
-    for f in cache_mod.expand(paths):
+    for f in expand(paths):
         cache_mod.validate(f)
         click.echo(f"ok  {f}")
 

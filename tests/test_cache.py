@@ -1,9 +1,12 @@
+import subprocess
+import sys
+
 import h5py
 import numpy as np
 import pytest
 import torch
 
-from trailers12k_feats import cache
+from trailers12k_feats import __version__, cache, cache_info
 from trailers12k_feats.utils import T12kError
 
 
@@ -23,7 +26,7 @@ def test_roundtrip(tmp_path, toy_cache):
     assert fs.attrs.config == {"a": 1} and fs.attrs.backbone == "toy_net"
     assert np.isnan(fs.clip_start).all() and (fs.shot == -1).all()
     assert cache.validate(p).name == "toy"
-    s = cache.summary(p)
+    s = cache_info.summary(p)
     assert s["trailers"] == 3 and s["clips"] == 9 and s["trailers_under_30_clips"] == 3
 
 
@@ -73,8 +76,13 @@ def test_nonfinite_features_are_found(tmp_path, value, toy_cache):
     toy_cache(p, (3, 1, 5))
     with h5py.File(p, "r+") as h5:
         h5["features"][5, 2] = value  # trailer 2 (rows 4..8), clip 1
+    msg = r"trailer tt0000002 \(clip 1\) has NaN or Inf"
+    with pytest.raises(T12kError, match=msg):  # validate checks every value, whatever the writer recorded
+        cache.validate(p)
+    with h5py.File(p, "r+") as h5:
+        del h5.attrs[cache.FINITE]  # as a writer before the finite record left it
     for fn in (cache.load, cache.validate):
-        with pytest.raises(T12kError, match=r"trailer tt0000002 \(clip 1\) has NaN or Inf"):
+        with pytest.raises(T12kError, match=msg):
             fn(p)
 
 
@@ -212,3 +220,181 @@ def test_per_trailer_durations_are_optional(tmp_path, toy_cache):
         h5["declared_s"] = np.zeros(5, np.float32)
     with pytest.raises(T12kError, match=r"declared_s has shape \(5,\), expected \(2,\); recreate it"):
         cache.validate(p)
+
+
+def assert_summaries_match_clips(path):
+    """The cache at `path` stores mean and max summaries equal to pooling its clips, and the finite record."""
+    from trailers12k_feats.pooling import pool_features
+
+    fs = cache.load(path)
+    ids, pooled = cache.read_pooled(path, ("mean", "max"))
+    assert ids == fs.ids
+    got = np.concatenate([pooled["mean"], pooled["max"]], axis=1)  # (n, 2F)
+    np.testing.assert_allclose(got, pool_features(fs, "meanmax"), rtol=1e-6, atol=1e-6)
+    with h5py.File(path, "r") as h5:
+        assert bool(h5.attrs[cache.FINITE]) is True and h5.attrs[cache.FINITE_BY] == __version__
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_writer_stores_summaries_of_the_values_as_stored(tmp_path, toy_cache, dtype):
+    p = tmp_path / "toy.h5"
+    items = toy_cache(p, (3, 1, 5, 300), F=8, dtype=dtype)
+    assert_summaries_match_clips(p)
+    _, pooled = cache.read_pooled(p, ("mean", "max"))
+    for i, (_, x) in enumerate(items):
+        stored = x.astype(dtype).astype(np.float32)  # what the cache holds, rounded to float16 or not
+        np.testing.assert_allclose(pooled["mean"][i], stored.mean(0), rtol=1e-5, atol=1e-6)
+        assert (pooled["max"][i] == stored.max(0)).all()
+    assert cache.read_pooled(p, ("max",))[1].keys() == {"max"}
+    with cache.CacheReader(p) as r:
+        assert r.pooled == ["mean", "max"] and r.finite_by == __version__
+
+
+def test_every_writer_path_stores_summaries(tmp_path, toy_cache):
+    from trailers12k_feats.extraction import store
+    from trailers12k_feats.sources.synthetic import SynthConfig, make_corpus
+
+    make_corpus(tmp_path / "synth", SynthConfig(num_trailers=30, streams=("k_r2plus1d",)), progress=False)
+    assert_summaries_match_clips(tmp_path / "synth" / "k_r2plus1d.h5")
+    rng = np.random.default_rng(0)
+    a = cache.CacheAttrs(name="k_toy", backbone="toy_net", feature_dim=4)
+    for tag, ids in (("shard0of2", ["tt2", "tt0"]), ("shard1of2", ["tt1"])):
+        store.write_segment(tmp_path, a, [(t, rng.standard_normal((3, 4)), np.zeros(3), np.ones(3),
+                                           np.zeros(3, np.int32)) for t in ids], tag)
+    assert store.merge(tmp_path, "k_toy") == tmp_path / "k_toy.h5"
+    assert_summaries_match_clips(tmp_path / "k_toy.h5")
+
+
+def test_writer_refuses_values_beyond_float16(tmp_path):
+    with cache.CacheWriter(tmp_path / "t.h5", attrs(4), dtype="float16") as w:
+        with pytest.raises(T12kError, match="exceed the range of float16 .*write the cache as float32"):
+            w.add("a", np.full((2, 4), 7e4, np.float32))  # finite in float32, Inf in float16
+        w.add("a", np.full((2, 4), 6e4, np.float32))
+    assert cache.validate(tmp_path / "t.h5").name == "toy"
+
+
+def test_load_trusts_the_finite_record_and_scans_caches_without_it(tmp_path, toy_cache, monkeypatch):
+    p = tmp_path / "toy.h5"
+    toy_cache(p, (3, 1, 5), dtype="float32")
+    scans = []
+    real = cache._check_finite
+    monkeypatch.setattr(cache, "_check_finite", lambda *a, **k: scans.append(a[0]) or real(*a, **k))
+    cache.load(p)
+    cache.load(p, dtype=torch.float64)  # a wider dtype keeps every value finite
+    assert scans == []
+    cache.load(p, dtype=torch.float16)  # a narrower one may not
+    assert scans == [p]
+    with h5py.File(p, "r+") as h5:
+        del h5.attrs[cache.FINITE]  # as caches of older writers are
+    fs = cache.load(p)
+    assert scans == [p, p] and fs.features.dtype == torch.float32
+    cache.validate(p)
+    assert len(scans) == 3  # validate always scans
+
+
+def test_load_reads_in_blocks_into_one_tensor(tmp_path, toy_cache):
+    p = tmp_path / "toy.h5"
+    items = toy_cache(p, (3, 1, 5, 2), F=6, dtype="float16")
+    whole = cache.load(p)
+    for dtype in (None, torch.float32):
+        fs = cache.load(p, dtype=dtype, block_bytes=20)  # blocks of one row (a row is 12 bytes)
+        assert fs.features.dtype == (dtype or torch.float16)
+        assert torch.equal(fs.features, whole.features.to(fs.features.dtype))
+    np.testing.assert_array_equal(whole.trailer(items[2][0]).numpy(), items[2][1].astype(np.float16))
+
+
+def test_validate_catches_summaries_that_disagree_with_the_clips(tmp_path, toy_cache):
+    p = tmp_path / "toy.h5"
+    toy_cache(p, (3, 1, 5))
+    with h5py.File(p, "r+") as h5:
+        h5["features"][6, 0] += 3.0  # trailer 2 changed after writing: still finite
+    with pytest.raises(T12kError, match="stored pool_mean of trailer tt0000002 does not match its clips"):
+        cache.validate(p)
+    with h5py.File(p, "r+") as h5:
+        del h5["pool_max"]
+        h5["pool_max"] = np.zeros((2, 8), np.float32)
+    with pytest.raises(T12kError, match=r"pool_max has shape \(2, 8\) .*expected \(3, 8\) float32"):
+        cache.validate(p)
+
+
+def test_iter_blocks_yields_whole_trailers(tmp_path, toy_cache):
+    p = tmp_path / "toy.h5"
+    items = toy_cache(p, (3, 1, 5, 2), dtype="float32")
+    blocks = list(cache.iter_blocks(p, max_rows=4))
+    assert [(ids, lengths.tolist()) for ids, lengths, _ in blocks] == [
+        (["tt0000000", "tt0000001"], [3, 1]), (["tt0000002"], [5]), (["tt0000003"], [2])]
+    np.testing.assert_array_equal(np.concatenate([b for *_, b in blocks]), np.concatenate([x for _, x in items]))
+
+
+def strip_to_older_cache(path):
+    """Remove what this version adds (summaries, finite record), as a cache of an older writer."""
+    with h5py.File(path, "r+") as h5:
+        for name in cache.POOLED.values():
+            del h5[name]
+        del h5.attrs[cache.FINITE], h5.attrs[cache.FINITE_BY]
+
+
+def test_older_caches_get_summaries_once_and_keep_their_fingerprint(tmp_path, toy_cache, monkeypatch):
+    from trailers12k_feats import pooling
+
+    p = tmp_path / "toy.h5"
+    toy_cache(p, (3, 1, 5), dtype="float16")
+    strip_to_older_cache(p)
+    assert cache.read_pooled(p) is None
+    before = cache.fingerprint(p)
+    ps = pooling.load_pooled(p, "meanmax")
+    assert ps.ids == cache.read_ids(p) and ps.features.shape == (3, 16)
+    assert_summaries_match_clips(p)  # stored, with the finite record of the pass that computed them
+    assert cache.fingerprint(p) == before  # the size recorded is the one before the summaries
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["toy.h5"]  # no temporary file left
+    monkeypatch.setattr(pooling, "compute_pooled", lambda *a: pytest.fail("pooled again"))
+    np.testing.assert_array_equal(pooling.load_pooled(p, "meanmax").features, ps.features)
+
+
+def test_a_write_cut_short_leaves_the_cache_as_it_was(tmp_path, toy_cache, monkeypatch):
+    from trailers12k_feats import pooling
+
+    p = tmp_path / "toy.h5"
+    toy_cache(p, (3, 1, 5))
+    strip_to_older_cache(p)
+    original = p.read_bytes()
+
+    def killed(*a):
+        raise KeyboardInterrupt  # as a Ctrl-C (or a kill) before the rename
+
+    monkeypatch.setattr(cache.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        pooling.load_pooled(p)
+    monkeypatch.undo()
+    assert p.read_bytes() == original and sorted(f.name for f in tmp_path.iterdir()) == ["toy.h5"]
+    assert cache.read_pooled(p) is None and cache.validate(p).name == "toy"
+    # A temporary copy left by a process killed with SIGKILL is never read, and the next run removes it.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    (tmp_path / f".toy.h5.tmp-{dead}").write_bytes(original[:1000])  # a half-made copy
+    assert cache.list_caches(tmp_path) == [p]
+    pooling.load_pooled(p)
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["toy.h5"] and cache.read_pooled(p) is not None
+
+
+def test_summaries_are_not_stored_when_the_cache_changes_or_cannot_be_written(tmp_path, toy_cache, monkeypatch,
+                                                                               caplog):
+    from trailers12k_feats import pooling
+
+    p = tmp_path / "toy.h5"
+    toy_cache(p, (3, 1, 5))
+    strip_to_older_cache(p)
+    _, pooled = pooling.compute_pooled(p)
+    stale = p.stat()
+    toy_cache(p, (2, 2), seed=1)  # replaced by another cache meanwhile
+    assert not cache.store_pooled(p, pooled, stale)
+    assert cache.read_ids(p) == ["tt0000000", "tt0000001"] and cache.validate(p)
+    strip_to_older_cache(p)
+
+    def full(*a):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cache, "store_pooled", full)
+    ps = pooling.load_pooled(p)
+    assert ps.features.shape == (2, 8) and cache.read_pooled(p) is None
+    assert "could not add pooled summaries" in caplog.text and "No space left" in caplog.text

@@ -175,11 +175,64 @@ def test_precision_defaults_to_auto_in_every_command_that_has_it():
 
 def test_cli_imports_the_package_only_in_commands():
     code = ("import sys, cli; heavy = [m for m in sys.modules if m.startswith(('trailers12k_feats.training', "
-            "'trailers12k_feats.extraction', 'trailers12k_feats.apps', 'h5py', 'sklearn', 'torchvision'))]; "
+            "'trailers12k_feats.extraction', 'trailers12k_feats.apps', 'h5py', 'sklearn', 'torch', 'av', "
+            "'scenedetect', 'timm', 'matplotlib'))]; "
             "print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).parents[1]).stdout
     assert out.strip() == "[]"
+
+
+VIDEO_MODEL_PLOT_LIBS = ("av", "scenedetect", "timm", "matplotlib")
+
+# Each command run for real, in one fresh interpreter, and the video, model and plotting
+# libraries loaded once it has finished (modules stay loaded, so a command that needs one shows it).
+IMPORTS_AFTER = """
+import json, sys
+from cli import main
+from trailers12k_feats.apps import report
+
+libs = json.loads(sys.argv[2])
+def loaded():
+    return sorted({m.partition(".")[0] for m in sys.modules} & set(libs))
+out = []
+for args in json.loads(sys.argv[1]):
+    if args == ["report.load"]:
+        report.load(sys.argv[3])  # what a notebook reads of a run, without drawing
+    else:
+        try:
+            main(args, standalone_mode=False)
+        except SystemExit as e:
+            assert not e.code, (args, e.code)
+    out.append([args, loaded()])
+print(json.dumps(out))
+"""
+
+
+def test_commands_without_video_or_plots_import_no_video_model_or_plot_library(corpus, tmp_path):
+    runs = [["--help"], ["train", "--help"], ["probe", "--help"], ["reproduce", "--help"], ["cache", "info", "--help"],
+            ["download", "--help"], ["import-zarr", "--help"], ["report", "--help"], ["synth", "--help"],
+            ["synth", tmp_path / "s", "--trailers", 30, "--streams", "i_swin"],
+            ["cache", "info", "--json", corpus], ["cache", "validate", corpus / "i_swin.h5"],
+            ["train", "--data-dir", corpus, "--row", "i_swin", "--max-epochs", 1, "--out", tmp_path / "run"],
+            ["report.load"],
+            ["probe", "--data-dir", corpus, "--rows", "i_swin,resnet_fusion", "--splits", 0],
+            ["reproduce", "--data-dir", corpus, "--rows", "k_r2plus1d", "--splits", 0, "--max-epochs", 1,
+             "--out", tmp_path / "res"]]
+    runs = [[str(a) for a in args] for args in runs]
+    r = subprocess.run([sys.executable, "-c", IMPORTS_AFTER, json.dumps(runs), json.dumps(VIDEO_MODEL_PLOT_LIBS),
+                        str(tmp_path / "run")], capture_output=True, text=True, check=False,
+                       cwd=Path(__file__).parents[1])
+    assert r.returncode == 0, r.stderr[-3000:]
+    done = json.loads(r.stdout.strip().splitlines()[-1])
+    assert [args for args, _ in done] == runs  # every command ran
+    assert {" ".join(args[:2]): libs for args, libs in done if libs} == {}
+    assert (tmp_path / "run" / "metrics.json").exists() and (tmp_path / "res" / "tst.csv").exists()
+    # The check can fail: a command that does use a video library shows it.
+    r = subprocess.run([sys.executable, "-c", IMPORTS_AFTER, json.dumps([["extract", "--help"]]),
+                        json.dumps(VIDEO_MODEL_PLOT_LIBS), ""], capture_output=True, text=True, check=True,
+                       cwd=Path(__file__).parents[1])
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == [[["extract", "--help"], ["av"]]], r.stderr[-2000:]
 
 
 def one_line_error(r, *parts):

@@ -58,6 +58,12 @@ def test_import_value_for_value(tmp_path, dtype):
         np.testing.assert_array_equal(got, x.astype(dtype))  # exactly the cast, every clip
         # and the cast is within float16's rounding of the source: half an ulp, or 2^-25 near zero
         assert (np.abs(got.astype(np.float32) - x) <= 2.0 ** -11 * np.abs(x) + 2.0 ** -25).all()
+    # The import stores each trailer's pooled summaries of the values as cast, as every writer does.
+    ids, pooled = cache.read_pooled(out, ("mean", "max"))
+    for tid, x in arrays.items():
+        stored = x.astype(dtype).astype(np.float32)
+        np.testing.assert_allclose(pooled["mean"][ids.index(tid)], stored.mean(0), rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(pooled["max"][ids.index(tid)], stored.max(0))
     a = fs.attrs
     assert (a.name, a.backbone, a.kind, a.pretraining, a.fps, a.fpc) == \
         ("k_r2plus1d", "r2plus1d_18", "3d", "Kinetics-400", 24.0, 24)

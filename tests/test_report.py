@@ -156,7 +156,7 @@ def test_failure_leaves_no_half_report(results, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("plot failed")
 
-    monkeypatch.setattr(report_mod.Figure, "savefig", boom)
+    monkeypatch.setattr("matplotlib.figure.Figure.savefig", boom)  # report imports matplotlib when drawing
     with pytest.raises(RuntimeError):
         write_report(res)
     assert sorted(p.name for p in (res / "report").iterdir()) == before  # the earlier report is intact

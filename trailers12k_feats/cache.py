@@ -10,15 +10,21 @@ Schema (``schema_version`` 1)::
     /shot        (num_clips,)    int32    shot index of each clip within its trailer (-1 unknown)
     /decoded_s   (n,)            float32  optional: seconds of video each trailer decoded to (NaN unknown)
     /declared_s  (n,)            float32  optional: seconds its file declared (NaN unknown)
+    /pool_mean   (n, F)          float32  optional: mean of each trailer's clips (as stored)
+    /pool_max    (n, F)          float32  optional: their elementwise max
     attrs: schema_version, name, backbone, weights, pretraining, kind ("2d"/"3d"),
-           feature_dim, fps, fpc, segmentation, source, package_version, config (JSON)
+           feature_dim, fps, fpc, segmentation, source, package_version, config (JSON);
+           optional: features_finite, features_finite_by (every stored value was checked
+           finite, by that package version), size_before_pooled (file size before
+           pool_* were added to an older cache)
 
 Files are written to a temporary sibling and renamed into place when complete, so a
 reader never sees a half-written cache. Training loads a whole feature set into RAM once
 (:func:`load`) and slices views from it; nothing reads from disk per training sample.
 Tools that copy or pick trailers (merging, prediction) read one trailer at a time
-(:class:`CacheReader`, :func:`read_trailers`, :func:`iter_trailers`). This module is the
-only code that opens HDF5 files.
+(:class:`CacheReader`, :func:`read_trailers`, :func:`iter_trailers`); pooling reads whole
+trailers in large blocks (:func:`iter_blocks`) or the stored summaries (:func:`read_pooled`).
+This module is the only code that opens HDF5 files.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +45,7 @@ import numpy as np
 import torch
 
 from trailers12k_feats import __version__
-from trailers12k_feats.utils import T12kError
+from trailers12k_feats.utils import T12kError, pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +54,13 @@ SUFFIX = ".h5"
 REQUIRED_DATASETS = ("features", "offsets", "ids", "clip_start", "clip_end", "shot")
 DURATION_DATASETS = ("decoded_s", "declared_s")  # optional, per trailer; written by extraction
 DTYPES = ("float16", "float32")  # how features may be stored
+# Per-trailer summaries of the clips, (n, F) float32 each: reduction -> dataset. Written by
+# CacheWriter; added to older caches by pooling.ensure_pooled (see store_pooled).
+POOLED = {"mean": "pool_mean", "max": "pool_max"}
+# The record that every stored feature value was checked finite: `FINITE` is True and
+# `FINITE_BY` names the package version that checked. `load` trusts it and skips its scan.
+FINITE, FINITE_BY = "features_finite", "features_finite_by"
+SIZE_BEFORE_POOLED = "size_before_pooled"  # file size before store_pooled added the summaries
 
 
 def check_dtype(dtype: str) -> str:
@@ -103,17 +117,33 @@ def _plain(v: Any) -> Any:
     return v
 
 
+def pool_clips(x: np.ndarray, lengths: np.ndarray) -> dict[str, np.ndarray]:
+    """The :data:`POOLED` summaries of consecutive trailers of `lengths[i]` clips each, whose
+    clips `x` (sum(lengths), F) are stacked: {"mean": (k, F), "max": (k, F)} float32, reduced
+    in float32 as the probe always pooled (torch's segment reductions are many times faster than
+    NumPy's reduceat down a column)."""
+    clips = torch.from_numpy(np.ascontiguousarray(x)).float()  # (sum(lengths), F)
+    lengths = torch.as_tensor(np.asarray(lengths, np.int64))  # (k,)
+    return {r: torch.segment_reduce(clips, r, lengths=lengths, axis=0).numpy() for r in POOLED}
+
+
 class CacheWriter:
     """Append trailers to a new cache; the file appears at `path` only on :meth:`close`.
 
     Use as a context manager: an exception (or a killed process) leaves no file at `path`.
+    Besides the clips it writes each trailer's pooled summaries (:data:`POOLED`) and the
+    record that every value is finite (:data:`FINITE`), both computed from the values as
+    stored while they are in hand.
     """
+
+    POOL_FLUSH = 256  # trailers' summaries held in RAM before they are written
 
     def __init__(self, path: str | os.PathLike, attrs: CacheAttrs, dtype: str = "float16",
                  chunk_rows: int = 4096) -> None:
         check_dtype(dtype)
         self.path = Path(path)
         self.attrs = attrs
+        self.dtype = np.dtype(dtype)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # Written under a hidden temporary name, renamed into place by close().
         self._tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
@@ -125,6 +155,10 @@ class CacheWriter:
         self._start = self._h5.create_dataset("clip_start", (0,), "float32", maxshape=(None,), chunks=(16384,))
         self._end = self._h5.create_dataset("clip_end", (0,), "float32", maxshape=(None,), chunks=(16384,))
         self._shot = self._h5.create_dataset("shot", (0,), "int32", maxshape=(None,), chunks=(16384,))
+        prows = max(1, (1 << 20) // (4 * F))  # ~1 MB chunks
+        self._pooled = {r: self._h5.create_dataset(name, (0, F), "float32", maxshape=(None, F), chunks=(prows, F))
+                        for r, name in POOLED.items()}
+        self._pool_buf: list[dict[str, np.ndarray]] = []  # summaries not yet written, (1, F) each
         self._ids: list[str] = []
         self._seen: set[str] = set()
         self._offsets = [0]
@@ -150,6 +184,11 @@ class CacheWriter:
             raise T12kError(f"trailer {tid} was added twice to cache {self.path}.")
         if not np.isfinite(feats).all():
             raise T12kError(f"trailer {tid}: features contain NaN or Inf; refusing to cache them.")
+        with np.errstate(over="ignore"):  # overflow is reported below
+            feats = feats.astype(self.dtype, copy=False)  # (C, F) the values the cache will hold
+        if not np.isfinite(feats).all():  # finite values beyond float16's range become Inf
+            raise T12kError(f"trailer {tid}: features exceed the range of {self.dtype} (|x| > "
+                            f"{np.finfo(self.dtype).max:g}); write the cache as float32.")
         C = feats.shape[0]
         n0 = self._offsets[-1]
 
@@ -169,11 +208,25 @@ class CacheWriter:
         self._seen.add(str(tid))
         self._offsets.append(n0 + C)
         self._durations.append(tuple(np.nan if v is None else float(v) for v in (decoded_s, declared_s)))
+        self._pool_buf.append(pool_clips(feats.astype(np.float32, copy=False), np.array([C])))
+        if len(self._pool_buf) >= self.POOL_FLUSH:
+            self._flush_pooled()
+
+    def _flush_pooled(self) -> None:
+        if not self._pool_buf:
+            return
+        n0 = self._pooled["mean"].shape[0]
+        for r, ds in self._pooled.items():
+            rows = np.concatenate([b[r] for b in self._pool_buf])  # (k, F)
+            ds.resize(n0 + len(rows), axis=0)
+            ds[n0:] = rows
+        self._pool_buf.clear()
 
     def close(self) -> Path:
-        """Write the index and attributes, then move the file into place."""
+        """Write the index, summaries and attributes, then move the file into place."""
         if self._closed:
             return self.path
+        self._flush_pooled()
         h5 = self._h5
         h5.create_dataset("offsets", data=np.asarray(self._offsets, np.int64))
         h5.create_dataset("ids", data=np.asarray(self._ids, dtype=object), dtype=h5py.string_dtype())
@@ -183,6 +236,7 @@ class CacheWriter:
                 h5.create_dataset(name, data=durations[:, j])
         for k, v in self.attrs.to_h5().items():
             h5.attrs[k] = v
+        h5.attrs[FINITE], h5.attrs[FINITE_BY] = True, __version__  # add() refused any NaN or Inf
         h5.close()
         self._closed = True
         os.replace(self._tmp, self.path)
@@ -320,7 +374,9 @@ class CacheReader:
     """An open cache read one trailer at a time, so memory stays small for any cache size.
 
     Opening reads the attributes, ids and index (and checks the index); use it as a context
-    manager. Damage found while reading a trailer raises T12kError naming the file.
+    manager. Damage found while reading a trailer raises T12kError naming the file. `pooled`
+    lists the reductions whose summaries the file stores, `finite_by` the package version that
+    checked every value finite (None when none did).
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -334,6 +390,8 @@ class CacheReader:
             self._offsets = self._h5["offsets"][:].astype(np.int64)
             _check_index(self.path, self._offsets, self.ids, ds.shape[0], ds.shape[1], self.attrs.feature_dim)
             self._durations = _durations(self.path, self._h5, len(self.ids))  # (n, 2)
+            self.pooled = _pooled_shapes(self.path, self._h5, len(self.ids), ds.shape[1])
+            self.finite_by = _finite_record(self._h5)
         except (OSError, KeyError, ValueError) as e:
             self._h5.close()
             raise T12kError(f"feature cache {self.path} is damaged ({e}); recreate it.") from None
@@ -347,6 +405,11 @@ class CacheReader:
 
     def __contains__(self, tid: object) -> bool:
         return tid in self.index
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """(n,) clips per trailer, in file order."""
+        return np.diff(self._offsets)
 
     def get(self, tid: str) -> TrailerClips:
         """The clips of trailer `tid`."""
@@ -445,38 +508,100 @@ def _check_index(path: Path, offsets: np.ndarray, ids: list[str], num_clips: int
         raise T12kError(f"feature cache {path}: trailer id {dup} appears more than once; recreate it.")
 
 
-def _check_finite(path: Path, features: torch.Tensor, offsets: np.ndarray, ids: list[str]) -> None:
-    finite = torch.isfinite(features).all(dim=1)  # (num_clips,)
-    if not bool(finite.all()):
-        row = int((~finite).nonzero()[0, 0])
-        i = int(np.searchsorted(offsets, row, side="right") - 1)
-        raise T12kError(f"feature cache {path}: trailer {ids[i]} (clip {row - offsets[i]}) has NaN or Inf "
-                        f"features; re-extract that trailer or drop it from the cache.")
+def _check_finite(path: Path, features: torch.Tensor | np.ndarray, offsets: np.ndarray, ids: list[str],
+                  rows: int = 1 << 15) -> None:
+    """Stop at the first clip of `features` (clips of `ids`, rows `offsets`) with NaN or Inf.
+
+    Scans blocks of `rows` rows with NumPy, several times faster than torch.isfinite on the CPU
+    (float16 above all) and with a small temporary mask."""
+    if isinstance(features, torch.Tensor):
+        features = features.float() if features.dtype == torch.bfloat16 else features  # NumPy has no bfloat16
+        features = features.numpy()
+    for r0 in range(0, features.shape[0], rows):
+        finite = np.isfinite(features[r0:r0 + rows]).all(axis=1)  # (rows,)
+        if not finite.all():
+            row = r0 + int(np.argmin(finite))
+            i = int(np.searchsorted(offsets, row, side="right") - 1)
+            raise T12kError(f"feature cache {path}: trailer {ids[i]} (clip {row - offsets[i]}) has NaN or Inf "
+                            f"features; re-extract that trailer or drop it from the cache.")
 
 
-def load(path: str | os.PathLike, dtype: torch.dtype | None = None) -> FeatureSet:
-    """Load a whole feature set into RAM, checking its index and that every value is finite."""
+def _finite_record(h5: h5py.File) -> str | None:
+    """The package version that checked every stored value finite, or None when no writer did."""
+    return str(_plain(h5.attrs.get(FINITE_BY, "unknown"))) if _plain(h5.attrs.get(FINITE, False)) is True else None
+
+
+def _read_features(ds: h5py.Dataset, dtype: torch.dtype | None, block_bytes: int) -> torch.Tensor:
+    """The whole dataset `ds` in a new tensor of `dtype` (default: as stored), read in blocks of
+    about `block_bytes` straight into the tensor (through one block-sized buffer when `dtype`
+    differs from the stored dtype, so two full copies never coexist)."""
+    stored = torch.from_numpy(np.empty(0, ds.dtype)).dtype
+    # NumPy allocates large arrays on huge pages (madvise), torch.empty does not: with 4 KB pages
+    # the page faults of filling a fresh GB tensor cost about as much as reading it.
+    as_numpy = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}.get(dtype or stored)
+    out = (torch.from_numpy(np.empty(ds.shape, as_numpy)) if as_numpy is not None
+           else torch.empty(ds.shape, dtype=dtype))  # (num_clips, F)
+    rows = max(1, block_bytes // max(1, ds.shape[1] * ds.dtype.itemsize))
+    buf = out.numpy() if out.dtype == stored else np.empty((min(rows, ds.shape[0]), ds.shape[1]), ds.dtype)
+    for r0 in range(0, ds.shape[0], rows):
+        r1 = min(r0 + rows, ds.shape[0])
+        if out.dtype == stored:
+            ds.read_direct(buf, np.s_[r0:r1], np.s_[r0:r1])
+        else:
+            ds.read_direct(buf, np.s_[r0:r1], np.s_[:r1 - r0])
+            out[r0:r1] = torch.from_numpy(buf[:r1 - r0])
+    return out
+
+
+def load(path: str | os.PathLike, dtype: torch.dtype | None = None, block_bytes: int = 1 << 28) -> FeatureSet:
+    """Load a whole feature set into RAM, checking its index and that every value is finite.
+
+    A cache whose writer recorded that every value is finite (:data:`FINITE`) is not scanned
+    again, unless `dtype` has a narrower range than the stored one; `validate` always scans.
+    """
     path = Path(path)
     with _open(path) as h5:
         attrs = CacheAttrs.from_h5(h5.attrs)
         ds = h5["features"]
-        feats = np.empty(ds.shape, ds.dtype)
-        if ds.shape[0]:
-            ds.read_direct(feats)
         offsets = h5["offsets"][:].astype(np.int64)
         ids = _ids(h5)
+        _check_index(path, offsets, ids, ds.shape[0], ds.shape[1], attrs.feature_dim)
         clip_start, clip_end, shot = h5["clip_start"][:], h5["clip_end"][:], h5["shot"][:]
-    _check_index(path, offsets, ids, feats.shape[0], feats.shape[1], attrs.feature_dim)
-    features = torch.from_numpy(feats)
-    if dtype is not None:
-        features = features.to(dtype)
-    _check_finite(path, features, offsets, ids)
-    log.debug("loaded %s: %d trailers, %d clips, dim %d", path, len(ids), feats.shape[0], feats.shape[1])
+        features = _read_features(ds, dtype, block_bytes)  # (num_clips, F)
+        narrower = torch.finfo(features.dtype).max < float(np.finfo(ds.dtype).max)  # float32 -> float16
+        trusted = _finite_record(h5) is not None and not narrower
+    if not trusted:
+        _check_finite(path, features, offsets, ids)
+    log.debug("loaded %s: %d trailers, %d clips, dim %d", path, len(ids), *features.shape)
     return FeatureSet(path, attrs, ids, features, torch.from_numpy(offsets), clip_start, clip_end, shot)
 
 
+def _blocks(ds: h5py.Dataset, offsets: np.ndarray, max_rows: int) -> Iterator[tuple[int, int, np.ndarray]]:
+    """(t0, t1, clips of trailers t0..t1-1 stacked) in file order: whole trailers, at most
+    `max_rows` rows a block unless one trailer alone has more."""
+    n, t0 = len(offsets) - 1, 0
+    while t0 < n:
+        t1 = max(t0 + 1, int(np.searchsorted(offsets, offsets[t0] + max_rows, side="right")) - 1)
+        t1 = min(t1, n)
+        yield t0, t1, ds[offsets[t0]:offsets[t1]]
+        t0 = t1
+
+
+def _pooled_shapes(path: Path, h5: h5py.File, n: int, F: int) -> list[str]:
+    """The reductions whose summaries a cache holds, after checking their shape and dtype."""
+    for name in POOLED.values():
+        if name in h5 and (h5[name].shape != (n, F) or h5[name].dtype != np.float32):
+            raise T12kError(f"feature cache {path}: {name} has shape {h5[name].shape} and dtype {h5[name].dtype}, "
+                            f"expected ({n}, {F}) float32; recreate the cache.")
+    return [r for r, name in POOLED.items() if name in h5]
+
+
 def validate(path: str | os.PathLike, chunk_rows: int = 65536) -> CacheAttrs:
-    """Check a cache's schema, index and values without keeping it in RAM; raise T12kError if bad."""
+    """Check a cache's schema, index and values without keeping it in RAM; raise T12kError if bad.
+
+    Every feature value is checked whatever the cache records, and stored pooled summaries
+    must agree with the clips they summarise.
+    """
     path = Path(path)
     with _open(path) as h5:
         attrs = CacheAttrs.from_h5(h5.attrs)
@@ -489,16 +614,100 @@ def validate(path: str | os.PathLike, chunk_rows: int = 65536) -> CacheAttrs:
                 raise T12kError(f"feature cache {path}: {name} has shape {h5[name].shape}, expected "
                                 f"({ds.shape[0]},); recreate it.")
         _durations(path, h5, len(ids))
-        for r0 in range(0, ds.shape[0], chunk_rows):
-            block = torch.from_numpy(ds[r0:r0 + chunk_rows])
-            _check_finite(path, block, offsets - r0, ids)
+        reductions = _pooled_shapes(path, h5, len(ids), ds.shape[1])
+        for t0, t1, block in _blocks(ds, offsets, chunk_rows):
+            _check_finite(path, block, offsets[t0:] - offsets[t0], ids[t0:])
+            if reductions:
+                got = pool_clips(block, np.diff(offsets[t0:t1 + 1]))
+                for r in reductions:
+                    stored = h5[POOLED[r]][t0:t1]  # (t1 - t0, F)
+                    bad = ~np.isclose(stored, got[r], rtol=1e-4, atol=1e-4).all(axis=1)
+                    if bad.any():
+                        raise T12kError(f"feature cache {path}: the stored {POOLED[r]} of trailer "
+                                        f"{ids[t0 + int(np.argmax(bad))]} does not match its clips; delete the "
+                                        f"cache's pool_* datasets (the probe computes them again) or recreate it.")
     return attrs
+
+
+def iter_blocks(path: str | os.PathLike, max_rows: int = 1 << 16) -> Iterator[tuple[list[str], np.ndarray, np.ndarray]]:
+    """Whole trailers at a time in file order, read in blocks of about `max_rows` clips:
+    (ids, lengths (k,), clips (sum(lengths), F) as stored), each block checked finite."""
+    path = Path(path)
+    with _open(path) as h5:
+        attrs, ds = CacheAttrs.from_h5(h5.attrs), h5["features"]
+        offsets, ids = h5["offsets"][:].astype(np.int64), _ids(h5)
+        _check_index(path, offsets, ids, ds.shape[0], ds.shape[1], attrs.feature_dim)
+        for t0, t1, block in _blocks(ds, offsets, max_rows):
+            _check_finite(path, block, offsets[t0:] - offsets[t0], ids[t0:])
+            yield ids[t0:t1], np.diff(offsets[t0:t1 + 1]), block
+
+
+def read_pooled(path: str | os.PathLike, reductions: Sequence[str] = ("mean",)) -> tuple[list[str], dict] | None:
+    """(ids, {reduction: (n, F) float32}) of the pooled summaries a cache stores, or None when it
+    lacks any of `reductions` (keys of :data:`POOLED`)."""
+    path = Path(path)
+    with _open(path) as h5:
+        ids = _ids(h5)
+        F = int(h5["features"].shape[1])
+        if not set(reductions) <= set(_pooled_shapes(path, h5, len(ids), F)):
+            return None
+        out = {}
+        for r in reductions:
+            out[r] = np.empty((len(ids), F), np.float32)  # (n, F)
+            if ids:
+                h5[POOLED[r]].read_direct(out[r])
+        return ids, out
+
+
+def store_pooled(path: str | os.PathLike, pooled: dict[str, np.ndarray], stat: os.stat_result) -> bool:
+    """Add per-trailer summaries {reduction: (n, F)} to an existing cache and record that its
+    values are finite; False (nothing changed) if the file is no longer the one `stat` describes.
+
+    Crash safety: the file is copied to a hidden sibling ``.<name>.tmp-<pid>``, the datasets
+    are added to the copy, and the copy is renamed over the original (os.replace, atomic). A
+    process killed before the rename leaves the original untouched and at most that
+    temporary file, which no reader opens (removed by the next call, or by extraction, once
+    its process is gone); after the rename the file holds complete summaries. HDF5 files are
+    never changed in place: a write cut short can leave one unreadable.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    for old in path.parent.glob(f".{path.name}.tmp-*"):  # left by killed processes
+        pid = old.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            old.unlink(missing_ok=True)
+
+    def same(st: os.stat_result) -> bool:
+        return (st.st_ino, st.st_size, st.st_mtime_ns) == (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+    try:
+        shutil.copy2(path, tmp)
+        if not same(path.stat()):  # replaced or rewritten since `pooled` was computed from it
+            tmp.unlink()
+            return False
+        with h5py.File(tmp, "r+") as h5:
+            n, F = len(h5["ids"]), int(h5["features"].shape[1])
+            for r, x in pooled.items():
+                if x.shape != (n, F):
+                    raise T12kError(f"{POOLED[r]} for {path} must have shape ({n}, {F}), got {x.shape}.")
+                if POOLED[r] in h5:
+                    del h5[POOLED[r]]
+                h5.create_dataset(POOLED[r], data=x.astype(np.float32), chunks=(max(1, min(n, (1 << 18) // F)), F))
+            h5.attrs[FINITE], h5.attrs[FINITE_BY] = True, __version__  # the pass that pooled checked every value
+            if SIZE_BEFORE_POOLED not in h5.attrs:
+                h5.attrs[SIZE_BEFORE_POOLED] = stat.st_size
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return True
 
 
 def fingerprint(path: str | os.PathLike, rows: int = 16) -> dict[str, Any]:
     """A cache's identity, cheap enough to compute on every run: path, trailers, clips, feature
     dim, dtype, file size and a SHA-256 of its attributes, ids, offsets and `rows` evenly spaced
-    feature rows (hashing every feature of a multi-GB file would take minutes)."""
+    feature rows (hashing every feature of a multi-GB file would take minutes). The size is the
+    one before pooled summaries were added to an older cache, since they change no feature."""
     path = Path(path)
     with _open(path) as h5:
         ds = h5["features"]
@@ -510,7 +719,8 @@ def fingerprint(path: str | os.PathLike, rows: int = 16) -> dict[str, Any]:
         if len(picks):
             digest.update(np.ascontiguousarray(ds[picks]).tobytes())  # (rows, F)
         return {"path": str(path), "trailers": len(ids), "clips": int(ds.shape[0]), "feature_dim": int(ds.shape[1]),
-                "dtype": str(ds.dtype), "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+                "dtype": str(ds.dtype), "bytes": int(h5.attrs.get(SIZE_BEFORE_POOLED, path.stat().st_size)),
+                "sha256": digest.hexdigest()}
 
 
 def stream_path(cache_dir: str | os.PathLike, stream: str) -> Path:
@@ -524,43 +734,3 @@ def list_caches(root: str | os.PathLike) -> list[Path]:
     if not root.is_dir():
         raise T12kError(f"cache directory {root} does not exist.")
     return sorted(p for p in root.glob(f"*{SUFFIX}") if not p.name.startswith("."))
-
-
-def expand(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """The cache files that `paths` name: a file as it is, a folder as every cache in it."""
-    return [f for p in map(Path, paths) for f in (list_caches(p) if p.is_dir() else [p])]
-
-
-def summary(path: str | os.PathLike) -> dict[str, Any]:
-    """A small dict describing a cache (for `t12k cache info`)."""
-    path = Path(path)
-    with _open(path) as h5:
-        attrs = CacheAttrs.from_h5(h5.attrs)
-        offsets = h5["offsets"][:].astype(np.int64)
-        ds = h5["features"]
-        lengths = np.diff(offsets)
-        out = {
-            "path": str(path),
-            "size_mb": round(path.stat().st_size / 2**20, 1),
-            "trailers": int(len(lengths)),
-            "clips": int(ds.shape[0]),
-            "dtype": str(ds.dtype),
-            "clips_per_trailer": {
-                "min": int(lengths.min()) if len(lengths) else 0,
-                "median": float(np.median(lengths)) if len(lengths) else 0.0,
-                "max": int(lengths.max()) if len(lengths) else 0,
-            },
-            "trailers_under_30_clips": int((lengths < 30).sum()),
-        }
-    out.update(dataclasses.asdict(attrs))
-    return out
-
-
-def format_summary(s: dict[str, Any]) -> str:
-    """A :func:`summary` as the three lines `t12k cache info` prints."""
-    c = s["clips_per_trailer"]
-    return (f"{s['path']}  ({s['size_mb']} MB, {s['dtype']})\n"
-            f"  {s['name']}: {s['backbone']} ({s['kind']}, {s['pretraining']}), dim {s['feature_dim']}, "
-            f"fps {s['fps']:g}, fpc {s['fpc']}, segmentation {s['segmentation']}, source {s['source']}\n"
-            f"  {s['trailers']} trailers, {s['clips']} clips (min {c['min']}, median {c['median']:g}, "
-            f"max {c['max']}; {s['trailers_under_30_clips']} trailers under 30 clips)")

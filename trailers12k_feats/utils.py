@@ -12,10 +12,12 @@ import shutil
 import stat
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where used: `t12k --help` and light commands start without it
+    import torch
 
 
 class T12kError(Exception):
@@ -32,10 +34,23 @@ def setup_logging(verbose: bool = False) -> None:
 
 def seed_everything(seed: int) -> torch.Generator:
     """Seed Python, NumPy and torch; return a torch generator seeded the same way."""
+    import torch
+
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` still runs (on this machine), e.g. the owner of a temporary file."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def config_dict(cfg: Any) -> dict:

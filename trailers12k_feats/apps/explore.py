@@ -17,7 +17,7 @@ from sklearn.preprocessing import StandardScaler
 
 from trailers12k_feats import GENRES, GENRES_SHORT
 from trailers12k_feats.cache import FeatureSet
-from trailers12k_feats.training.probe import pool_features
+from trailers12k_feats.pooling import pool_features
 from trailers12k_feats.utils import T12kError
 
 __all__ = ["trailer_embeddings", "project", "nearest_neighbours", "cooccurrence", "Trajectory", "clip_trajectory",

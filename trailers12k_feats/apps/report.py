@@ -16,12 +16,11 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib.figure import Figure
 
 from trailers12k_feats import GENRES, GENRES_SHORT, __version__
-from trailers12k_feats.apps import plots
 from trailers12k_feats.paper import TABLE6, row_order_key
 from trailers12k_feats.training.data import Metadata, load_metadata
 from trailers12k_feats.training.metrics import METRIC_KEYS
@@ -35,6 +34,9 @@ from trailers12k_feats.training.tables import (
     summarise,
 )
 from trailers12k_feats.utils import T12kError, atomic_path, check_writable
+
+if TYPE_CHECKING:  # matplotlib is imported by `figures`, so loading runs without it
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +200,8 @@ def _by_row(runs: list[Run]) -> dict[str, list[Run]]:
 
 def figures(obj: Run | Results) -> dict[str, Figure]:
     """The report's figures by file stem, in page order."""
+    from trailers12k_feats.apps import plots
+
     if isinstance(obj, Run):
         summary = summarise([obj.line("test")])
         figs = {}

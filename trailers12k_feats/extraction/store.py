@@ -20,7 +20,7 @@ from pathlib import Path
 
 from trailers12k_feats import cache as cache_mod
 from trailers12k_feats.cache import CacheAttrs, CacheReader, CacheWriter
-from trailers12k_feats.utils import T12kError
+from trailers12k_feats.utils import T12kError, pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -77,18 +77,8 @@ def clean_stale(cache_dir: str | os.PathLike, stream: str) -> None:
     for d in (segment_dir(cache_dir, stream), Path(cache_dir)):
         for tmp in d.glob(f".*{cache_mod.SUFFIX}.tmp-*") if d.is_dir() else []:
             pid = tmp.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and not _alive(int(pid)):
+            if pid.isdigit() and not pid_alive(int(pid)):
                 tmp.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def write_segment(cache_dir: str | os.PathLike, attrs: CacheAttrs, items: list[tuple], tag: str,
