@@ -17,7 +17,7 @@ from trailers12k_feats.training import grouped as grouped_mod
 from trailers12k_feats.training import reproduce as rep_mod
 from trailers12k_feats.training.batched import GroupedDivita
 from trailers12k_feats.training.data import load_metadata
-from trailers12k_feats.training.grouped import RunAdamW, group_problem, train_group
+from trailers12k_feats.training.grouped import group_problem, train_group
 from trailers12k_feats.training.heads import build_divita, set_dropout_generator
 from trailers12k_feats.training.reproduce import ReproduceConfig, reproduce
 from trailers12k_feats.training.train import TrainConfig, load_streams, train_run
@@ -74,6 +74,10 @@ def test_grouped_model_is_each_model(temporal, fusion, dropout_at):
         assert state.keys() == m.state_dict().keys()
         for k, v in m.state_dict().items():
             torch.testing.assert_close(state[k], v, rtol=0, atol=1e-6, msg=k)
+    full = torch.ones(3, 4, 30, dtype=torch.bool)  # mask None: every clip real, no masking pass
+    out = group(ix=ix, vx=vx, ix_mask=None, vx_mask=None, gens=gens)
+    for j, m in enumerate(models):
+        torch.testing.assert_close(out[j], m(ix=ix[j], vx=vx[j], ix_mask=full[j], vx_mask=full[j]), rtol=0, atol=1e-5)
     group.eval()
     idx = torch.tensor([2, 0])  # a subset of the runs, in any order
     out = group(ix=ix[idx], vx=vx[idx], ix_mask=mask[idx], vx_mask=mask[idx], idx=idx)
@@ -84,28 +88,6 @@ def test_grouped_model_is_each_model(temporal, fusion, dropout_at):
     assert group.runs == 1 and all(t.shape[0] == 1 for t in group.state_dict().values())
     for k, v in models[1].state_dict().items():
         torch.testing.assert_close(group.run_state(0)[k], v, rtol=0, atol=1e-6, msg=k)
-
-
-def test_run_adamw_is_torch_adamw_for_each_run():
-    torch.manual_seed(0)
-    lrs, wds = [1e-3, 3e-3, 1e-2], [0.01, 0.0, 0.1]
-    alone = [torch.randn(5, 4, requires_grad=True) for _ in lrs]
-    opts = [torch.optim.AdamW([p], lr=lr, weight_decay=wd, amsgrad=True, fused=True)
-            for p, lr, wd in zip(alone, lrs, wds, strict=True)]
-    stacked = torch.nn.Parameter(torch.stack([p.detach() for p in alone]))  # (3, 5, 4)
-    opt = RunAdamW([stacked], lrs, wds, amsgrad=True)
-    for step in range(12):
-        grads = torch.randn(3, 5, 4)
-        runs = [0, 2] if step % 4 == 3 else [0, 1, 2]  # run 1 sits some steps out
-        if step == 6:  # a plateau cut for run 2 only
-            opts[2].param_groups[0]["lr"] = opt.lr[2] = lrs[2] * 0.1
-        for j in runs:
-            alone[j].grad = grads[j].clone()
-            opts[j].step()
-        stacked.grad = grads.clone()
-        opt.step(None if len(runs) == 3 else torch.tensor(runs))
-    for j, p in enumerate(alone):
-        torch.testing.assert_close(stacked.data[j], p.detach(), rtol=1e-6, atol=1e-7)
 
 
 def test_group_problem():

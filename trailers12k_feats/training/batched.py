@@ -4,7 +4,9 @@
 module, fusion, dropout placement) into one module whose state_dict keys are Divita's own,
 each tensor with a leading (R, ...) dim, so `run_state(j)` is a Divita state_dict again.
 Every layer is one batched matmul over the runs (torch.bmm / baddbmm), so R runs cost one
-set of kernel launches instead of R. Inputs are (R', B, S, F) with masks (R', B, S); `idx`
+set of kernel launches instead of R, and each kernel has R times the work to share among
+threads. Inputs are (R', B, S, F) with masks (R', B, S), or mask None where every clip is
+real (the authors' protocol trains only full windows): then no pass masks anything. `idx`
 (R',) picks the runs a call computes (all when None), so runs whose batches differ in size
 can step apart. Dropout draws each run's keep-mask from that run's own generator, in the
 order the run alone draws it (heads.FastDropout with a generator), so a run computes in a
@@ -89,19 +91,28 @@ class RunBatchNorm(nn.Module):
         else:
             buf.index_copy_(0, idx, value)
 
-    def centre(self, x: torch.Tensor, mask: torch.Tensor,
+    def centre(self, x: torch.Tensor, mask: torch.Tensor | None,
                idx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x - mean (R', B, S, F), var (R', 1, F)), as MaskedBatchNorm1d.centre for each run."""
+        """(x - mean (R', B, S, F), var (R', 1, F)), as MaskedBatchNorm1d.centre for each run.
+        The centred clips come in the autocast dtype, which is all the folded matmul reads."""
         R, B, S, F_ = x.shape
+        dev = x.device.type
+        out = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         if not self.training:
             mean, var = pick(self.running_mean, idx), pick(self.running_var, idx)  # (R', F)
-            return x - mean[:, None, None], var.unsqueeze(1)  # (R', B, S, F), (R', 1, F)
-        with torch.autocast(x.device.type, enabled=False):  # statistics in fp32, as the single head
-            m = mask.reshape(R, 1, B * S).float()  # (R', 1, B*S)
+            return torch.sub(x, mean[:, None, None], out=torch.empty(x.shape, dtype=out, device=x.device)), \
+                var.unsqueeze(1)  # (R', B, S, F), (R', 1, F)
+        with torch.autocast(dev, enabled=False):  # statistics in fp32, as the single head
+            flat = x.reshape(R, B * S, F_).float()  # (R', B*S, F)
+            if mask is None:  # every clip real
+                m = torch.ones(R, 1, B * S, device=x.device)  # (R', 1, B*S)
+            else:
+                m = mask.reshape(R, 1, B * S).float()  # (R', 1, B*S)
             n = m.sum(2, keepdim=True)  # (R', 1, 1) real clips of each run's batch
-            mean = torch.bmm(m, x.reshape(R, B * S, F_).float()) / n  # (R', 1, F)
-            xc = x - mean.unsqueeze(1)  # (R', B, S, F)
-            var = torch.bmm(m, xc.reshape(R, B * S, F_).square()) / n  # (R', 1, F) biased
+            mean = torch.bmm(m, flat) / n  # (R', 1, F)
+            d = flat - mean  # (R', B*S, F)
+            var = torch.bmm(m, d * d) / n  # (R', 1, F) biased
+            xc = d.view(R, B, S, F_) if out == d.dtype else d.view(R, B, S, F_).to(out)  # (R', B, S, F)
         with torch.no_grad():
             w = self.momentum
             self._update("num_batches_tracked", pick(self.num_batches_tracked, idx) + 1, idx)
@@ -115,7 +126,7 @@ class RunBatchNorm(nn.Module):
         """linear(self(x, mask)) per run with the BatchNorm scale folded into the weights, as
         MaskedBatchNorm1d.fold_into: (R', B, S, F) -> (R', B, S, D)."""
         R, B, S, F_ = x.shape
-        xc, var = self.centre(x, mask, idx)  # (R', B, S, F), (R', 1, F)
+        xc, var = self.centre(x, mask, idx)  # (R', B, S, F) in the matmul's dtype, (R', 1, F)
         scale = torch.rsqrt(var + self.eps) * pick(self.weight, idx).unsqueeze(1)  # (R', 1, F)
         weight = pick(linear.weight, idx)  # (R', D, F)
         shift = torch.bmm(weight, pick(self.bias, idx).unsqueeze(2)).squeeze(2)  # (R', D)
@@ -135,8 +146,10 @@ def run_dropout(x: torch.Tensor, p: float, gens: list[torch.Generator] | None) -
     return x * (u >= p).to(x.dtype) * (1.0 / (1.0 - p))
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of x (R', B, S, D) over the real clips of mask (R', B, S) -> (R', B, D)."""
+def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of x (R', B, S, D) over the real clips of mask (R', B, S), all when None -> (R', B, D)."""
+    if mask is None:
+        return x.mean(2)  # (R', B, D)
     m = mask.unsqueeze(-1).to(x.dtype)  # (R', B, S, 1)
     return (x * m).sum(2) / m.sum(2).clamp(min=1)  # (R', B, D)
 
@@ -160,7 +173,8 @@ class RunTransformerBlock(nn.Module):
         qkv = self.qkv(x, idx).view(R * B, S, 3, self.heads, hd)  # runs and batch as one batch dim
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3x (R'B, H, S, hd)
         scores = (q @ k.transpose(-1, -2)).float() * hd**-0.5  # (R'B, H, S, S), fp32 softmax as the block
-        scores = scores.masked_fill(~mask.reshape(R * B, 1, 1, S), float("-inf"))
+        if mask is not None:
+            scores = scores.masked_fill(~mask.reshape(R * B, 1, 1, S), float("-inf"))
         att = scores.softmax(-1).to(v.dtype) @ v  # (R'B, H, S, hd)
         att = att.transpose(1, 2).reshape(R, B, S, D)  # (R', B, S, D)
 
@@ -203,7 +217,8 @@ class RunConv(nn.Module):
 
     def forward(self, x, mask, idx, gens) -> torch.Tensor:
         R, B, S, D = x.shape
-        x = x.masked_fill(~mask.unsqueeze(-1), 0.0)  # (R', B, S, D)
+        if mask is not None:
+            x = x.masked_fill(~mask.unsqueeze(-1), 0.0)  # (R', B, S, D)
         xp = F.pad(x, (0, 0, 1, 1))  # (R', B, S + 2, D)
         taps = torch.cat([xp[:, :, k:k + S] for k in range(3)], -1)  # (R', B, S, 3D), tap k sees clip t+k-1
         w = pick(self.conv.weight, idx).permute(0, 3, 2, 1).reshape(R, 3 * D, D)  # (R', 3D, D) in taps' order
@@ -273,9 +288,11 @@ class GroupedDivita(nn.Module):
                 ix_mask: torch.Tensor | None = None, vx_mask: torch.Tensor | None = None,
                 idx: torch.Tensor | None = None, gens: list[torch.Generator] | None = None) -> torch.Tensor:
         """Logits (R', B, C) of runs `idx` (all when None) from ix (R', B, S, Fi) and/or vx
-        (R', B, S', Fv) with their masks; `gens` holds those runs' dropout generators (training)."""
+        (R', B, S', Fv) with their masks (None: every clip real); `gens` holds those runs'
+        dropout generators (training)."""
         if hasattr(self, "joint"):
-            return self.joint(torch.cat([ix, vx], -1), ix_mask & vx_mask, idx, gens)  # (R', B, C)
+            mask = ix_mask if vx_mask is None else vx_mask if ix_mask is None else ix_mask & vx_mask
+            return self.joint(torch.cat([ix, vx], -1), mask, idx, gens)  # (R', B, C)
         inputs = {"image": (ix, ix_mask), "video": (vx, vx_mask)}
         logits = [getattr(self, n)(*inputs[n], idx, gens) for n in self.streams]  # each (R', B, C)
         return logits[0] if len(logits) == 1 else 0.5 * (logits[0] + logits[1])  # (R', B, C)

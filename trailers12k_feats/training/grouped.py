@@ -6,8 +6,9 @@ rates) share their streams and the shape of their head, so they train as one
 layer for all of them. Everything else stays each run's own: its trailers (train, val and
 test of its split), its window generator and its dropout generator (seeded and drawn as
 `train.Trainer` does, so a run draws the same windows and masks in a group as alone), its
-AdamW state, learning rate and weight decay (`RunAdamW`), its ReduceLROnPlateau schedule,
-early stopping and best checkpoint. A run that stops leaves the group at once: its directory
+optimiser (torch's fused AdamW, as Trainer's, over views of its slice of the batched
+parameters: its own lr, weight decay and moments), its ReduceLROnPlateau schedule, early
+stopping and best checkpoint. A run that stops leaves the group at once: its directory
 is written as `train.train_run` writes it (the best weights evaluated by the single-run code)
 and its slice is dropped, so the others go on with a smaller batch.
 
@@ -33,7 +34,7 @@ from tqdm import tqdm
 from trailers12k_feats import NUM_GENRES
 from trailers12k_feats import cache as cache_mod
 from trailers12k_feats.runtime import PRECISIONS, autocast
-from trailers12k_feats.training.batched import BATCHED_TEMPORAL, GroupedDivita, pick
+from trailers12k_feats.training.batched import BATCHED_TEMPORAL, GroupedDivita
 from trailers12k_feats.training.data import Metadata, TrailerData
 from trailers12k_feats.training.heads import build_divita, count_params
 from trailers12k_feats.training.protocols import head_options, snippet_loss, training_set
@@ -70,61 +71,6 @@ def group_problem(cfgs: Sequence[TrainConfig]) -> str | None:
     return f"the runs differ in {', '.join(differ)}" if differ else None
 
 
-class RunAdamW:
-    """torch.optim.AdamW (amsgrad or not) over (R, ...) parameters, run by run: each run has its
-    own lr, weight decay, step count and moments; `step(idx)` updates runs `idx` only."""
-
-    def __init__(self, params: list[torch.nn.Parameter], lr: Sequence[float], weight_decay: Sequence[float],
-                 amsgrad: bool, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
-        self.params, self.amsgrad, self.betas, self.eps = params, amsgrad, betas, eps
-        self.lr = torch.tensor(lr, dtype=torch.float64)  # (R,)
-        self.weight_decay = torch.tensor(weight_decay, dtype=torch.float64)  # (R,)
-        self.steps = torch.zeros(len(lr), dtype=torch.float64)  # (R,)
-        names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg", "exp_avg_sq")
-        self.state = [{n: torch.zeros_like(p) for n in names} for p in params]
-
-    def zero_grad(self) -> None:
-        for p in self.params:
-            p.grad = None
-
-    @torch.no_grad()
-    def step(self, idx: torch.Tensor | None = None) -> None:
-        """One AdamW step of runs `idx` (all when None), with the arithmetic of torch's AdamW."""
-        b1, b2 = self.betas
-        sel = slice(None) if idx is None else idx
-        self.steps[sel] += 1
-        steps, lr = self.steps[sel], self.lr[sel]  # (R',)
-        decay = (1 - lr * self.weight_decay[sel]).float()  # (R',)
-        step_size = (lr / (1 - b1 ** steps)).float()  # (R',)
-        bc2_sqrt = (1 - b2 ** steps).sqrt().float()  # (R',)
-        for p, st in zip(self.params, self.state):
-            shape = (-1,) + (1,) * (p.dim() - 1)  # per-run scalars broadcast over (R', ...)
-            w, g = pick(p.data, idx), pick(p.grad, idx)
-            m, v = pick(st["exp_avg"], idx), pick(st["exp_avg_sq"], idx)
-            w.mul_(decay.view(shape))
-            m.lerp_(g, 1 - b1)
-            v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            if self.amsgrad:
-                vmax = pick(st["max_exp_avg_sq"], idx)
-                torch.maximum(vmax, v, out=vmax)
-                v_hat = vmax
-            else:
-                v_hat = v
-            denom = (v_hat.sqrt() / bc2_sqrt.view(shape)).add_(self.eps)
-            w.sub_(m * step_size.view(shape) / denom)
-            if idx is not None:  # picked slices are copies: write them back
-                p.data.index_copy_(0, idx, w)
-                for name, t in (("exp_avg", m), ("exp_avg_sq", v), ("max_exp_avg_sq", v_hat)):
-                    if name in st:
-                        st[name].index_copy_(0, idx, t)
-
-    def keep(self, idx: torch.Tensor, params: list[torch.nn.Parameter]) -> None:
-        """Keep runs `idx` only, now held by `params` (the shrunk model's)."""
-        self.params = params
-        self.lr, self.weight_decay, self.steps = self.lr[idx], self.weight_decay[idx], self.steps[idx]
-        self.state = [{n: t.index_select(0, idx) for n, t in st.items()} for st in self.state]
-
-
 @dataclass
 class _Run:
     """What a run of a group holds on its own."""
@@ -135,7 +81,9 @@ class _Run:
     left_out: int
     gen: torch.Generator  # windows, as Trainer.gen
     dropout: torch.Generator  # dropout masks, as the single head's
-    sched: torch.optim.lr_scheduler.ReduceLROnPlateau  # on a stand-in optimiser holding the run's lr
+    views: list[torch.nn.Parameter]  # the run's slice of each batched parameter (shared storage)
+    opt: torch.optim.AdamW  # over `views`, built as Trainer builds its own
+    sched: torch.optim.lr_scheduler.ReduceLROnPlateau
     history: list[dict] = field(default_factory=list)
     best_loss: float = math.inf
     best_epoch: int = 0
@@ -144,7 +92,7 @@ class _Run:
 
     @property
     def lr(self) -> float:
-        return self.sched.optimizer.param_groups[0]["lr"]
+        return self.opt.param_groups[0]["lr"]
 
 
 class GroupTrainer:
@@ -169,24 +117,41 @@ class GroupTrainer:
             dims = data["train"].dims()
             models.append(build_divita(dims.get("image"), dims.get("video"), temporal=c.temporal, fusion=c.fusion,
                                        dropout=c.dropout, **head_options(c.protocol)).to(self.device))
-            holder = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=c.lr)  # the schedule's lr only
-            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(holder, mode="min", factor=c.plateau_factor,
-                                                               patience=c.plateau_patience)
-            self.runs.append(_Run(c, desc, {**data, "train": train}, left_out, gen,
-                                  dropout_generator(self.device), sched))
+            self.runs.append(_Run(c, desc, {**data, "train": train}, left_out, gen, dropout_generator(self.device),
+                                  [], None, None))
         features = [r.data["train"].features for r in self.runs]
         if any(f.keys() != features[0].keys() or any(f[k] is not features[0][k] for k in f) for f in features):
             raise T12kError("the runs of a group must train on the same loaded streams.")
         self.features = features[0]
         self.n_params = count_params(models[0])
         self.model = GroupedDivita.from_models(models)
-        self.opt = RunAdamW(list(self.model.parameters()), [c.lr for c in cfgs], [c.weight_decay for c in cfgs],
-                            cfg.amsgrad)
+        # Each run's own optimiser and schedule, as Trainer's, over views of its slice of the batched
+        # parameters: the update is torch's AdamW itself, in place in the batched tensors.
+        for j, r in enumerate(self.runs):
+            c = r.cfg
+            r.views = [torch.nn.Parameter(p.data[j]) for p in self.model.parameters()]
+            r.opt = torch.optim.AdamW(r.views, lr=c.lr, weight_decay=c.weight_decay, fused=True, amsgrad=c.amsgrad)
+            r.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(r.opt, mode="min", factor=c.plateau_factor,
+                                                                 patience=c.plateau_patience)
+
+    def _opt_step(self, js: list[int]) -> None:
+        """Each of runs `js` steps its own optimiser on its slice of the batched gradients."""
+        params = list(self.model.parameters())
+        for j in js:
+            r = self.runs[j]
+            for v, p in zip(r.views, params):
+                v.grad = p.grad[j]
+            r.opt.step()
+            for v in r.views:
+                v.grad = None
+        for p in params:
+            p.grad = None
 
     def _logits(self, x: dict[str, torch.Tensor], mask: torch.Tensor, idx: torch.Tensor | None,
                 gens: list[torch.Generator] | None) -> torch.Tensor:
         x = {k: v.to(self.device, non_blocking=True) for k, v in x.items()}
-        mask = mask.to(self.device, non_blocking=True)
+        # Where every clip is real the model skips all masking (the same result, fewer passes).
+        mask = None if bool(mask.all()) else mask.to(self.device, non_blocking=True)
         with autocast(self.device.type, self.dtype):
             logits = self.model(ix=x.get("image"), vx=x.get("video"), ix_mask=mask, vx_mask=mask, idx=idx, gens=gens)
         return logits.float()  # (R', B, 10)
@@ -198,7 +163,9 @@ class GroupTrainer:
         mask = torch.stack([m for _, m in parts])  # (R', B, W)
         x = {}
         for k, feats in self.features.items():
-            x[k] = feats[torch.stack([ix[k] for ix, _ in parts])].to(torch.float32)  # (R', B, W, F)
+            where = torch.stack([ix[k] for ix, _ in parts])  # (R', B, W)
+            # index_select copies whole rows: several times faster than indexing with a (R', B, W) tensor
+            x[k] = feats.index_select(0, where.reshape(-1)).view(*where.shape, -1).to(torch.float32)  # (R', B, W, F)
             if not bool(mask.all()):
                 x[k].masked_fill_(~mask[..., None], 0.0)
         return x, mask
@@ -213,9 +180,8 @@ class GroupTrainer:
         y = torch.stack([r.data["train"].labels[rw] for r, rw in zip(runs, rows)]).to(self.device)  # (R', B, 10)
         logits = self._logits(x, mask, idx, [r.dropout for r in runs])  # (R', B, 10)
         loss = Fn.binary_cross_entropy_with_logits(logits, y, reduction="none").mean((1, 2))  # (R',) each run's
-        self.opt.zero_grad()
         loss.sum().backward()  # runs share no parameter: each gets its own loss's gradient
-        self.opt.step(idx)
+        self._opt_step(js)
         for j, lj, rw in zip(js, loss.detach(), rows):
             losses[j].append((lj, len(rw)))
 
@@ -259,12 +225,13 @@ class GroupTrainer:
                 r.snippets[subset] = d.snippets(torch.arange(len(d)), cfg.window)
             snips.append(r.snippets[subset])
         logits = [torch.empty(len(owner), NUM_GENRES) for owner, _ in snips]  # each (S_j, 10)
-        for s in range(0, max(len(owner) for owner, _ in snips), E):
+        C = -(-E // len(self.runs))  # snippets of each run per call: eval_batch_size in all, as one run's batch
+        for s in range(0, max(len(owner) for owner, _ in snips), C):
             js = [j for j, (owner, _) in enumerate(snips) if s < len(owner)]
-            size = max(min(E, len(snips[j][0]) - s) for j in js)
+            size = max(min(C, len(snips[j][0]) - s) for j in js)
             views = []
             for j in js:  # a shorter last chunk repeats its last snippet: evaluation rows are independent
-                owner, first = (t[s:s + E] for t in snips[j])
+                owner, first = (t[s:s + C] for t in snips[j])
                 pad = size - len(owner)
                 views.append((self.runs[j].data[subset], torch.cat([owner, owner[-1:].expand(pad)]),
                               torch.cat([first, first[-1:].expand(pad)])))
@@ -274,7 +241,7 @@ class GroupTrainer:
             idx = None if len(js) == len(self.runs) else torch.tensor(js)
             out = self._logits(x, mask, idx, None).cpu()  # (R', size, 10)
             for i, j in enumerate(js):
-                n = min(E, len(snips[j][0]) - s)
+                n = min(C, len(snips[j][0]) - s)
                 logits[j][s:s + n] = out[i, :n]
         results = []
         for r, (owner, _), lg in zip(self.runs, snips, logits):
@@ -309,7 +276,6 @@ class GroupTrainer:
             for j, (r, tl, (val_loss, val_m, _)) in enumerate(zip(self.runs, train_losses, self.evaluate("val"))):
                 lr = r.lr
                 r.sched.step(val_loss)
-                self.opt.lr[j] = r.lr
                 r.history.append({"epoch": epoch, "train_loss": tl, "val_loss": val_loss, "lr": lr,
                                   **{f"val_{k}": val_m[k] for k in ("uAP", "mAP", "wAP", "sAP")},
                                   "seconds": round(time.perf_counter() - t0, 2)})
@@ -336,10 +302,11 @@ class GroupTrainer:
                 keep = [j for j in range(len(self.runs)) if j not in stop]
                 if not keep:
                     break
-                idx = torch.tensor(keep)
-                self.model.keep(idx)
-                self.opt.keep(idx, list(self.model.parameters()))
+                self.model.keep(torch.tensor(keep))
                 self.runs, positions = [self.runs[j] for j in keep], [positions[j] for j in keep]
+                for i, r in enumerate(self.runs):  # the views follow the run's slice; optimiser state stays
+                    for v, p in zip(r.views, self.model.parameters()):
+                        v.data = p.data[i]
         return results
 
 
