@@ -100,8 +100,7 @@ class RunBatchNorm(nn.Module):
         out = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         if not self.training:
             mean, var = pick(self.running_mean, idx), pick(self.running_var, idx)  # (R', F)
-            return torch.sub(x, mean[:, None, None], out=torch.empty(x.shape, dtype=out, device=x.device)), \
-                var.unsqueeze(1)  # (R', B, S, F), (R', 1, F)
+            return (x - mean[:, None, None]).to(out), var.unsqueeze(1)  # (R', B, S, F), (R', 1, F)
         with torch.autocast(dev, enabled=False):  # statistics in fp32, as the single head
             flat = x.reshape(R, B * S, F_).float()  # (R', B*S, F)
             if mask is None:  # every clip real
