@@ -255,11 +255,13 @@ def train(data_dir, metadata, cache_dir, on_missing, row, image, video, out, all
 @data_options(REPRODUCE)
 @rows_splits(REPRODUCE)
 @option(REPRODUCE, "--out", field="out_dir", type=click.Path(path_type=Path), help="Results folder.")
+@option(REPRODUCE, "--group/--no-group", default=None,
+        help="Train the splits of a row as one batched model (same results, faster), or one run at a time.")
 @clips_option
 @protocol_option(REPRODUCE)
 @train_options
 @errors
-def reproduce(data_dir, metadata, cache_dir, on_missing, rows, splits, out, allow_mismatched_clips, protocol,
+def reproduce(data_dir, metadata, cache_dir, on_missing, rows, splits, out, group, allow_mismatched_clips, protocol,
               **opts) -> None:
     """Run Table 6 (rows x splits), resuming finished runs; print it beside the paper."""
     from trailers12k_feats.training.reproduce import ReproduceConfig
@@ -270,7 +272,7 @@ def reproduce(data_dir, metadata, cache_dir, on_missing, rows, splits, out, allo
     cfg = ReproduceConfig(metadata=metadata, cache_dir=cache_dir, train=TrainConfig(**given(**opts)),
                           allow_mismatched_clips=allow_mismatched_clips,
                           **given(out_dir=out, on_missing=on_missing, rows=names(rows), splits=ints(splits),
-                                  protocol=protocol))
+                                  protocol=protocol, group=group))
     click.echo(run(cfg))
     click.echo(f"\nresults in {cfg.out_dir} (val.csv, tst.csv, summary.csv, summary.md)")
 

@@ -1,24 +1,40 @@
 """Wall time of the full Table 6 reproduction (8 rows x 3 splits) on the synthetic corpus.
 
     python bench/bench_reproduce.py [--data cache/synth] [--out results/bench_transfer] [--trailers 12000]
+                                    [--no-group | --compare] [--rows R1,R2] [--splits 0,1,2] [--max-epochs N]
 
 Generates the corpus first if `--data` holds none (timed separately), then runs
-`reproduce` with the paper's protocol and prints the wall time and the table. Delete
-`--out` to time from scratch: finished runs are skipped.
+`reproduce` with the paper's protocol and prints the wall time and the table. By default the
+splits of a row train as one group (grouped.py); `--no-group` trains one run at a time, and
+`--compare` runs both, one after the other into `--out`/single and `--out`/grouped, and
+prints the two wall times and their ratio. `--rows`, `--splits` and `--max-epochs` time a
+part of it (the default is all of it). Delete `--out` to time from scratch: finished runs
+are skipped.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import time
 from pathlib import Path
 
 import torch
+from machine import cpu_summary
 
+from trailers12k_feats.paper import TABLE6
 from trailers12k_feats.sources.synthetic import SynthConfig, make_corpus
+from trailers12k_feats.training.data import SPLITS
 from trailers12k_feats.training.reproduce import ReproduceConfig, reproduce
+from trailers12k_feats.training.train import TrainConfig
 from trailers12k_feats.utils import setup_logging
+
+
+def timed(cfg: ReproduceConfig) -> tuple[float, str]:
+    t0 = time.perf_counter()
+    table = reproduce(cfg)
+    return time.perf_counter() - t0, table
 
 
 def main() -> None:
@@ -26,6 +42,12 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=Path("cache/synth"))
     ap.add_argument("--out", type=Path, default=Path("results/bench_transfer"))
     ap.add_argument("--trailers", type=int, default=12000)
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--no-group", action="store_true", help="train one run at a time")
+    mode.add_argument("--compare", action="store_true", help="time one run at a time, then grouped")
+    ap.add_argument("--rows", default=",".join(TABLE6), help="comma-separated Table 6 rows")
+    ap.add_argument("--splits", default=",".join(map(str, SPLITS)))
+    ap.add_argument("--max-epochs", type=int, default=None, help="epoch limit (default: the protocol's)")
     args = ap.parse_args()
     setup_logging()
     logging.getLogger("trailers12k_feats.training.train").setLevel(logging.WARNING)
@@ -33,11 +55,27 @@ def main() -> None:
         t0 = time.perf_counter()
         make_corpus(args.data, SynthConfig(num_trailers=args.trailers))
         print(f"synthetic corpus of {args.trailers} trailers: {time.perf_counter() - t0:.0f} s")
-    t0 = time.perf_counter()
-    table = reproduce(ReproduceConfig(metadata=args.data / "mtgc.csv", cache_dir=args.data, out_dir=args.out))
-    wall = time.perf_counter() - t0
+    rows = tuple(r.strip() for r in args.rows.split(",") if r.strip())
+    splits = tuple(int(s) for s in args.splits.split(","))
+    train = TrainConfig() if args.max_epochs is None else TrainConfig(max_epochs=args.max_epochs)
+    cfg = ReproduceConfig(metadata=args.data / "mtgc.csv", cache_dir=args.data, out_dir=args.out, rows=rows,
+                          splits=splits, train=train)
+    what = f"{len(rows)} rows x {len(splits)} splits"
+    if args.max_epochs:
+        what += f", at most {args.max_epochs} epochs"
+    print(cpu_summary())
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, precision {cfg.train.precision}; {what}")
+    if args.compare:
+        single, _ = timed(dataclasses.replace(cfg, out_dir=args.out / "single", group=False))
+        grouped, table = timed(dataclasses.replace(cfg, out_dir=args.out / "grouped", group=True))
+        print(table)
+        print(f"\nreproduction ({what}): one run at a time {single / 60:.1f} min, grouped {grouped / 60:.1f} min "
+              f"wall: {single / grouped:.2f}x")
+        return
+    wall, table = timed(dataclasses.replace(cfg, group=not args.no_group))
     print(table)
-    print(f"\nreproduction (8 rows x 3 splits): {wall / 60:.1f} min wall on {torch.get_num_threads()} threads")
+    print(f"\nreproduction ({what}, {'one run at a time' if args.no_group else 'grouped'}): "
+          f"{wall / 60:.1f} min wall")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ in-RAM features) and prints, for fp32 and bf16 autocast:
     FLOPs counted by torch's FlopCounterMode),
   * full training steps (`Trainer.train_epoch`: random-window gather from the in-RAM bank,
     fwd, bwd, AdamW) as examples/s and GFLOP/s,
-and the ratio achieved / peak, with the CPU model and its AMX / AVX512-BF16 flags. Then
+and the ratio achieved / peak, with the CPU model and its AMX / AVX512-BF16 flags; three runs'
+training epochs one at a time against the same runs trained as one group. Then
 `--precision auto` (the default): what it resolves to on this machine as a first run here would
 (`runtime.resolve_precision`, with a fresh probe cache), the probe's figures, fp32, bf16 and auto
 training speed with the real Trainer timed in turn, and auto / max(fp32, bf16), which should be
@@ -28,6 +29,7 @@ caches stored pooled summaries.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import subprocess
@@ -60,6 +62,7 @@ from trailers12k_feats.training.data import (
     load_metadata,
     write_metadata,
 )
+from trailers12k_feats.training.grouped import GroupTrainer
 from trailers12k_feats.training.probe import ProbeConfig, probe
 from trailers12k_feats.training.streams import check_caches
 from trailers12k_feats.training.train import (
@@ -111,6 +114,26 @@ def feature_bank(clips: int, dim: int, gen: torch.Generator) -> tuple[Metadata, 
     labels[np.arange(n), np.arange(n) % NUM_GENRES] = 1
     meta = Metadata(path=Path("<in memory>"), ids=ids, labels=labels, splits=np.zeros((n, 3), np.int8))
     return meta, fs
+
+
+def single_vs_grouped(train: TrailerData, args: argparse.Namespace, runs: int = 3) -> None:
+    """Training epochs of `runs` runs (seeds 0, 1, ...) one at a time (`Trainer.train_epoch` each)
+    against the same runs as one group (`GroupTrainer.train_epoch`), alternated, best of three."""
+    print(f"\n{runs} runs of the same head, one at a time vs one group (grouped.py), train examples/s:")
+    for name in ("fp32", "bf16"):
+        cfgs = [TrainConfig(window=args.window, batch_size=args.batch, precision=name, seed=s) for s in range(runs)]
+        singles = [Trainer(c, {"train": train}) for c in cfgs]
+        group = GroupTrainer(cfgs, [{"train": train}] * runs, [f"seed{s}" for s in range(runs)])
+        alone, together = math.inf, math.inf
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for t in singles:
+                t.train_epoch()
+            t1 = time.perf_counter()
+            group.train_epoch(1)
+            alone, together = min(alone, t1 - t0), min(together, time.perf_counter() - t1)
+        n = runs * len(train)
+        print(f"{name:5} one at a time {n / alone:8.0f}   grouped {n / together:8.0f}   {alone / together:.2f}x")
 
 
 def auto_training(train: TrailerData, batch: int, window: int, rounds: int = 8) -> tuple[PrecisionChoice, dict]:
@@ -377,6 +400,7 @@ def main() -> None:
               f"{st:8.0f} GF/s {st / peak:6.1%}")
     print(f"\nbf16 / fp32 training speed: {results[1][4] / results[0][4]:.2f}x; "
           f"head FLOPs per step (fwd+bwd): {flops / 1e9:.2f} GFLOP")
+    single_vs_grouped(train, args)
     choice, speed = auto_training(train, B, S)
     auto_ok = report_auto({r[0]: r[1] for r in results}, choice, speed)
     run_io_sections(args, sections)

@@ -70,7 +70,7 @@ def test_interrupted_reproduce_keeps_only_finished_runs(corpus, tmp_path, monkey
     monkeypatch.setattr(train_mod.Trainer, "fit", fit)
     out = tmp_path / "res"
     with pytest.raises(KeyboardInterrupt):
-        reproduce(config(corpus, out, rows=("k_r2plus1d",)), progress=False)
+        reproduce(config(corpus, out, rows=("k_r2plus1d",), group=False), progress=False)  # runs one at a time
     assert [p.name for p in (out / "runs" / "k_r2plus1d").iterdir()] == ["split0"]
     assert len(read(out / "tst.csv")) == 1
 

@@ -230,24 +230,34 @@ class TrailerData:
     def dims(self) -> dict[str, int]:
         return {k: int(v.shape[1]) for k, v in self.features.items()}
 
-    def gather(self, rows: torch.Tensor, first: torch.Tensor, window: int, dtype: torch.dtype) -> Batch:
-        """Clips first..first+window-1 of trailers `rows`, padded with zeros past each end."""
+    def clip_index(self, rows: torch.Tensor, first: torch.Tensor,
+                   window: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Where clips first..first+window-1 of trailers `rows` lie in each stream's features
+        ({stream: (B, W)}, past a trailer's end its last clip), and the mask of real clips (B, W)."""
         pos = first[:, None] + torch.arange(window)  # (B, W)
         mask = pos < self.lengths[rows, None]  # (B, W)
         pos = torch.minimum(pos, self.lengths[rows, None] - 1)  # stay inside the trailer
+        return {k: self.starts[k][rows, None] + pos for k in self.streams}, mask
+
+    def gather(self, rows: torch.Tensor, first: torch.Tensor, window: int, dtype: torch.dtype) -> Batch:
+        """Clips first..first+window-1 of trailers `rows`, padded with zeros past each end."""
+        idx, mask = self.clip_index(rows, first, window)  # {k: (B, W)}, (B, W)
         x = {}
         for k in self.streams:
-            idx = self.starts[k][rows, None] + pos  # (B, W)
-            xk = self.features[k][idx].to(dtype)  # (B, W, F)
+            # index_select copies whole rows: several times faster than indexing with the (B, W) tensor
+            xk = self.features[k].index_select(0, idx[k].reshape(-1)).view(*idx[k].shape, -1).to(dtype)  # (B, W, F)
             x[k] = xk.masked_fill_(~mask[..., None], 0.0)
         return Batch(x, mask, None if self.labels is None else self.labels[rows], rows)
+
+    def window_starts(self, rows: torch.Tensor, window: int, gen: torch.Generator) -> torch.Tensor:
+        """The first clip of one random window of `window` clips per trailer (B,), drawn from `gen`."""
+        slack = (self.lengths[rows] - window).clamp(min=0) + 1  # (B,) number of valid starts
+        return (torch.rand(len(rows), generator=gen) * slack).long()  # (B,)
 
     def random_windows(self, rows: torch.Tensor, window: int, gen: torch.Generator,
                        dtype: torch.dtype = torch.float32) -> Batch:
         """One random window of `window` consecutive clips per trailer (shorter trailers: all clips)."""
-        slack = (self.lengths[rows] - window).clamp(min=0) + 1  # (B,) number of valid starts
-        first = (torch.rand(len(rows), generator=gen) * slack).long()  # (B,)
-        return self.gather(rows, first, window, dtype)
+        return self.gather(rows, self.window_starts(rows, window, gen), window, dtype)
 
     def snippets(self, rows: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(owner, first clip) of every non-overlapping `window`-clip snippet of trailers `rows`."""

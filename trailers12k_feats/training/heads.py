@@ -89,17 +89,28 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
 
 class FastDropout(nn.Module):
     """Inverted dropout drawing its keep-mask with `torch.rand`: faster on CPU than `bernoulli_`,
-    which nn.Dropout uses (measured ~5% of a bf16 training step of the whole head)."""
+    which nn.Dropout uses (measured ~5% of a bf16 training step of the whole head).
+
+    `generator` (None: torch's global one) is where the masks come from; a training run sets
+    its own (set_dropout_generator), so it draws the same masks alone or in a group of runs."""
 
     def __init__(self, p: float) -> None:
         super().__init__()
         self.p = p
+        self.generator: torch.Generator | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
-        keep = torch.rand(x.shape, device=x.device) >= self.p  # (..., D)
+        keep = torch.rand(x.shape, device=x.device, generator=self.generator) >= self.p  # (..., D)
         return x * keep.to(x.dtype) * (1.0 / (1.0 - self.p))  # (..., D)
+
+
+def set_dropout_generator(model: nn.Module, generator: torch.Generator | None) -> None:
+    """Make every FastDropout of `model` draw its masks from `generator` (None: the global one)."""
+    for m in model.modules():
+        if isinstance(m, FastDropout):
+            m.generator = generator
 
 
 DROPOUT_AT = ("residual", "after_norm")  # where TransformerBlock drops: see its docstring

@@ -110,7 +110,13 @@ def evaluate_snippets(model: torch.nn.Module, d: TrailerData, protocol: str, win
                       precision: str = "fp32", eval_batch_size: int = 512) -> tuple[float | None, torch.Tensor]:
     """(validation loss of `protocol` or None without labels, snippet-averaged probabilities (n, 10))."""
     owner, logits = snippet_logits(model, d, window, protocol, precision, eval_batch_size)
-    probs = average_probs(owner, logits, len(d), eval_batch_size)
+    return snippet_loss(owner, logits, d, protocol, group, eval_batch_size)
+
+
+def snippet_loss(owner: torch.Tensor, logits: torch.Tensor, d: TrailerData, protocol: str, group: int,
+                 chunk: int = 512) -> tuple[float | None, torch.Tensor]:
+    """evaluate_snippets from the snippets' (owner (S,), logits (S, 10)) of snippet_logits."""
+    probs = average_probs(owner, logits, len(d), chunk)
     if d.labels is None:
         return None, probs
     if not bool(torch.isfinite(probs).all()):

@@ -49,6 +49,7 @@ from trailers12k_feats.training.heads import (
     TEMPORAL,
     build_divita,
     count_params,
+    set_dropout_generator,
 )
 from trailers12k_feats.training.metrics import (
     AP_KEYS,
@@ -191,6 +192,31 @@ def snippet_probs(model: torch.nn.Module, d: TrailerData, cfg: TrainConfig) -> t
     return average_probs(owner, logits, len(d), cfg.eval_batch_size)  # (n, 10)
 
 
+def evaluate_model(model: torch.nn.Module, d: TrailerData, cfg: TrainConfig) -> tuple[float, dict[str, float],
+                                                                                  torch.Tensor]:
+    """(validation loss of `cfg.protocol`, metrics, snippet-averaged probabilities (n, 10)) of a
+    model on labelled trailers; NaN loss and metrics for a diverged model."""
+    loss, p = evaluate_snippets(model, d, cfg.protocol, cfg.window, cfg.batch_size, cfg.precision,
+                                cfg.eval_batch_size)
+    return scored(d, loss, p)
+
+
+def scored(d: TrailerData, loss: float, p: torch.Tensor) -> tuple[float, dict[str, float], torch.Tensor]:
+    """(loss, metrics, p) of snippet-averaged probabilities p (n, 10) of labelled trailers `d`."""
+    if not bool(torch.isfinite(p).all()):  # a diverged model: NaN loss and metrics, for fit to report
+        return math.nan, dict.fromkeys((*metric_columns(), *AP_KEYS), math.nan), p
+    return loss, multilabel_metrics(d.labels.numpy(), p.numpy()), p
+
+
+def dropout_generator(device: torch.device) -> torch.Generator:
+    """A generator on `device` that continues torch's global random stream from here. Made right
+    after a run's model is initialised, it gives the run its own dropout masks (the ones the
+    global stream gave it before runs had their own), whatever other runs draw meanwhile."""
+    gen = torch.Generator(device)
+    gen.set_state(torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state())
+    return gen
+
+
 def diverged(desc: str, what: str) -> T12kError:
     """The error of a run whose loss became NaN or Inf (`what` says which loss, where)."""
     return T12kError(f"{desc}: {what}; training diverged, lower --lr or use --precision fp32.")
@@ -228,6 +254,7 @@ class Trainer:
         self.device = torch.device(cfg.device)
         self.model = build_divita(dims.get("image"), dims.get("video"), temporal=cfg.temporal, fusion=cfg.fusion,
                                   dropout=cfg.dropout, **head_options(cfg.protocol)).to(self.device)
+        set_dropout_generator(self.model, dropout_generator(self.device))
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True,
                                      amsgrad=cfg.amsgrad)
         self.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(self.opt, mode="min", factor=cfg.plateau_factor,
@@ -267,12 +294,7 @@ class Trainer:
 
     def evaluate(self, d: TrailerData) -> tuple[float, dict[str, float], torch.Tensor]:
         """(validation loss of the protocol, metrics, snippet-averaged probabilities (n, 10))."""
-        cfg = self.cfg
-        loss, p = evaluate_snippets(self.model, d, cfg.protocol, cfg.window, cfg.batch_size, cfg.precision,
-                                    cfg.eval_batch_size)
-        if not bool(torch.isfinite(p).all()):  # a diverged model: NaN loss and metrics, for fit to report
-            return math.nan, dict.fromkeys((*metric_columns(), *AP_KEYS), math.nan), p
-        return loss, multilabel_metrics(d.labels.numpy(), p.numpy()), p
+        return evaluate_model(self.model, d, self.cfg)
 
     def fit(self, progress: bool = True, desc: str = "epochs") -> RunResult:
         cfg = self.cfg
@@ -316,13 +338,63 @@ def _write_history(path: Path, history: list[dict]) -> None:
         w.writerows(history)
 
 
-def _write_predictions(path: Path, trainer: Trainer) -> None:
+def _write_predictions(path: Path, data: dict[str, TrailerData], val_probs: torch.Tensor,
+                       test_probs: torch.Tensor) -> None:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["subset", "mid", *GENRES])
-        for subset, probs in (("val", trainer.val_probs), ("test", trainer.test_probs)):
-            for tid, p in zip(trainer.data[subset].ids, probs.tolist()):
+        for subset, probs in (("val", val_probs), ("test", test_probs)):
+            for tid, p in zip(data[subset].ids, probs.tolist()):
                 w.writerow([subset, tid, *(f"{v:.6f}" for v in p)])
+
+
+def log_start(desc: str, cfg: TrainConfig, sets: dict[str, cache_mod.FeatureSet], data: dict[str, TrailerData],
+              n_params: int) -> None:
+    """The log line that opens a run: its streams, size, protocol and trailers."""
+    log.info("%s: %s, %d params, protocol %s, train/val/test %d/%d/%d trailers", desc,
+             " + ".join(f"{r}={fs.name}" for r, fs in sets.items()), n_params, cfg.protocol,
+             len(data["train"]), len(data["val"]), len(data["test"]))
+
+
+def log_end(desc: str, result: RunResult) -> None:
+    """The log line that closes a run: best epoch, time and test metrics."""
+    log.info("%s: best epoch %d of %d, %.0f s; test %s", desc, result.best_epoch, result.epochs, result.seconds,
+             format_metrics(result.test))
+
+
+def save_run(out_dir: str | os.PathLike, cfg: TrainConfig, meta: Metadata, sets: dict[str, cache_mod.FeatureSet],
+             data: dict[str, TrailerData], left_out: int, model: torch.nn.Module, result: RunResult,
+             val_probs: torch.Tensor, test_probs: torch.Tensor, precision: PrecisionChoice) -> None:
+    """Write a finished run's directory (atomically): config.json, history.csv, best.pt (the
+    weights of `model`, the best epoch's), predictions.csv and metrics.json. `cfg` holds the
+    precision that ran; `precision` says what was asked for and why it was chosen."""
+    info = {
+        "config": config_dict(cfg),  # the precision that ran: `t12k predict` repeats it
+        "precision": precision.record(),
+        "streams": {r: {"name": fs.name, "path": str(fs.path), "feature_dim": fs.feature_dim,
+                        "backbone": fs.attrs.backbone, "kind": fs.attrs.kind, "fps": fs.attrs.fps,
+                        "fpc": fs.attrs.fpc, "segmentation": fs.attrs.segmentation,
+                        "weights": fs.attrs.weights,
+                        # how `t12k extract` made the features: what `t12k predict` repeats
+                        "features": fs.attrs.config.get("features"),
+                        "weights_path": dict(fs.attrs.config.get("extract", {}).get("weights", ())).get(
+                            fs.attrs.backbone)}
+                    for r, fs in sets.items()},
+        "metadata": str(meta.path),
+        "trailers": {k: len(v) for k, v in data.items()},
+        "short_train_trailers_left_out": left_out,  # authors protocol: fewer clips than the window
+        "params": count_params(model),
+        "package_version": __version__,
+    }
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        (tmp / "config.json").write_text(json.dumps(info, indent=2) + "\n")
+        _write_history(tmp / "history.csv", result.history)
+        torch.save({"model": model.state_dict(), "epoch": result.best_epoch, "info": info}, tmp / "best.pt")
+        _write_predictions(tmp / "predictions.csv", data, val_probs, test_probs)
+        write_json(tmp / "metrics.json", {"best_epoch": result.best_epoch, "epochs": result.epochs,
+                                          "seconds": round(result.seconds, 1), "val": result.val,
+                                          "test": result.test})
 
 
 def train_run(cfg: TrainConfig, meta: Metadata, sets: dict[str, cache_mod.FeatureSet], rows: np.ndarray,
@@ -334,43 +406,12 @@ def train_run(cfg: TrainConfig, meta: Metadata, sets: dict[str, cache_mod.Featur
     config with it resolved and, under "precision", what was asked for and why this was chosen.
     """
     trainer = Trainer(cfg, _split_data(meta, sets, rows, cfg.split), precision)
-    data = trainer.data  # the training set of the protocol
-    n_params = count_params(trainer.model)
-    log.info("%s: %s, %d params, protocol %s, train/val/test %d/%d/%d trailers", desc,
-             " + ".join(f"{r}={fs.name}" for r, fs in sets.items()), n_params, cfg.protocol,
-             len(data["train"]), len(data["val"]), len(data["test"]))
+    log_start(desc, trainer.cfg, sets, trainer.data, count_params(trainer.model))  # the training set of the protocol
     result = trainer.fit(progress=progress, desc=desc)
-    log.info("%s: best epoch %d of %d, %.0f s; test %s", desc, result.best_epoch, result.epochs, result.seconds,
-             format_metrics(result.test))
+    log_end(desc, result)
     if out_dir is not None:
-        info = {
-            "config": config_dict(trainer.cfg),  # the precision that ran: `t12k predict` repeats it
-            "precision": trainer.precision.record(),
-            "streams": {r: {"name": fs.name, "path": str(fs.path), "feature_dim": fs.feature_dim,
-                            "backbone": fs.attrs.backbone, "kind": fs.attrs.kind, "fps": fs.attrs.fps,
-                            "fpc": fs.attrs.fpc, "segmentation": fs.attrs.segmentation,
-                            "weights": fs.attrs.weights,
-                            # how `t12k extract` made the features: what `t12k predict` repeats
-                            "features": fs.attrs.config.get("features"),
-                            "weights_path": dict(fs.attrs.config.get("extract", {}).get("weights", ())).get(
-                                fs.attrs.backbone)}
-                        for r, fs in sets.items()},
-            "metadata": str(meta.path),
-            "trailers": {k: len(v) for k, v in data.items()},
-            "short_train_trailers_left_out": trainer.left_out,  # authors protocol: fewer clips than the window
-            "params": n_params,
-            "package_version": __version__,
-        }
-        with atomic_path(out_dir) as tmp:
-            tmp.mkdir()
-            (tmp / "config.json").write_text(json.dumps(info, indent=2) + "\n")
-            _write_history(tmp / "history.csv", result.history)
-            torch.save({"model": trainer.model.state_dict(), "epoch": result.best_epoch, "info": info},
-                       tmp / "best.pt")
-            _write_predictions(tmp / "predictions.csv", trainer)
-            write_json(tmp / "metrics.json", {"best_epoch": result.best_epoch, "epochs": result.epochs,
-                                              "seconds": round(result.seconds, 1), "val": result.val,
-                                              "test": result.test})
+        save_run(out_dir, trainer.cfg, meta, sets, trainer.data, trainer.left_out, trainer.model, result,
+                 trainer.val_probs, trainer.test_probs, trainer.precision)
     return result
 
 

@@ -1,0 +1,217 @@
+"""Grouped runs (training/grouped.py, training/batched.py): a run trained in a group is the run
+trained alone, in fp32 up to the rounding of batched matmuls."""
+
+import csv
+import dataclasses
+import itertools
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cli import main
+from trailers12k_feats.training import grouped as grouped_mod
+from trailers12k_feats.training import reproduce as rep_mod
+from trailers12k_feats.training.batched import GroupedDivita
+from trailers12k_feats.training.data import load_metadata
+from trailers12k_feats.training.grouped import group_problem, train_group
+from trailers12k_feats.training.heads import build_divita, set_dropout_generator
+from trailers12k_feats.training.reproduce import ReproduceConfig, reproduce
+from trailers12k_feats.training.train import TrainConfig, load_streams, train_run
+from trailers12k_feats.utils import T12kError
+
+TOL = 1e-4  # fp32: a grouped run's validation loss against the run alone
+TOY = dict(precision="fp32", batch_size=8, eval_batch_size=16)  # small batches: several steps per epoch
+
+
+@pytest.fixture
+def toy(tmp_path, toy_cache, toy_metadata):
+    """80 toy trailers of 5 to 89 clips (some shorter than a window) in an image and a video cache."""
+    lengths = np.random.default_rng(0).integers(5, 90, 80)
+    ids = [f"tt{i:07d}" for i in range(80)]
+    toy_cache(tmp_path / "img.h5", lengths, F=24, ids=ids, seed=1)
+    toy_cache(tmp_path / "vid.h5", lengths, F=16, ids=ids, seed=2)
+    meta = load_metadata(toy_metadata(tmp_path / "mtgc.csv", ids))
+    return meta, tmp_path
+
+
+def load(toy, fusion=True):
+    meta, d = toy
+    sets, rows = load_streams(meta, {"image": d / "img.h5", **({"video": d / "vid.h5"} if fusion else {})})
+    return meta, sets, rows
+
+
+def history(path):
+    return list(csv.DictReader(open(path / "history.csv")))
+
+
+HEADS = list(itertools.product(("tsfm", "savg", "conv"), ("late", "early"), ("residual", "after_norm")))
+
+
+@pytest.mark.parametrize("temporal,fusion,dropout_at", HEADS)
+def test_grouped_model_is_each_model(temporal, fusion, dropout_at):
+    torch.manual_seed(0)
+    models = [build_divita(12, 8, temporal=temporal, fusion=fusion, dropout_at=dropout_at) for _ in range(3)]
+    group = GroupedDivita.from_models(models)
+    for j, m in enumerate(models):
+        set_dropout_generator(m, torch.Generator().manual_seed(j))
+    gens = [torch.Generator().manual_seed(j) for j in range(3)]
+    ix, vx = torch.randn(3, 4, 30, 12), torch.randn(3, 4, 30, 8)
+    mask = torch.ones(3, 4, 30, dtype=torch.bool)
+    mask[1, 2, 20:] = mask[0, 0, 3:] = False
+    out = group(ix=ix, vx=vx, ix_mask=mask, vx_mask=mask, gens=gens)  # (3, 4, 10)
+    out.sum().backward()
+    for j, m in enumerate(models):
+        alone = m(ix=ix[j], vx=vx[j], ix_mask=mask[j], vx_mask=mask[j])  # same dropout masks, own generator
+        alone.sum().backward()
+        torch.testing.assert_close(out[j], alone, rtol=0, atol=1e-5)
+        for (name, p), gp in zip(m.named_parameters(), group.parameters(), strict=True):
+            torch.testing.assert_close(gp.grad[j], p.grad, rtol=0, atol=1e-5, msg=name)
+        state = group.run_state(j)  # running statistics updated as the single head's
+        assert state.keys() == m.state_dict().keys()
+        for k, v in m.state_dict().items():
+            torch.testing.assert_close(state[k], v, rtol=0, atol=1e-6, msg=k)
+    full = torch.ones(3, 4, 30, dtype=torch.bool)  # mask None: every clip real, no masking pass
+    out = group(ix=ix, vx=vx, ix_mask=None, vx_mask=None, gens=gens)
+    for j, m in enumerate(models):
+        torch.testing.assert_close(out[j], m(ix=ix[j], vx=vx[j], ix_mask=full[j], vx_mask=full[j]), rtol=0, atol=1e-5)
+    group.eval()
+    idx = torch.tensor([2, 0])  # a subset of the runs, in any order
+    out = group(ix=ix[idx], vx=vx[idx], ix_mask=mask[idx], vx_mask=mask[idx], idx=idx)
+    for i, j in enumerate(idx.tolist()):
+        torch.testing.assert_close(out[i], models[j].eval()(ix=ix[j], vx=vx[j], ix_mask=mask[j], vx_mask=mask[j]),
+                                   rtol=0, atol=1e-5)
+    group.keep(torch.tensor([1]))  # the others leave: every tensor shrinks to run 1's
+    assert group.runs == 1 and all(t.shape[0] == 1 for t in group.state_dict().values())
+    for k, v in models[1].state_dict().items():
+        torch.testing.assert_close(group.run_state(0)[k], v, rtol=0, atol=1e-6, msg=k)
+
+
+def test_group_problem():
+    base = TrainConfig()
+    assert group_problem([base]) == "a group needs two runs or more"
+    assert group_problem([base, dataclasses.replace(base, split=1, seed=3, lr=1e-3, weight_decay=0.1)]) is None
+    assert "differ in batch_size" in group_problem([base, dataclasses.replace(base, batch_size=16)])
+    assert "gru is not batched" in group_problem([TrainConfig(temporal="gru")] * 2)
+    with pytest.raises(T12kError, match="cannot train as one group: the runs differ in temporal"):
+        grouped_mod.GroupTrainer([base, dataclasses.replace(base, temporal="savg")], [{}, {}], ["a", "b"])
+
+
+@pytest.mark.parametrize("protocol,fusion", [("authors", False), ("authors", True), ("masked", True)])
+def test_a_run_in_a_group_is_the_run_alone(toy, tmp_path, protocol, fusion):
+    meta, sets, rows = load(toy, fusion)
+    cfgs = [TrainConfig(split=s, seed=s + 3, lr=lr, max_epochs=5, protocol=protocol, **TOY)
+            for s, lr in zip((0, 1, 2), (1e-4, 3e-4, 1e-3), strict=True)]
+    together = train_group(cfgs, meta, sets, rows, [tmp_path / f"g{j}" for j in range(3)], progress=False)
+    for j, cfg in enumerate(cfgs):
+        alone = train_run(cfg, meta, sets, rows, tmp_path / f"a{j}", progress=False)
+        assert len(together[j].history) == len(alone.history) == 5
+        for g, a in zip(together[j].history, alone.history, strict=True):
+            assert abs(g["val_loss"] - a["val_loss"]) < TOL, (j, g["epoch"])
+            assert abs(g["train_loss"] - a["train_loss"]) < TOL
+            assert g["lr"] == a["lr"]
+        assert together[j].best_epoch == alone.best_epoch
+        for k in ("uAP", "mAP"):
+            assert together[j].test[k] == pytest.approx(alone.test[k], abs=1e-2)
+        # the same run directory: files, config, history columns
+        g_dir, a_dir = tmp_path / f"g{j}", tmp_path / f"a{j}"
+        assert sorted(p.name for p in g_dir.iterdir()) == sorted(p.name for p in a_dir.iterdir())
+        assert json.loads((g_dir / "config.json").read_text()) == json.loads((a_dir / "config.json").read_text())
+        assert list(history(g_dir)[0]) == list(history(a_dir)[0])
+
+
+def test_a_stopped_run_leaves_the_group_as_it_would_end_alone(toy, tmp_path, monkeypatch):
+    meta, sets, rows = load(toy)
+    base = TrainConfig(max_epochs=5, protocol="authors", **TOY)
+    cfgs = [dataclasses.replace(base, split=0, max_epochs=2),  # stops first, at its epoch limit
+            dataclasses.replace(base, split=1, early_stop_patience=1, lr=3e-3),  # stops when it stops improving
+            dataclasses.replace(base, split=2)]
+    sizes = []
+    real = grouped_mod.GroupTrainer.train_epoch
+    monkeypatch.setattr(grouped_mod.GroupTrainer, "train_epoch",
+                        lambda self, *a, **k: sizes.append(self.model.runs) or real(self, *a, **k))
+    finished = []
+    train_group(cfgs, meta, sets, rows, [tmp_path / f"g{j}" for j in range(3)], progress=False,
+                on_finish=lambda j, res: finished.append((j, res.epochs)))
+    assert finished[0] == (0, 2) and (tmp_path / "g0" / "metrics.json").exists()
+    epochs = {j: n for j, n in finished}
+    # after each epoch the runs that stopped leave: the model computes only the others
+    assert sizes == [sum(n >= e for n in epochs.values()) for e in range(1, len(sizes) + 1)]
+    assert sizes[2] < 3
+    for j, cfg in enumerate(cfgs):
+        alone = train_run(cfg, meta, sets, rows, tmp_path / f"a{j}", progress=False)
+        g = json.loads((tmp_path / f"g{j}" / "metrics.json").read_text())
+        a = json.loads((tmp_path / f"a{j}" / "metrics.json").read_text())
+        assert (g["epochs"], g["best_epoch"]) == (a["epochs"], a["best_epoch"]) == (alone.epochs, alone.best_epoch)
+        assert g["test"]["uAP"] == pytest.approx(a["test"]["uAP"], abs=1e-2)
+        assert [r["epoch"] for r in history(tmp_path / f"g{j}")] == [r["epoch"] for r in history(tmp_path / f"a{j}")]
+
+
+def test_a_temporal_module_that_is_not_batched_trains_alone(toy, caplog):
+    meta, sets, rows = load(toy, fusion=False)
+    cfgs = [TrainConfig(split=s, temporal="gru", max_epochs=1, **TOY) for s in (0, 1)]
+    with caplog.at_level(logging.INFO, logger="trailers12k_feats.training.grouped"):
+        results = train_group(cfgs, meta, sets, rows, progress=False)
+    assert "temporal module gru is not batched" in caplog.text and "one at a time" in caplog.text
+    assert results[1].history[0]["val_loss"] == train_run(cfgs[1], meta, sets, rows, progress=False).history[0][
+        "val_loss"]
+
+
+def rep_config(corpus, out, **kw):
+    train = TrainConfig(max_epochs=3, precision="fp32")
+    return ReproduceConfig(metadata=corpus / "mtgc.csv", cache_dir=corpus, out_dir=out, rows=("k_r2plus1d",),
+                           train=train, **kw)
+
+
+def table(out):
+    return [(r["run"], r["split"], r["epoch"], *(round(float(r[k]), 2) for k in ("uAP", "mAP", "wAP", "sAP")))
+            for r in csv.DictReader(open(out / "tst.csv"))]
+
+
+def close(a, b):
+    assert [r[:3] for r in a] == [r[:3] for r in b]
+    np.testing.assert_allclose([r[3:] for r in a], [r[3:] for r in b], atol=0.02)
+
+
+def test_reproduce_with_groups_gives_the_table_without(corpus, tmp_path, monkeypatch):
+    groups = []
+    real = grouped_mod.GroupTrainer.__init__
+    monkeypatch.setattr(grouped_mod.GroupTrainer, "__init__",
+                        lambda self, cfgs, *a: groups.append([c.split for c in cfgs]) or real(self, cfgs, *a))
+    reproduce(rep_config(corpus, tmp_path / "single", group=False), progress=False)
+    assert groups == []
+    reproduce(rep_config(corpus, tmp_path / "grouped"), progress=False)
+    assert groups == [[0, 1, 2]]
+    close(table(tmp_path / "grouped"), table(tmp_path / "single"))
+
+    # Resume a group cut short after its first run finished: the other two form the next group.
+    out = tmp_path / "resumed"
+    saved = []
+    real_save = grouped_mod.save_run
+
+    def save_then_stop(*a, **k):
+        if saved:
+            raise KeyboardInterrupt
+        saved.append(real_save(*a, **k))
+
+    monkeypatch.setattr(grouped_mod, "save_run", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        reproduce(rep_config(corpus, out), progress=False)
+    assert len(list((out / "runs" / "k_r2plus1d").iterdir())) == 1 and len(table(out)) == 1
+    monkeypatch.setattr(grouped_mod, "save_run", real_save)
+    groups.clear()
+    reproduce(rep_config(corpus, out), progress=False)
+    assert len(groups) == 1 and len(groups[0]) == 2
+    close(table(out), table(tmp_path / "single"))
+
+
+def test_cli_group_option(corpus, tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(rep_mod, "reproduce", lambda cfg, **k: seen.append(cfg.group) or "table")
+    for flag, want in (([], True), (["--no-group"], False), (["--group"], True)):
+        r = CliRunner().invoke(main, ["reproduce", "--data-dir", str(corpus), "--out", str(tmp_path), *flag])
+        assert r.exit_code == 0, r.output
+        assert seen[-1] is want

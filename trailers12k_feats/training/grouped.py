@@ -1,0 +1,356 @@
+"""Train a group of runs on the same streams as one batched model (docs/speed.md).
+
+The runs of a group (the three splits of a Table 6 row, several seeds, a grid of learning
+rates) share their streams and the shape of their head, so they train as one
+`batched.GroupedDivita` whose parameters have a leading run dim: one batched matmul per
+layer for all of them. Everything else stays each run's own: its trailers (train, val and
+test of its split), its window generator and its dropout generator (seeded and drawn as
+`train.Trainer` does, so a run draws the same windows and masks in a group as alone), its
+optimiser (torch's fused AdamW, as Trainer's, over views of its slice of the batched
+parameters: its own lr, weight decay and moments), its ReduceLROnPlateau schedule, early
+stopping and best checkpoint. A run that stops leaves the group at once: its directory
+is written as `train.train_run` writes it (the best weights evaluated by the single-run code)
+and its slice is dropped, so the others go on with a smaller batch.
+
+In fp32 a run trained in a group follows the run trained alone up to the rounding of the
+batched matmuls (tests/test_grouped.py holds them to 1e-4 on the validation loss).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as Fn
+from tqdm import tqdm
+
+from trailers12k_feats import NUM_GENRES
+from trailers12k_feats import cache as cache_mod
+from trailers12k_feats.runtime import PRECISIONS, PrecisionChoice, autocast
+from trailers12k_feats.training.batched import BATCHED_TEMPORAL, GroupedDivita
+from trailers12k_feats.training.data import Metadata, TrailerData
+from trailers12k_feats.training.heads import build_divita, count_params
+from trailers12k_feats.training.protocols import head_options, snippet_loss, training_set
+from trailers12k_feats.training.train import (
+    RunResult,
+    TrainConfig,
+    _split_data,
+    diverged,
+    dropout_generator,
+    evaluate_model,
+    log_end,
+    log_start,
+    save_run,
+    scored,
+    train_precision,
+    train_run,
+)
+from trailers12k_feats.utils import T12kError, seed_everything, tune_malloc
+
+log = logging.getLogger(__name__)
+
+# TrainConfig fields that may differ between the runs of a group; all others must be equal.
+PER_RUN = ("split", "seed", "lr", "weight_decay", "max_epochs", "plateau_factor", "plateau_patience",
+           "early_stop_patience")
+
+
+def group_problem(cfgs: Sequence[TrainConfig]) -> str | None:
+    """Why runs `cfgs` cannot train as one group, or None when they can."""
+    if len(cfgs) < 2:
+        return "a group needs two runs or more"
+    if cfgs[0].temporal not in BATCHED_TEMPORAL:
+        return f"temporal module {cfgs[0].temporal} is not batched (batched: {', '.join(BATCHED_TEMPORAL)})"
+    shared = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in PER_RUN]
+    differ = [n for n in shared if len({getattr(c, n) for c in cfgs}) > 1]
+    return f"the runs differ in {', '.join(differ)}" if differ else None
+
+
+@dataclass
+class _Run:
+    """What a run of a group holds on its own."""
+
+    cfg: TrainConfig
+    desc: str
+    data: dict[str, TrailerData]  # train is the protocol's training set
+    left_out: int
+    gen: torch.Generator  # windows, as Trainer.gen
+    dropout: torch.Generator  # dropout masks, as the single head's
+    views: list[torch.nn.Parameter]  # the run's slice of each batched parameter (shared storage)
+    opt: torch.optim.AdamW  # over `views`, built as Trainer builds its own
+    sched: torch.optim.lr_scheduler.ReduceLROnPlateau
+    history: list[dict] = field(default_factory=list)
+    best_loss: float = math.inf
+    best_epoch: int = 0
+    best_state: dict | None = None
+    snippets: dict = field(default_factory=dict)  # subset -> (owner (S,), first (S,))
+
+    @property
+    def lr(self) -> float:
+        return self.opt.param_groups[0]["lr"]
+
+
+class GroupTrainer:
+    """Trains runs `cfgs` on their data (`datas[j]` is run j's {"train", "val", "test"}) as one
+    batched model; `fit()` runs each run's protocol. See `group_problem` for what may differ."""
+
+    def __init__(self, cfgs: Sequence[TrainConfig], datas: Sequence[dict[str, TrailerData]],
+                 descs: Sequence[str]) -> None:
+        problem = group_problem(cfgs)
+        if problem:
+            raise T12kError(f"these runs cannot train as one group: {problem}.")
+        self.cfg = cfg = cfgs[0]  # the settings every run shares
+        self.device, self.dtype = torch.device(cfg.device), PRECISIONS[cfg.precision]
+        tune_malloc()
+        self.runs, models = [], []
+        for c, data, desc in zip(cfgs, datas, descs):
+            if any(d.labels is None for d in data.values()):
+                raise T12kError(f"{desc}: training needs labelled trailers; build the data with "
+                                f"TrailerData.from_metadata.")
+            train, left_out = training_set(data["train"], c.protocol, c.window)
+            gen = seed_everything(c.seed)  # then init and dropout stream exactly as Trainer.__init__
+            dims = data["train"].dims()
+            models.append(build_divita(dims.get("image"), dims.get("video"), temporal=c.temporal, fusion=c.fusion,
+                                       dropout=c.dropout, **head_options(c.protocol)).to(self.device))
+            self.runs.append(_Run(c, desc, {**data, "train": train}, left_out, gen, dropout_generator(self.device),
+                                  [], None, None))
+        features = [r.data["train"].features for r in self.runs]
+        if any(f.keys() != features[0].keys() or any(f[k] is not features[0][k] for k in f) for f in features):
+            raise T12kError("the runs of a group must train on the same loaded streams.")
+        self.features = features[0]
+        self.n_params = count_params(models[0])
+        self.model = GroupedDivita.from_models(models)
+        # Each run's own optimiser and schedule, as Trainer's, over views of its slice of the batched
+        # parameters: the update is torch's AdamW itself, in place in the batched tensors.
+        for j, r in enumerate(self.runs):
+            c = r.cfg
+            r.views = [torch.nn.Parameter(p.data[j]) for p in self.model.parameters()]
+            r.opt = torch.optim.AdamW(r.views, lr=c.lr, weight_decay=c.weight_decay, fused=True, amsgrad=c.amsgrad)
+            r.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(r.opt, mode="min", factor=c.plateau_factor,
+                                                                 patience=c.plateau_patience)
+
+    def _opt_step(self, js: list[int]) -> None:
+        """Each of runs `js` steps its own optimiser on its slice of the batched gradients."""
+        params = list(self.model.parameters())
+        for j in js:
+            r = self.runs[j]
+            for v, p in zip(r.views, params):
+                v.grad = p.grad[j]
+            r.opt.step()
+            for v in r.views:
+                v.grad = None
+        for p in params:
+            p.grad = None
+
+    def _logits(self, x: dict[str, torch.Tensor], mask: torch.Tensor, idx: torch.Tensor | None,
+                gens: list[torch.Generator] | None) -> torch.Tensor:
+        x = {k: v.to(self.device, non_blocking=True) for k, v in x.items()}
+        # Where every clip is real the model skips all masking (the same result, fewer passes).
+        mask = None if bool(mask.all()) else mask.to(self.device, non_blocking=True)
+        with autocast(self.device.type, self.dtype):
+            logits = self.model(ix=x.get("image"), vx=x.get("video"), ix_mask=mask, vx_mask=mask, idx=idx, gens=gens)
+        return logits.float()  # (R', B, 10)
+
+    def _gather(self, views: list[tuple[TrailerData, torch.Tensor, torch.Tensor]]) -> tuple[dict, torch.Tensor]:
+        """Clips first..first+window-1 of trailers rows of each run's (data, rows, first), as
+        TrailerData.gather does for each: ({stream: (R', B, W, F)}, mask (R', B, W))."""
+        parts = [d.clip_index(rows, first, self.cfg.window) for d, rows, first in views]
+        mask = torch.stack([m for _, m in parts])  # (R', B, W)
+        x = {}
+        for k, feats in self.features.items():
+            where = torch.stack([ix[k] for ix, _ in parts])  # (R', B, W)
+            # index_select copies whole rows: several times faster than indexing with a (R', B, W) tensor
+            x[k] = feats.index_select(0, where.reshape(-1)).view(*where.shape, -1).to(torch.float32)  # (R', B, W, F)
+            if not bool(mask.all()):
+                x[k].masked_fill_(~mask[..., None], 0.0)
+        return x, mask
+
+    def _step(self, js: list[int], rows: list[torch.Tensor], losses: list[list]) -> None:
+        """One training step of runs `js` (positions in self.runs), run j on trailers rows[j]."""
+        runs = [self.runs[j] for j in js]
+        idx = None if len(js) == len(self.runs) else torch.tensor(js)
+        views = [(r.data["train"], rw, r.data["train"].window_starts(rw, self.cfg.window, r.gen))
+                 for r, rw in zip(runs, rows)]
+        x, mask = self._gather(views)
+        y = torch.stack([r.data["train"].labels[rw] for r, rw in zip(runs, rows)]).to(self.device)  # (R', B, 10)
+        logits = self._logits(x, mask, idx, [r.dropout for r in runs])  # (R', B, 10)
+        loss = Fn.binary_cross_entropy_with_logits(logits, y, reduction="none").mean((1, 2))  # (R',) each run's
+        loss.sum().backward()  # runs share no parameter: each gets its own loss's gradient
+        self._opt_step(js)
+        for j, lj, rw in zip(js, loss.detach(), rows):
+            losses[j].append((lj, len(rw)))
+
+    def train_epoch(self, epoch: int, progress: bool = False) -> list[float]:
+        """One epoch of every run still in the group; each run's mean training loss."""
+        B = self.cfg.batch_size
+        self.model.train()
+        orders = [torch.randperm(len(r.data["train"]), generator=r.gen) for r in self.runs]  # each (n_j,)
+        sizes = [len(o) for o in orders]
+        losses: list[list] = [[] for _ in self.runs]
+        steps = range(0, max(sizes), B)
+        for s in tqdm(steps, desc="train", unit="batch", leave=False, disable=not progress):
+            by_size: dict[int, list[int]] = {}  # the last batch of an epoch differs between runs
+            for j, n in enumerate(sizes):
+                if s < n:
+                    by_size.setdefault(min(B, n - s), []).append(j)
+            for js in by_size.values():
+                self._step(js, [orders[j][s:s + B] for j in js], losses)
+        out = []
+        for r, run_losses in zip(self.runs, losses):
+            step_loss = torch.stack([lj for lj, _ in run_losses]).cpu()  # (steps,)
+            if not bool(torch.isfinite(step_loss).all()):
+                step = int((~torch.isfinite(step_loss)).nonzero()[0, 0])
+                raise diverged(r.desc, f"training loss is {float(step_loss[step])} at epoch {epoch}, step "
+                                       f"{step + 1} of {len(run_losses)}")
+            total = torch.zeros((), device=self.device)
+            for lj, n in run_losses:  # summed as Trainer.train_epoch sums
+                total += lj * n
+            out.append(float(total) / sum(n for _, n in run_losses))
+        return out
+
+    @torch.no_grad()
+    def evaluate(self, subset: str) -> list[tuple[float, dict[str, float], torch.Tensor]]:
+        """Trainer.evaluate of each run on its own `subset` ("val" or "test"), batched over the runs."""
+        cfg, E = self.cfg, self.cfg.eval_batch_size
+        self.model.eval()
+        snips = []
+        for r in self.runs:
+            if subset not in r.snippets:
+                d = r.data[subset]
+                r.snippets[subset] = d.snippets(torch.arange(len(d)), cfg.window)
+            snips.append(r.snippets[subset])
+        logits = [torch.empty(len(owner), NUM_GENRES) for owner, _ in snips]  # each (S_j, 10)
+        C = -(-E // len(self.runs))  # snippets of each run per call: eval_batch_size in all, as one run's batch
+        for s in range(0, max(len(owner) for owner, _ in snips), C):
+            js = [j for j, (owner, _) in enumerate(snips) if s < len(owner)]
+            size = max(min(C, len(snips[j][0]) - s) for j in js)
+            views = []
+            for j in js:  # a shorter last chunk repeats its last snippet: evaluation rows are independent
+                owner, first = (t[s:s + C] for t in snips[j])
+                pad = size - len(owner)
+                views.append((self.runs[j].data[subset], torch.cat([owner, owner[-1:].expand(pad)]),
+                              torch.cat([first, first[-1:].expand(pad)])))
+            x, mask = self._gather(views)
+            if cfg.protocol != "masked":
+                mask = torch.ones_like(mask)  # the authors' evaluation sees the zero padding as clips
+            idx = None if len(js) == len(self.runs) else torch.tensor(js)
+            out = self._logits(x, mask, idx, None).cpu()  # (R', size, 10)
+            for i, j in enumerate(js):
+                n = min(C, len(snips[j][0]) - s)
+                logits[j][s:s + n] = out[i, :n]
+        results = []
+        for r, (owner, _), lg in zip(self.runs, snips, logits):
+            d = r.data[subset]
+            loss, p = snippet_loss(owner, lg, d, cfg.protocol, cfg.batch_size, E)
+            results.append(scored(d, loss, p))
+        return results
+
+    def _finish(self, r: _Run, t0: float) -> tuple[RunResult, torch.nn.Module, torch.Tensor, torch.Tensor]:
+        """The run's best weights in a single head, evaluated on val and test as Trainer.fit ends."""
+        c, dims = r.cfg, r.data["train"].dims()
+        model = build_divita(dims.get("image"), dims.get("video"), temporal=c.temporal, fusion=c.fusion,
+                             dropout=c.dropout, **head_options(c.protocol)).to(self.device)
+        model.load_state_dict(r.best_state)
+        _, val_m, val_p = evaluate_model(model, r.data["val"], c)
+        _, test_m, test_p = evaluate_model(model, r.data["test"], c)
+        result = RunResult(r.best_epoch, len(r.history), val_m, test_m, r.history, time.perf_counter() - t0)
+        return result, model, val_p, test_p
+
+    def fit(self, progress: bool = True, desc: str = "group",
+            on_finish: Callable[[int, _Run, tuple], None] | None = None) -> list[RunResult]:
+        """Train until every run has stopped; `on_finish(j, run, (result, model, val_probs,
+        test_probs))` is called as run j (its position in `cfgs`) leaves the group."""
+        t0 = time.perf_counter()
+        positions = list(range(len(self.runs)))  # each remaining run's position in cfgs
+        results: list[RunResult | None] = [None] * len(self.runs)
+        bar = tqdm(range(1, max(r.cfg.max_epochs for r in self.runs) + 1), desc=desc, unit="epoch",
+                   disable=not progress, leave=False)
+        for epoch in bar:
+            train_losses = self.train_epoch(epoch)
+            stop = []
+            for j, (r, tl, (val_loss, val_m, _)) in enumerate(zip(self.runs, train_losses, self.evaluate("val"))):
+                lr = r.lr
+                r.sched.step(val_loss)
+                r.history.append({"epoch": epoch, "train_loss": tl, "val_loss": val_loss, "lr": lr,
+                                  **{f"val_{k}": val_m[k] for k in ("uAP", "mAP", "wAP", "sAP")},
+                                  "seconds": round(time.perf_counter() - t0, 2)})
+                if not math.isfinite(val_loss):
+                    if r.cfg.protocol == "authors" and r.best_state is not None:
+                        log.warning("%s: validation loss is %s at epoch %d; stopping and keeping epoch %d",
+                                    r.desc, val_loss, epoch, r.best_epoch)
+                        stop.append(j)
+                        continue
+                    raise diverged(r.desc, f"validation loss is {val_loss} at epoch {epoch}")
+                if val_loss < r.best_loss:
+                    r.best_loss, r.best_epoch, r.best_state = val_loss, epoch, self.model.run_state(j)
+                if epoch - r.best_epoch >= r.cfg.early_stop_patience or epoch >= r.cfg.max_epochs:
+                    stop.append(j)
+            bar.set_postfix(runs=len(self.runs), best=",".join(str(r.best_epoch) for r in self.runs))
+            for j in stop:
+                r = self.runs[j]
+                out = self._finish(r, t0)
+                results[positions[j]] = out[0]
+                log_end(r.desc, out[0])
+                if on_finish is not None:
+                    on_finish(positions[j], r, out)
+            if stop:
+                keep = [j for j in range(len(self.runs)) if j not in stop]
+                if not keep:
+                    break
+                self.model.keep(torch.tensor(keep))
+                self.runs, positions = [self.runs[j] for j in keep], [positions[j] for j in keep]
+                for i, r in enumerate(self.runs):  # the views follow the run's slice; optimiser state stays
+                    for v, p in zip(r.views, self.model.parameters()):
+                        v.data = p.data[i]
+        return results
+
+
+def train_group(cfgs: Sequence[TrainConfig], meta: Metadata, sets: dict[str, cache_mod.FeatureSet],
+                rows: np.ndarray, out_dirs: Sequence[str | os.PathLike | None] | None = None,
+                progress: bool = True, descs: Sequence[str] | None = None,
+                on_finish: Callable[[int, RunResult], None] | None = None,
+                precision: PrecisionChoice | None = None) -> list[RunResult]:
+    """train_run for each of `cfgs` (each on its own split), trained as one group; each run's
+    directory (out_dirs[j], None for none) is written as the run finishes, then
+    `on_finish(j, result)` is called. Falls back to one run at a time, with a log line saying
+    why, where the runs cannot form a group (group_problem). `precision`: the runs' shared
+    `precision` resolved (here when None), as train_run takes it."""
+    out_dirs = list(out_dirs) if out_dirs is not None else [None] * len(cfgs)
+    descs = list(descs) if descs is not None else [f"split{c.split} seed{c.seed}" for c in cfgs]
+    problem = group_problem(cfgs)
+    if problem:
+        if len(cfgs) > 1:
+            log.info("%s: %s; training these %d runs one at a time", ", ".join(descs), problem, len(cfgs))
+        results = []
+        for j, c in enumerate(cfgs):
+            results.append(train_run(c, meta, sets, rows, out_dirs[j], progress=progress, desc=descs[j],
+                                     precision=precision))
+            if on_finish is not None:
+                on_finish(j, results[-1])
+        return results
+    precision = precision or train_precision(cfgs[0])
+    if precision.requested != cfgs[0].precision:
+        raise T12kError(f"the precision choice is for --precision {precision.requested}, but the runs ask for "
+                        f"{cfgs[0].precision}; resolve it with train_precision(cfg).")
+    cfgs = [dataclasses.replace(c, precision=precision.precision) for c in cfgs]  # what the group runs in
+    datas = [_split_data(meta, sets, rows, c.split) for c in cfgs]
+    trainer = GroupTrainer(cfgs, datas, descs)
+    for r in trainer.runs:
+        log_start(r.desc, r.cfg, sets, r.data, trainer.n_params)
+    log.info("training %d runs as one group: %s", len(cfgs), ", ".join(descs))
+
+    def finished(j: int, run: _Run, out: tuple) -> None:
+        result, model, val_p, test_p = out
+        if out_dirs[j] is not None:
+            save_run(out_dirs[j], run.cfg, meta, sets, run.data, run.left_out, model, result, val_p, test_p,
+                     precision)
+        if on_finish is not None:
+            on_finish(j, result)
+
+    return trainer.fit(progress=progress, desc=" + ".join(descs), on_finish=finished)
