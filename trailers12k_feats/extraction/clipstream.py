@@ -59,8 +59,9 @@ class ClipDataset(IterableDataset):
     """
 
     def __init__(self, videos: list[tuple[str, Path]], spec: ClipSpec, groups: list[Group], chunk: int,
-                 threads: int) -> None:
+                 threads: int, device: str = "cpu") -> None:
         self.videos, self.spec, self.groups, self.chunk, self.threads = videos, spec, groups, chunk, threads
+        self.device = device  # where the shot detector runs (TransNetV2 on the extraction device)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -73,7 +74,7 @@ class ClipDataset(IterableDataset):
         buf = []
         durations = Durations()
         try:
-            for clip in decode_clips(path, self.spec, self.threads, durations):
+            for clip in decode_clips(path, self.spec, self.threads, durations, self.device):
                 buf.append(clip)
                 if len(buf) == self.chunk:
                     yield self._pack(tid, buf)
