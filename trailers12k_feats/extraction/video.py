@@ -301,9 +301,6 @@ def _convert(frame: av.VideoFrame, size: tuple[int, int] | None, rotation: int,
     return img
 
 
-_KEEP, _NEW, _DROP = 0, 1, 2  # a frame continues the shot, starts a new one, or lies in a transition
-
-
 def segment(path: str | os.PathLike, spec: ClipSpec, threads: int = 0, durations: Durations | None = None,
             device: str = "cpu") -> Iterator[tuple[int, np.ndarray, int]]:
     """Yield (k, frame, shot) for every frame of `path` that belongs to a shot, in order.
@@ -318,39 +315,41 @@ def segment(path: str | os.PathLike, spec: ClipSpec, threads: int = 0, durations
             yield k, img, -1
         return
     det = shots.build(spec.shots, spec.shot_threshold, spec.min_shot_frames, spec.rate, device)
-    pending: deque[list] = deque()  # [k, frame, label] of frames the detector may still place in a transition
+    pending: deque[tuple[int, np.ndarray]] = deque()  # frames the detector may still place in a transition
+    marks: deque[shots.Transition] = deque()  # transitions reported whose frames have not all left
     shot, filled, boundary = 0, False, False  # current shot, whether it has frames, whether the next one is new
     released = 0  # frames before this one have left
 
-    def label(found: list[shots.Transition]) -> None:
+    def note(found: list[shots.Transition]) -> None:
         for t in found:
-            if t.start < released:
+            if t.start < released or marks and t.start < marks[-1].end:
                 raise RuntimeError(f"{spec.shots} reported a transition at frame {t.start} after deciding on it")
-            for e in pending:
-                if t.start <= e[0] < t.end:
-                    e[2] = _DROP
-                elif e[0] == t.end and e[2] != _DROP:
-                    e[2] = _NEW
+            marks.append(t)
 
     def release(upto: int) -> Iterator[tuple[int, np.ndarray, int]]:
         nonlocal shot, filled, boundary, released
         while pending and pending[0][0] < upto:
-            j, img, lab = pending.popleft()
-            released = j + 1
-            boundary = boundary or lab != _KEEP
-            if lab == _DROP:
+            k, img = pending.popleft()
+            released, drop = k + 1, False
+            while marks and k >= marks[0].start:
+                boundary = True  # the shot ended before the transition
+                if k < marks[0].end:
+                    drop = True
+                    break
+                marks.popleft()
+            if drop:
                 continue
             if boundary and filled:
                 shot, filled = shot + 1, False
             boundary, filled = False, True
-            yield j, img, shot
+            yield k, img, shot
 
     for k, (img, small) in enumerate(decode(path, spec.rate, spec.short_side, threads, durations, det.small)):
-        pending.append([k, img, _KEEP])
-        label(det.push(img, small))
+        pending.append((k, img))
+        note(det.push(img, small))
         yield from release(det.decided)
-    label(det.finish())
-    yield from release(len(pending) + released)
+    note(det.finish())
+    yield from release(released + len(pending))
 
 
 def decode_clips(path: str | os.PathLike, spec: ClipSpec, threads: int = 0,

@@ -2,7 +2,10 @@
 
 Each shot is a smooth random texture of its own palette, panning slowly, so frames within a
 shot differ little and a cut changes every pixel: the shot boundaries are known exactly.
-Used by the tests and the demo; nothing here is needed to extract real trailers.
+`edited_video` joins made-up scenes with cuts, dissolves and fades through black and adds
+flashes that are no boundary, for the shot detectors' tests and benchmark
+(bench/bench_shots.py). Used by the tests and the demo; nothing here is needed to extract
+real trailers.
 """
 
 from __future__ import annotations
@@ -134,11 +137,15 @@ class Scene:
 
     def __init__(self, rng: np.random.Generator, height: int, width: int, frames: int, hue: float) -> None:
         self.H, self.W = height, width
-        self.v = rng.uniform(0.5, 2.5, 2) * rng.choice([-1, 1], 2)  # camera pixels per frame (y, x)
+        scale = height / 108  # motion and detail scale with the picture, so any size looks alike
+        self.v = scale * rng.uniform(0.5, 2.5, 2) * rng.choice([-1, 1], 2)  # camera pixels per frame (y, x)
         self.pad = pad = int(np.abs(self.v).max() * frames) + 4
         H, W = height + 2 * pad, width + 2 * pad
-        colour = lambda: np.array(colorsys.hsv_to_rgb((hue + rng.normal(0, 0.12)) % 1, rng.uniform(0.3, 1),
-                                                     rng.uniform(0.15, 1)), np.float32) * 255  # noqa: E731
+
+        def colour() -> np.ndarray:  # RGB near the scene's hue, any saturation and brightness
+            rgb = colorsys.hsv_to_rgb((hue + rng.normal(0, 0.12)) % 1, rng.uniform(0.3, 1), rng.uniform(0.15, 1))
+            return np.array(rgb, np.float32) * 255
+
         y, x = np.ogrid[:H, :W]
         horizon = rng.uniform(0.25, 0.75) * H + rng.uniform(-0.2, 0.2) * (x - W / 2)  # (1, W)
         img = np.where((y < horizon)[..., None], colour(), colour())  # (H, W, 3)
@@ -148,7 +155,8 @@ class Scene:
             inside = (np.abs(y - cy) <= ry) & (np.abs(x - cx) <= rx) if rng.random() < 0.5 else \
                 ((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 <= 1
             img = np.where(inside[..., None], colour(), img)
-        grain = sum(_noise(rng, H, W, cell) * cell for cell in (32, 16, 8, 4, 2)) / 62  # (H, W) 1/f, about -1..1
+        cells = [max(1, round(c * scale)) for c in (32, 16, 8, 4, 2)]
+        grain = sum(_noise(rng, H, W, c) * c for c in cells) / sum(cells)  # (H, W) 1/f noise, about -1..1
         self.tex = img * (1 + 0.35 * grain[..., None]) + 20 * grain[..., None]  # (H, W, 3)
         self.obj = (rng.uniform(0.2, 0.8, 2) * (height, width), rng.uniform(-2, 2, 2), colour(),
                     max(3.0, min(height, width) / 6))
@@ -224,3 +232,20 @@ def edited_video(path: str | os.PathLike, shots: Sequence[int], joins: Sequence[
     frames = [np.clip(f, 0, 255).astype(np.uint8) for f in out]
     p = write_video(path, frames, fps=fps, crf=crf)
     return EditedVideo(p, len(frames), tuple(marks), tuple(sorted(flash_at)))
+
+
+def random_edit(rng: np.random.Generator, shots: int = 12, shot_frames: tuple[int, int] = (30, 80),
+                transition_frames: tuple[int, int] = (8, 32)) -> dict:
+    """Arguments of `edited_video` for `shots` shots: lengths in `shot_frames`, cuts, dissolves and
+    fades in equal shares and shuffled order, transitions of `transition_frames` frames (both
+    ranges inclusive), and a flash of 2-3 frames in every other shot, 10 frames or more from
+    its ends (a flash against a cut is a transition of its own, which trailers use too)."""
+    if shot_frames[0] < 24:
+        raise ValueError(f"shots of fewer than 24 frames leave no room for a flash; got {shot_frames}")
+    kinds = [JOINS[i % len(JOINS)] for i in range(shots - 1)]
+    rng.shuffle(kinds)
+    lo, hi = transition_frames
+    joins = [(k, 0 if k == "cut" else int(rng.integers(lo, hi + 1))) for k in kinds]
+    lengths = [int(rng.integers(shot_frames[0], shot_frames[1] + 1)) for _ in range(shots)]
+    flashes = [(i, int(rng.integers(10, n - 12)), int(rng.integers(2, 4))) for i, n in enumerate(lengths) if i % 2]
+    return {"shots": lengths, "joins": joins, "flashes": flashes}
