@@ -244,12 +244,12 @@ def test_building_and_running_transnetv2_leaves_global_state_alone(monkeypatch):
     random.seed(5)
     before = _global_state()
     det = shots.TransNetShots()
-    frames = np.random.default_rng(0).integers(0, 255, (60, 27, 48, 3), dtype=np.uint8)
+    frames = np.random.default_rng(0).integers(0, 255, (30, 27, 48, 3), dtype=np.uint8)  # one window
     for f in frames:
         det.push(None, f)
     det.finish()
     after = _global_state()
-    assert len(det.scores) == 60
+    assert len(det.scores) == 30
     for key in before:
         a, b = before[key], after[key]
         same = torch.equal(a, b) if isinstance(a, torch.Tensor) else \
@@ -288,3 +288,33 @@ def test_shots_command_json_and_table(edited, tmp_path):
     assert all(a["end_frame"] <= b["start_frame"] for a, b in zip(first, first[1:]))
     table = CliRunner().invoke(main, ["shots", str(edited.path), "--fps", "12"])
     assert table.exit_code == 0 and f"{len(first)} shots (content, 12 fps)" in table.output.replace("shot ", "shots ")
+
+
+@pytest.mark.slow
+def test_clip_stream_runs_transnetv2_in_a_spawned_worker(edited):
+    """What extraction does with CUDA (workers started with spawn), here on the CPU."""
+    from torch.utils.data import DataLoader
+
+    from trailers12k_feats.extraction.clipstream import ClipDataset, as_is, worker_init
+
+    spec = ClipSpec(fpc=8, short_side=54, shots="transnetv2").resolved()
+    data = ClipDataset([("tt0000001", edited.path)], spec, [], chunk=4, threads=1, device="cpu")
+    loader = DataLoader(data, batch_size=None, collate_fn=as_is, num_workers=1, worker_init_fn=worker_init,
+                        multiprocessing_context="spawn")
+    items = list(loader)
+    assert items[-1]["clips"] == sum(len(i["start"]) for i in items[:-1]) >= 12
+    ranges = [(round(a * 24), round(b * 24)) for i in items[:-1] for a, b in zip(i["start"], i["end"])]
+    assert not crossing(ranges, edited.joins)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_extraction_runs_transnetv2_in_its_workers(edited, tmp_path):
+    cfg = ExtractConfig(backbones=(LIGHT,), clip=ClipSpec(fpc=8, short_side=64), random_weights=True,
+                        device="cuda", workers=2)
+    assert cfg.clip.shots == "transnetv2"  # auto on CUDA
+    extract([edited.path], tmp_path, cfg, progress=False)
+    (clips,) = cache.iter_trailers(tmp_path / "k_shufflenet.h5")
+    ranges = [(round(a * 24), round(b * 24)) for a, b in zip(clips.start, clips.end)]
+    assert len(ranges) >= 12 and not crossing(ranges, edited.joins)
+    assert cache.read_attrs(tmp_path / "k_shufflenet.h5").config["features"]["shots"] == "transnetv2"

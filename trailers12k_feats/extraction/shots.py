@@ -89,6 +89,7 @@ IMPLIED = {"shots": "content"}
 
 
 def register(entry: Detector) -> Detector:
+    """Add a detector to the registry; a name already there is an error."""
     if entry.name in DETECTORS or entry.name == AUTO:
         raise T12kError(f"shot detector {entry.name!r} is already registered.")
     DETECTORS[entry.name] = entry
@@ -96,6 +97,7 @@ def register(entry: Detector) -> Detector:
 
 
 def get_detector(name: str) -> Detector:
+    """The registry entry called `name`; an unknown name is an error that lists the valid ones."""
     if name not in DETECTORS:
         raise T12kError(f"unknown shot detector {name!r}; valid: {', '.join([AUTO, *DETECTORS])}.")
     return DETECTORS[name]
@@ -104,8 +106,8 @@ def get_detector(name: str) -> Detector:
 def resolve(name: str, device: str) -> str:
     """The detector `name` names on `device`: "auto" is transnetv2 on CUDA, content on the CPU.
 
-    The best detector whose cost the device hides: on a GPU TransNetV2 takes a few percent of
-    the time decoding does; on a CPU it would take longer than decoding (docs/extraction.md).
+    The best detector whose cost the device hides: on a CPU TransNetV2 runs many times slower
+    than decoding, on a GPU far faster (docs/extraction.md has the figures).
     """
     if name != AUTO:
         return get_detector(name).name
@@ -182,7 +184,7 @@ TRANSNET_SHA256 = "a313d0b3bebfa9a71914b375bfdf918a30b5c3b1e6be51972d35dd8078b44
 WINDOW, CONTEXT = 100, 25  # TransNetV2 reads 100 frames and keeps the predictions of the middle 50
 STEP = WINDOW - 2 * CONTEXT
 MERGE_GAP = 8  # stretches of likely frames fewer frames apart than this are one transition
-LIKELY = 0.5  # a frame above threshold x LIKELY may belong to a transition that has a frame above threshold
+LIKELY = 0.35  # a frame above threshold x LIKELY may belong to a transition that has a frame above threshold
 CUT_FRAMES = 4  # a transition of at most this many likely frames is a hard cut: no frame left out
 MAX_EXTENT = 240  # frames a transition may hold before it is cut (bounds the frames held back)
 _MISSING = (f"shot detection with transnetv2 needs the {TRANSNET_PACKAGE} package (its network and weights): "
