@@ -4,9 +4,9 @@ The videos come from `sources.synthvideo.edited_video` (`random_edit`): shots of
 scenes (textured, with camera and object motion) joined by hard cuts, dissolves and fades
 through black of 8 to 32 frames in equal shares and shuffled order, and a flash (2-3 frames
 washed towards white) in every other shot, which is no boundary. Every detector runs through
-`video.segment`, the code that extraction cuts its clips with, so what is measured is what
-extraction does: decoding, the 48x27 copies TransNetV2 reads, detection and the rule that
-turns probabilities into shots.
+`shots.find_shots` (`t12k shots`), which cuts shots with `video.segment` as extraction does,
+so what is measured is what extraction does: decoding, the 48x27 copies TransNetV2 reads,
+detection and the rule that turns probabilities into shots.
 
 Per detector:
   * recall of cuts, dissolves and fades: a transition is found when a detected boundary (the
@@ -17,7 +17,8 @@ Per detector:
   * spanned: transitions whose middle lies inside a shot, so a clip may hold both sides;
   * lost/cut: frames left out of every shot at a found hard cut, on average;
   * frames/s of all of it on the device at hand (`--device`, where TransNetV2 runs; the
-    PySceneDetect detectors always run on the CPU), beside decoding alone.
+    PySceneDetect detectors always run on the CPU), beside decoding alone and, for
+    TransNetV2, the network alone.
 
     python bench/bench_shots.py [--videos 8] [--shots 12] [--size 192x108] [--device cpu]
         [--detectors content,adaptive,transnetv2] [--seed 0] [--threshold NAME=VALUE ...]
@@ -48,15 +49,9 @@ def make_videos(root: Path, n: int, n_shots: int, size: tuple[int, int], seed: i
 
 
 def shot_spans(ev: EditedVideo, spec: ClipSpec, device: str) -> list[tuple[int, int]]:
-    """(first frame, end) of every shot `video.segment` yields."""
-    out: list[list[int]] = []
-    shot = None
-    for k, _, s in video.segment(ev.path, spec, device=device):
-        if s != shot:
-            out.append([k, k + 1])
-            shot = s
-        out[-1][1] = k + 1
-    return [(a, b) for a, b in out]
+    """(first frame, end) of every shot, as `t12k shots` finds them."""
+    (found,) = shots.find_shots([ev.path], spec, device)
+    return [(s["start_frame"], s["end_frame"]) for s in found["shots"]]
 
 
 def score(videos: list[EditedVideo], found: list[list[tuple[int, int]]]) -> dict:
@@ -139,6 +134,16 @@ def main() -> None:
                   "of them at flashes", flush=True)
         print(header)
         print("\n".join(rows))
+        if "transnetv2" in names:
+            det = shots.TransNetShots(device=device)
+            window = np.random.default_rng(0).integers(0, 256, (shots.WINDOW, 27, 48, 3), dtype=np.uint8)
+            det.probabilities(window)  # warm-up
+            t0 = time.perf_counter()
+            for _ in range(10):
+                det.probabilities(window)
+            dt = (time.perf_counter() - t0) / 10
+            print(f"TransNetV2 network alone on {device}: {shots.STEP / dt:.0f} frames/s "
+                  f"({1000 * dt:.0f} ms per window of {shots.WINDOW} frames, {shots.STEP} of them new)")
 
 
 if __name__ == "__main__":

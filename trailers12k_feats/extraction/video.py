@@ -6,8 +6,8 @@ timestamps (a target time takes the frame shown at that moment), which is correc
 variable frame rates and needs no re-encode. Rotation metadata is applied. The same frames
 (and, for TransNetV2, 48x27 copies scaled in the same pass) feed the shot detector
 (shots.py) and the clip builder, so memory holds one clip and the frames the detector has
-not decided about yet (none for ContentDetector, under 100 for TransNetV2), however long
-the video.
+not decided about yet (none for ContentDetector; for TransNetV2 up to 75, plus those of a
+transition it is still reading, at most a few hundred), however long the video.
 """
 
 from __future__ import annotations
