@@ -286,6 +286,8 @@ def test_shots_command_json_and_table(edited, tmp_path):
     assert first[0]["start_frame"] == 0 and first[0]["end_frame"] == 40 and first[0]["end"] == pytest.approx(40 / 24, abs=1e-4)
     assert first[-1]["end_frame"] == edited.frames
     assert all(a["end_frame"] <= b["start_frame"] for a, b in zip(first, first[1:]))
+    bad = CliRunner().invoke(main, ["shots", str(edited.path), "--shot-threshold", "0.3"])
+    assert bad.exit_code == 1 and "needs --shots naming a detector" in bad.output and "Traceback" not in bad.output
     table = CliRunner().invoke(main, ["shots", str(edited.path), "--fps", "12"])
     assert table.exit_code == 0 and f"{len(first)} shots (content, 12 fps)" in table.output.replace("shot ", "shots ")
 
