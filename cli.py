@@ -40,6 +40,7 @@ from trailers12k_feats.cli_options import (
     resolve_data,
     rows_splits,
     shard_spec,
+    shot_options,
     train_options,
     weight_pairs,
 )
@@ -139,8 +140,7 @@ def cache_merge(cache_dir: Path) -> None:
         help="Clips within shots, or ignore cuts.")
 @option(CLIP, "--leftover", type=LazyChoice("trailers12k_feats.extraction.video:LEFTOVERS"),
         help="Shot remainder shorter than a clip.")
-@option(CLIP, "--shot-threshold", type=float, help="ContentDetector threshold.")
-@option(CLIP, "--min-shot-frames", type=int, help="Minimum frames between cuts.")
+@shot_options
 @option(EXTRACT, "--frame-pool", type=LazyChoice("trailers12k_feats.extraction.extract:FRAME_POOLS"),
         help="2D backbones: clip = mean of frames or centre frame.")
 @option(EXTRACT, "--image-frames", type=int, help="2D backbones: frames embedded per clip, evenly spaced; 0 = all.")
@@ -159,7 +159,7 @@ def cache_merge(cache_dir: Path) -> None:
         help="A video that decodes shorter than its file declares (by more than 1 s and 5%; truncated): keep "
              "its clips in the cache or drop it; either way it is listed in failures.jsonl.")
 @errors
-def extract(inputs, backbones, cache_dir, shard, weights, fps, fpc, segmentation, leftover, shot_threshold,
+def extract(inputs, backbones, cache_dir, shard, weights, fps, fpc, segmentation, leftover, shots, shot_threshold,
             min_shot_frames, **opts) -> None:
     """Embed the clips of videos (files, folders or list files) into feature caches.
 
@@ -171,7 +171,7 @@ def extract(inputs, backbones, cache_dir, shard, weights, fps, fpc, segmentation
     from trailers12k_feats.extraction.extract import extract as run
     from trailers12k_feats.extraction.video import ClipSpec
 
-    clip = ClipSpec(**given(fps=fps, fpc=fpc, segmentation=segmentation, leftover=leftover,
+    clip = ClipSpec(**given(fps=fps, fpc=fpc, segmentation=segmentation, leftover=leftover, shots=shots,
                              shot_threshold=shot_threshold, min_shot_frames=min_shot_frames))
     cfg = ExtractConfig(backbones=backbones, clip=clip,
                         **given(**opts, shard=shard_spec(shard), weights=weight_pairs(weights)))
@@ -180,6 +180,26 @@ def extract(inputs, backbones, cache_dir, shard, weights, fps, fpc, segmentation
     if not res.ok:
         click.echo(f"failures listed in {res.report}", err=True)
         sys.exit(3)
+
+
+@main.command("shots")
+@click.argument("videos", nargs=-1, required=True, type=click.Path(path_type=Path))
+@shot_options
+@option(CLIP, "--fps", type=float, help="Frames per second after resampling (frame numbers count at this rate).")
+@option(EXTRACT, "--device", help="cpu or cuda[:N]: where TransNetV2 runs.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@errors
+def shots_cmd(videos, device, as_json, **clip) -> None:
+    """The shots of videos (files, folders or list files) as `t12k extract` cuts them, without any backbone.
+
+    Each shot's first and end frame (exclusive) and times; frames of a dissolve or fade belong
+    to no shot.
+    """
+    from trailers12k_feats.extraction.shots import find_shots, format_shots
+    from trailers12k_feats.extraction.video import ClipSpec
+
+    found = find_shots(list(videos), ClipSpec(**given(**clip)), **given(device=device))
+    click.echo(json.dumps(found, indent=2) if as_json else format_shots(found))
 
 
 @main.command()

@@ -1,8 +1,9 @@
 """Extraction speed on one set of videos, in one run: decoding alone, each backbone alone, everything.
 
 Prints
-  * decode: frames/s of decoding + resampling + scaling alone, and with shot detection and
-    clip building (what the workers do, without the backbones' uint8 resize/crop),
+  * decode: frames/s of decoding + resampling + scaling alone, and with shot detection (the
+    detector `auto` picks on --device) and clip building (what the workers do, without the
+    backbones' uint8 resize/crop),
   * the workers' clip stream (`clipstream.ClipDataset` in a DataLoader with the extraction's
     workers): decoding, shots and clips, as extraction runs it (`decode_clips_per_s`),
   * per backbone: clips/s of its resize/crop on the device, and of the model alone on
@@ -105,14 +106,14 @@ def main() -> None:
         tmp = Path(tmp)
         paths = make_videos(tmp / "videos", args.videos, args.seconds, (W, H))
         print(f"{len(paths)} videos {W}x{H}, {args.seconds:.0f} s each; fps {spec.fps}, fpc {spec.fpc}, "
-              f"short side {spec.short_side}; backbones {', '.join(names)}; {cfg.precision} on {dev}, "
+              f"short side {spec.short_side}, shots {spec.shots}; backbones {', '.join(names)}; {cfg.precision} on {dev}, "
               f"workers {args.workers}")
 
         t0 = time.perf_counter()
         n_frames = sum(1 for p in paths for _ in video.frames(p, spec.rate, spec.short_side))
         t_decode = time.perf_counter() - t0
         t0 = time.perf_counter()
-        all_clips = [c for p in paths for c in video.decode_clips(p, spec)]
+        all_clips = [c for p in paths for c in video.decode_clips(p, spec, device=dev)]
         t_clips = time.perf_counter() - t0
         n_clips = len(all_clips)
         print(f"\ndecode alone:             {n_frames / t_decode:8.0f} frames/s  ({n_frames} frames, {t_decode:.1f} s)")
@@ -126,7 +127,7 @@ def main() -> None:
         groups = list({m.group.key: m.group for m in models}.values())
         shipped = union_frames(groups)
         nw = cfg.num_workers
-        loader = DataLoader(ClipDataset([(p.stem, p) for p in paths], spec, shipped, cfg.chunk, cfg.decode_threads),
+        loader = DataLoader(ClipDataset([(p.stem, p) for p in paths], spec, shipped, cfg.chunk, cfg.decode_threads, dev),
                             batch_size=None, collate_fn=as_is, num_workers=nw, worker_init_fn=worker_init if nw else None,
                             prefetch_factor=4 if nw else None)
         t0 = time.perf_counter()

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from trailers12k_feats.extraction import video
-from trailers12k_feats.extraction.video import ClipSpec, ShotDetector, VideoError
+from trailers12k_feats.extraction.shots import ContentShots
+from trailers12k_feats.extraction.video import ClipSpec, VideoError
 from trailers12k_feats.sources.synthvideo import (
     cut_video,
     shot_frames,
@@ -16,7 +17,7 @@ from trailers12k_feats.utils import T12kError
 
 
 def _cuts(frames, fps=24):
-    det = ShotDetector(fps=fps)
+    det = ContentShots(fps=fps)
     return [i for i, f in enumerate(frames) if det.is_cut(f)]
 
 

@@ -48,23 +48,29 @@ def show(value: Any) -> str:
 
 
 class ConfigOption(click.Option):
-    """An option for a config field: None unless given; help ends with the field's default."""
+    """An option for a config field: None unless given; help ends with the field's default.
 
-    def __init__(self, *decls: Any, config: str, field: str | None = None, **kw: Any) -> None:
+    `shown`, a `module:function` reference, describes a default that the field leaves to
+    something else (a None threshold is each shot detector's own).
+    """
+
+    def __init__(self, *decls: Any, config: str, field: str | None = None, shown: str | None = None,
+                 **kw: Any) -> None:
         super().__init__(*decls, **kw)
-        self.config, self.field = config, field or self.name
+        self.config, self.field, self.shown = config, field or self.name, shown
 
     def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
         record = super().get_help_record(ctx)
         if record is None:
             return None
         spec, text = record
-        return spec, f"{text}  [default: {show(default(self.config, self.field))}]"
+        value = load_ref(self.shown)() if self.shown else show(default(self.config, self.field))
+        return spec, f"{text}  [default: {value}]"
 
 
-def option(config: str, *decls: str, field: str | None = None, **kw: Any):
+def option(config: str, *decls: str, field: str | None = None, shown: str | None = None, **kw: Any):
     """click.option for field `field` (the option's name by default) of the dataclass `config`."""
-    return click.option(*decls, cls=ConfigOption, config=config, field=field, **kw)
+    return click.option(*decls, cls=ConfigOption, config=config, field=field, shown=shown, **kw)
 
 
 class LazyChoice(click.Choice):
@@ -183,6 +189,21 @@ def protocol_option(config: str):
     return option(config, "--protocol", type=LazyChoice("trailers12k_feats.training.protocols:PROTOCOLS"),
                   help="authors: as the authors' code (zero padding seen as clips, snippet-level validation "
                        "loss, training trailers under 30 clips left out); masked: padding masked everywhere.")
+
+
+def shot_options(fn):
+    """--shots, --shot-threshold and --min-shot-frames of ClipSpec."""
+    opts = [
+        option(CLIP, "--shots", type=LazyChoice("trailers12k_feats.extraction.shots:SHOTS"),
+               help="Shot detector: content or adaptive (PySceneDetect, hard cuts), transnetv2 (cuts, dissolves, "
+                    "fades); auto: transnetv2 on CUDA, content on the CPU."),
+        option(CLIP, "--shot-threshold", type=float, shown="trailers12k_feats.extraction.shots:threshold_defaults",
+               help="Threshold of the chosen --shots detector."),
+        option(CLIP, "--min-shot-frames", type=int, help="content, adaptive: minimum frames between cuts."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
 
 
 def shard_spec(text: str | None) -> tuple[int, int] | None:

@@ -29,6 +29,7 @@ import torch
 from trailers12k_feats import GENRES, GENRES_SHORT
 from trailers12k_feats import cache as cache_mod
 from trailers12k_feats.cache import CacheAttrs, TrailerClips
+from trailers12k_feats.extraction import shots
 from trailers12k_feats.extraction.extract import ExtractConfig, extract
 from trailers12k_feats.extraction.inputs import resolve_inputs
 from trailers12k_feats.extraction.video import ClipSpec
@@ -96,7 +97,8 @@ def _extract_config(stream: dict, cfg: PredictConfig) -> ExtractConfig:
         raise T12kError(f"stream {stream.get('name')} of this run comes from {where}, which was not made by "
                         "`t12k extract` (synthetic or imported features); predict needs a run trained on "
                         "features extracted by this tool, so it can extract the same ones from your video.")
-    clip = ClipSpec(**{f.name: feats[f.name] for f in dataclasses.fields(ClipSpec) if f.name in feats})
+    settings = {**shots.IMPLIED, **feats}  # a run from before the detector was recorded used content
+    clip = ClipSpec(**{f.name: settings[f.name] for f in dataclasses.fields(ClipSpec) if f.name in settings})
     weights = dict(cfg.weights)
     recorded = stream.get("weights_path")
     if feats["backbone"] not in weights and recorded and recorded != "random" and Path(recorded).is_file():

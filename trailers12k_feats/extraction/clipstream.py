@@ -86,8 +86,9 @@ class ClipDataset(IterableDataset):
     """
 
     def __init__(self, videos: list[tuple[str, Path]], spec: ClipSpec, frames: tuple[int, ...], chunk: int,
-                 threads: int) -> None:
+                 threads: int, device: str = "cpu") -> None:
         self.videos, self.spec, self.frames, self.chunk, self.threads = videos, spec, list(frames), chunk, threads
+        self.device = device  # where the shot detector runs (TransNetV2 on the extraction device)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -100,7 +101,7 @@ class ClipDataset(IterableDataset):
         buf = []
         durations = Durations()
         try:
-            for clip in decode_clips(path, self.spec, self.threads, durations):
+            for clip in decode_clips(path, self.spec, self.threads, durations, self.device):
                 buf.append(clip)
                 if len(buf) == self.chunk:
                     yield self._pack(tid, buf)

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from trailers12k_feats import __version__
 from trailers12k_feats.cache import CacheAttrs, check_dtype
 from trailers12k_feats.extraction import backbones as bb
-from trailers12k_feats.extraction import store
+from trailers12k_feats.extraction import shots, store
 from trailers12k_feats.extraction.clipstream import (
     ClipDataset,
     Group,
@@ -101,6 +101,8 @@ class ExtractConfig:
         if not 0 <= self.image_frames <= self.clip.fpc:
             raise T12kError(f"image_frames must be within 0..fpc ({self.clip.fpc}), got {self.image_frames}.")
         check_device(self.device)
+        # "auto" becomes the detector it picks on this device, and the threshold explicit, as the cache records them.
+        object.__setattr__(self, "clip", self.clip.resolved(self.device))
         check_precision(self.precision, self.device, EXTRACT_PRECISIONS)
         if min(self.batch_size, self.max_images, self.chunk, self.flush_trailers) < 1 or self.workers < -1:
             raise T12kError("batch_size, max_images, chunk and flush_trailers must be >= 1, workers >= -1 (auto).")
@@ -278,13 +280,15 @@ def extract(inputs: list[str | os.PathLike], cache_dir: str | os.PathLike, cfg: 
     cache_dir = Path(cache_dir)
     k, n = cfg.shard
     videos = resolve_inputs(inputs)[k - 1::n]
+    if cfg.clip.segmentation == "shots":
+        shots.get_detector(cfg.clip.shots).check()  # a missing detector stops the run before any video
     precision = extract_precision(cfg, cache_dir)
     models = build_models(cfg, precision)
     cfg = dataclasses.replace(cfg, precision=precision.precision)  # what the forward passes run in
     cache_dir.mkdir(parents=True, exist_ok=True)
     for m in models:
         store.clean_stale(cache_dir, m.attrs.name)
-        store.check_compatible(cache_dir, m.attrs.name, m.attrs.config["features"])
+        store.check_compatible(cache_dir, m.attrs.name, m.attrs.config["features"], shots.IMPLIED)
         m.done = store.finished_ids(cache_dir, m.attrs.name)
     todo = [(t, p) for t, p in videos if any(t not in m.done for m in models)]
     skipped = len(videos) - len(todo)
@@ -295,10 +299,14 @@ def extract(inputs: list[str | os.PathLike], cache_dir: str | os.PathLike, cfg: 
     groups = list({m.group.key: m.group for m in models}.values())
     cuda = cfg.device.startswith("cuda")
     shipped = union_frames(groups)
-    loader = DataLoader(ClipDataset(todo, cfg.clip, shipped, cfg.chunk, cfg.decode_threads), batch_size=None,
-                        collate_fn=as_is, num_workers=cfg.num_workers, pin_memory=cuda,
+    # TransNetV2 runs where the clips are cut, in the decoding workers, on the extraction device:
+    # CUDA in a worker needs a worker started afresh, not forked from a process that uses CUDA.
+    spawn = cuda and cfg.num_workers and cfg.clip.segmentation == "shots" and cfg.clip.shots == "transnetv2"
+    loader = DataLoader(ClipDataset(todo, cfg.clip, shipped, cfg.chunk, cfg.decode_threads, cfg.device),
+                        batch_size=None, collate_fn=as_is, num_workers=cfg.num_workers, pin_memory=cuda,
                         worker_init_fn=worker_init if cfg.num_workers else None,
-                        prefetch_factor=4 if cfg.num_workers else None)
+                        prefetch_factor=4 if cfg.num_workers else None,
+                        multiprocessing_context="spawn" if spawn else None)
     run = _Run(models, cfg, cache_dir, tag, report_path if report else None, {**HINTS, **(hints or {})}, shipped)
     bar = tqdm(total=len(todo), unit="trailer", desc="extract", disable=not progress, dynamic_ncols=True)
     threads = torch.get_num_threads()

@@ -51,10 +51,15 @@ def finished_ids(cache_dir: str | os.PathLike, stream: str) -> set[str]:
     return done
 
 
-def check_compatible(cache_dir: str | os.PathLike, stream: str, features: dict) -> None:
-    """Refuse to add to a cache whose existing trailers were made with other feature settings."""
+def check_compatible(cache_dir: str | os.PathLike, stream: str, features: dict, implied: dict | None = None) -> None:
+    """Refuse to add to a cache whose existing trailers were made with other feature settings.
+
+    `implied` gives settings that older caches did not record and the value they had then.
+    """
     for p in sources(cache_dir, stream):
         old = cache_mod.read_attrs(p).config.get("features")
+        if old is not None and implied:
+            old = {**implied, **old}
         if old != features:
             diff = {k: (old.get(k) if old else None, v) for k, v in features.items() if not old or old.get(k) != v}
             raise T12kError(

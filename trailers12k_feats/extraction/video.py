@@ -4,14 +4,18 @@ One pass over the file: PyAV decodes (threaded), each source frame is scaled and
 in libswscale only when it is used, and frames are resampled to the target fps by their
 timestamps (a target time takes the frame shown at that moment), which is correct for
 variable frame rates and needs no re-encode. Rotation metadata is applied. The same frames
-feed the shot detector (PySceneDetect's ContentDetector, run frame by frame with no
-look-ahead) and the clip builder, so memory holds one clip at a time however long the video.
+(and, for TransNetV2, 48x27 copies scaled in the same pass) feed the shot detector
+(shots.py) and the clip builder, so memory holds one clip and the frames the detector has
+not decided about yet (none for ContentDetector; for TransNetV2 up to 75, plus those of a
+transition it is still reading, at most a few hundred), however long the video.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+from collections import deque
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -20,6 +24,7 @@ from typing import Iterator
 import av
 import numpy as np
 
+from trailers12k_feats.extraction import shots
 from trailers12k_feats.utils import T12kError
 
 log = logging.getLogger(__name__)
@@ -39,9 +44,10 @@ class ClipSpec:
 
     fps: float = 24.0  # frames are resampled to this rate
     fpc: int = 24  # frames per clip
-    segmentation: str = "shots"  # "shots": clips never cross a detected cut; "fixed": cuts ignored
-    shot_threshold: float = 27.0  # ContentDetector threshold on the HSV frame difference
-    min_shot_frames: int = 15  # no two cuts closer than this (PySceneDetect's min_scene_len)
+    segmentation: str = "shots"  # "shots": clips never cross a detected shot boundary; "fixed": boundaries ignored
+    shots: str = "auto"  # shot detector (shots.DETECTORS); "auto": transnetv2 on CUDA, content on the CPU
+    shot_threshold: float | None = None  # the detector's threshold; None: its own default (shots.DETECTORS)
+    min_shot_frames: int = 15  # content and adaptive: no two cuts closer than this (PySceneDetect's min_scene_len)
     leftover: str = "drop"  # frames of a shot that do not fill a clip: "drop" them or "pad" a clip
     min_leftover: int = 0  # with "pad": a shorter remainder is still dropped; 0 = half a clip
     short_side: int = 256  # decoded frames are scaled so their shorter side has this many pixels
@@ -59,8 +65,22 @@ class ClipSpec:
             raise T12kError(f"min_leftover must be within 0..fpc ({self.fpc}), got {self.min_leftover}.")
         if self.short_side < 16:
             raise T12kError(f"short_side must be >= 16 pixels, got {self.short_side}.")
-        if self.min_shot_frames < 1 or self.shot_threshold <= 0:
-            raise T12kError("min_shot_frames must be >= 1 and shot_threshold > 0.")
+        if self.min_shot_frames < 1:
+            raise T12kError(f"min_shot_frames must be >= 1, got {self.min_shot_frames}.")
+        if self.shots != shots.AUTO:
+            if self.shot_threshold is not None:
+                shots.get_detector(self.shots).check_threshold(self.shot_threshold)
+            else:
+                shots.get_detector(self.shots)
+        elif self.shot_threshold is not None:
+            raise T12kError(f"--shot-threshold {self.shot_threshold:g} needs --shots naming a detector: each reads "
+                            f"its threshold differently and 'auto' picks one by device.")
+
+    def resolved(self, device: str = "cpu") -> "ClipSpec":
+        """This spec with "auto" replaced by the detector it picks on `device` and the threshold made explicit."""
+        name = shots.resolve(self.shots, device)
+        threshold = self.shot_threshold if self.shot_threshold is not None else shots.get_detector(name).threshold
+        return dataclasses.replace(self, shots=name, shot_threshold=float(threshold))
 
     @property
     def rate(self) -> Fraction:
@@ -205,6 +225,16 @@ def frames(path: str | os.PathLike, fps: float | Fraction = 24, short_side: int 
     `durations`, when given, receives the declared length on opening and the decoded one
     once every frame has been yielded.
     """
+    for img, _ in decode(path, fps, short_side, threads, durations):
+        yield img
+
+
+def decode(path: str | os.PathLike, fps: float | Fraction = 24, short_side: int = 256, threads: int = 0,
+           durations: Durations | None = None, small: tuple[int, int] | None = None
+           ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """As :func:`frames`, yielding (frame, small copy): the copy is the same source frame scaled to
+    `small` = (width, height) regardless of aspect (None: no copy), as TransNetV2 reads frames:
+    bicubic, FFmpeg's default, with which its authors scale their inputs."""
     rate = exact_rate(fps)
     with _open(path) as c:
         s = _video_stream(c, path)
@@ -230,13 +260,15 @@ def frames(path: str | os.PathLike, fps: float | Fraction = 24, short_side: int 
                     rotation = int(round(frame.rotation or 0)) % 360
                     w, h = _display_size(frame.width, frame.height, s.sample_aspect_ratio, 0)
                     size = _scaled(w, h, short_side)
+                    if small is not None and rotation % 180:
+                        small = small[::-1]  # scaled before it is turned, like the frames
                 t = t - t0
                 if prev is not None and prev_t is not None and t <= prev_t:
                     continue  # out-of-order or duplicate timestamp: keep the earlier frame
                 if prev is not None:
                     while k < t * rate:  # target times before this frame show the previous one
                         if prev_img is None:
-                            prev_img = _convert(prev, size, rotation)
+                            prev_img = _convert(prev, size, rotation), _convert(prev, small, rotation, "BICUBIC")
                         yield prev_img
                         k += 1
                 prev, prev_img, prev_t = frame, None, t
@@ -251,77 +283,105 @@ def frames(path: str | os.PathLike, fps: float | Fraction = 24, short_side: int 
         end = prev_t + dur
         while k < end * rate:
             if prev_img is None:
-                prev_img = _convert(prev, size, rotation)
+                prev_img = _convert(prev, size, rotation), _convert(prev, small, rotation, "BICUBIC")
             yield prev_img
             k += 1
         if durations is not None:
             durations.decoded = float(end)
 
 
-def _convert(frame: av.VideoFrame, size: tuple[int, int], rotation: int) -> np.ndarray:
-    img = frame.to_ndarray(width=size[0], height=size[1], format="rgb24", interpolation="AREA")  # (H, W, 3)
+def _convert(frame: av.VideoFrame, size: tuple[int, int] | None, rotation: int,
+             interpolation: str = "AREA") -> np.ndarray | None:
+    """`frame` scaled to `size` (width, height, before rotation) as RGB (H, W, 3) uint8, turned as a player shows it."""
+    if size is None:
+        return None
+    img = frame.to_ndarray(width=size[0], height=size[1], format="rgb24", interpolation=interpolation)  # (H, W, 3)
     if rotation:
         img = np.ascontiguousarray(np.rot90(img, k=rotation // 90))  # counter-clockwise, as players show it
     return img
 
 
-class ShotDetector:
-    """Hard-cut detection, one frame at a time: PySceneDetect's ContentDetector in suppress mode.
+def segment(path: str | os.PathLike, spec: ClipSpec, threads: int = 0, durations: Durations | None = None,
+            device: str = "cpu") -> Iterator[tuple[int, np.ndarray, int]]:
+    """Yield (k, frame, shot) for every frame of `path` that belongs to a shot, in order.
 
-    Suppress mode reports a cut on the frame that starts the new shot, with no delay, so
-    clips can be emitted as frames arrive. Frames are halved before scoring, as
-    PySceneDetect downscales by default.
+    k is the frame's index at `spec.fps`; shot counts from 0 (-1 with fixed segmentation).
+    Frames of a transition (a dissolve or fade TransNetV2 found) belong to no shot and are
+    skipped. The detector runs on `device`; frames wait here until it has decided about them.
     """
+    spec = spec.resolved(device)
+    if spec.segmentation == "fixed":
+        for k, (img, _) in enumerate(decode(path, spec.rate, spec.short_side, threads, durations)):
+            yield k, img, -1
+        return
+    det = shots.build(spec.shots, spec.shot_threshold, spec.min_shot_frames, spec.rate, device)
+    pending: deque[tuple[int, np.ndarray]] = deque()  # frames the detector may still place in a transition
+    marks: deque[shots.Transition] = deque()  # transitions reported whose frames have not all left
+    shot, filled, boundary = 0, False, False  # current shot, whether it has frames, whether the next one is new
+    released = 0  # frames before this one have left
 
-    def __init__(self, threshold: float = 27.0, min_shot_frames: int = 15, fps: float | Fraction = 24) -> None:
-        from scenedetect import FrameTimecode
-        from scenedetect.detector import FlashFilter
-        from scenedetect.detectors import ContentDetector
+    def note(found: list[shots.Transition]) -> None:
+        for t in found:
+            if t.start < released or marks and t.start < marks[-1].end:
+                raise RuntimeError(f"{spec.shots} reported a transition at frame {t.start} after deciding on it")
+            marks.append(t)
 
-        self._tc = FrameTimecode
-        self._fps = float(fps)
-        self._det = ContentDetector(threshold=threshold, min_scene_len=min_shot_frames,
-                                    filter_mode=FlashFilter.Mode.SUPPRESS)
-        self._n = 0
+    def release(upto: int) -> Iterator[tuple[int, np.ndarray, int]]:
+        nonlocal shot, filled, boundary, released
+        while pending and pending[0][0] < upto:
+            k, img = pending.popleft()
+            released, drop = k + 1, False
+            while marks and k >= marks[0].start:
+                boundary = True  # the shot ended before the transition
+                if k < marks[0].end:
+                    drop = True
+                    break
+                marks.popleft()
+            if drop:
+                continue
+            if boundary and filled:
+                shot, filled = shot + 1, False
+            boundary, filled = False, True
+            yield k, img, shot
 
-    def is_cut(self, frame: np.ndarray) -> bool:
-        """True when `frame` (H, W, 3) RGB starts a new shot."""
-        bgr = np.ascontiguousarray(frame[::2, ::2, ::-1])
-        cuts = self._det.process_frame(self._tc(self._n, fps=self._fps), bgr)
-        self._n += 1
-        return bool(cuts) and self._n > 1
+    for k, (img, small) in enumerate(decode(path, spec.rate, spec.short_side, threads, durations, det.small)):
+        pending.append((k, img))
+        note(det.push(img, small))
+        yield from release(det.decided)
+    note(det.finish())
+    yield from release(released + len(pending))
 
 
 def decode_clips(path: str | os.PathLike, spec: ClipSpec, threads: int = 0,
-                 durations: Durations | None = None) -> Iterator[Clip]:
+                 durations: Durations | None = None, device: str = "cpu") -> Iterator[Clip]:
     """Yield the clips of a video: shots (or the fixed timeline) cut into `fpc`-frame clips.
 
-    `durations` receives the decoded and declared lengths (see :func:`frames`).
+    A clip never holds frames of two shots, nor frames of the transition between them.
+    `durations` receives the decoded and declared lengths (see :func:`frames`); the shot
+    detector runs on `device`.
     """
     rate = spec.rate
-    detector = ShotDetector(spec.shot_threshold, spec.min_shot_frames, rate) if spec.segmentation == "shots" else None
     buf: list[np.ndarray] = []
-    shot, start_k = 0, 0
+    shot, start_k, last = None, 0, -1
 
-    def finish(k_end: int) -> Iterator[Clip]:
+    def finish() -> Iterator[Clip]:
         # Remainder of a shot shorter than a clip: dropped, or padded with its last frame.
         if buf and spec.leftover == "pad" and len(buf) >= spec.leftover_frames:
             frames_ = buf + [buf[-1]] * (spec.fpc - len(buf))
-            yield Clip(np.stack(frames_), float(start_k / rate), float(k_end / rate),
-                       shot if detector else -1)
+            yield Clip(np.stack(frames_), float(start_k / rate), float((last + 1) / rate), shot)
 
-    k = -1
-    for k, img in enumerate(frames(path, rate, spec.short_side, threads, durations)):
-        if detector is not None and detector.is_cut(img):
-            yield from finish(k)
-            buf, shot, start_k = [], shot + 1, k
+    for k, img, s in segment(path, spec, threads, durations, device):
+        if s != shot:
+            yield from finish()
+            buf, shot = [], s
         if not buf:
             start_k = k
         buf.append(img)
+        last = k
         if len(buf) == spec.fpc:
-            yield Clip(np.stack(buf), float(start_k / rate), float((k + 1) / rate), shot if detector else -1)
+            yield Clip(np.stack(buf), float(start_k / rate), float((k + 1) / rate), s)
             buf = []
-    yield from finish(k + 1)
+    yield from finish()
 
 
 def find_videos(root: str | os.PathLike) -> list[Path]:
