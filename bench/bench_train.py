@@ -18,7 +18,8 @@ not there; 12,000 trailers take about 8 GB), beside pooling every clip as the pr
 caches stored pooled summaries.
 
     python bench/bench_train.py [--dim 1024] [--clips 600000] [--steps 20] [--seconds 5] [--threads N]
-                                [--sections throughput,startup,probe] [--corpus cache/synth] [--trailers 12000]
+                                [--sections throughput,startup] [--corpus cache/synth] [--trailers 12000]
+    python bench/bench_train.py --sections probe [--corpus cache/synth] [--trailers 12000] [--skip-clip-pooling]
 """
 
 from __future__ import annotations
@@ -265,7 +266,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="training steps per timed epoch")
     ap.add_argument("--seconds", type=float, default=5.0, help="timing per measurement")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated: {', '.join(SECTIONS)}")
+    ap.add_argument("--sections", default="throughput,startup",
+                    help=f"comma-separated, of {', '.join(SECTIONS)} (probe may first make an 8 GB corpus)")
     ap.add_argument("--startup-trailers", type=int, default=2100, help="trailers of the start-up cache")
     ap.add_argument("--startup-dim", type=int, default=2048, help="feature dim of the start-up cache")
     ap.add_argument("--startup-dtype", default="float32", choices=cache.DTYPES)
