@@ -105,12 +105,12 @@ def cache_info(paths: tuple[Path, ...], as_json: bool) -> None:
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @errors
 def cache_validate(paths: tuple[Path, ...]) -> None:
-    """Check caches' schema, index and values (NaN/Inf)."""
+    """Check caches' schema, index and values (NaN/Inf), and that stored pooled summaries match the clips."""
     from trailers12k_feats import cache as cache_mod
     from trailers12k_feats.cache_info import expand
 
     for f in expand(paths):
-        cache_mod.validate(f)
+        cache_mod.validate(f, pooled=True)
         click.echo(f"ok  {f}")
 
 

@@ -309,12 +309,14 @@ def test_validate_catches_summaries_that_disagree_with_the_clips(tmp_path, toy_c
     with h5py.File(p, "r+") as h5:
         h5["features"][6, 0] += 3.0  # trailer 2 changed after writing: still finite
     with pytest.raises(T12kError, match="stored pool_mean of trailer tt0000002 does not match its clips"):
-        cache.validate(p)
+        cache.validate(p, pooled=True)
+    assert cache.validate(p).name == "toy"  # what training checks: the clips alone
     with h5py.File(p, "r+") as h5:
         del h5["pool_max"]
         h5["pool_max"] = np.zeros((2, 8), np.float32)
-    with pytest.raises(T12kError, match=r"pool_max has shape \(2, 8\) .*expected \(3, 8\) float32"):
-        cache.validate(p)
+    for pooled in (False, True):
+        with pytest.raises(T12kError, match=r"pool_max has shape \(2, 8\) .*expected \(3, 8\) float32"):
+            cache.validate(p, pooled=pooled)
 
 
 def test_iter_blocks_yields_whole_trailers(tmp_path, toy_cache):

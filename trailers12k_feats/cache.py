@@ -596,11 +596,12 @@ def _pooled_shapes(path: Path, h5: h5py.File, n: int, F: int) -> list[str]:
     return [r for r, name in POOLED.items() if name in h5]
 
 
-def validate(path: str | os.PathLike, chunk_rows: int = 65536) -> CacheAttrs:
+def validate(path: str | os.PathLike, chunk_rows: int = 65536, pooled: bool = False) -> CacheAttrs:
     """Check a cache's schema, index and values without keeping it in RAM; raise T12kError if bad.
 
-    Every feature value is checked whatever the cache records, and stored pooled summaries
-    must agree with the clips they summarise.
+    Every feature value is checked whatever the cache records. With `pooled`, stored pooled
+    summaries must also agree with the clips they summarise (only the probe reads them, so
+    training does not ask for it).
     """
     path = Path(path)
     with _open(path) as h5:
@@ -614,7 +615,8 @@ def validate(path: str | os.PathLike, chunk_rows: int = 65536) -> CacheAttrs:
                 raise T12kError(f"feature cache {path}: {name} has shape {h5[name].shape}, expected "
                                 f"({ds.shape[0]},); recreate it.")
         _durations(path, h5, len(ids))
-        reductions = _pooled_shapes(path, h5, len(ids), ds.shape[1])
+        reductions = _pooled_shapes(path, h5, len(ids), ds.shape[1])  # shapes always checked
+        reductions = reductions if pooled else []
         for t0, t1, block in _blocks(ds, offsets, chunk_rows):
             _check_finite(path, block, offsets[t0:] - offsets[t0], ids[t0:])
             if reductions:
