@@ -84,21 +84,30 @@ class PrecisionChoice:
 
 
 def cpu_identity() -> dict:
-    """{"model", "amx_bf16", "avx512_bf16"}: the CPU and the bf16 instructions that decide its speed
-    (from /proc/cpuinfo; flags False where it is not there)."""
-    model, flags = platform.processor() or platform.machine() or "unknown CPU", set()
+    """{"model", "cpuid", "cores", "amx_bf16", "avx512_bf16", "avx512f"}: the CPU and the bf16
+    instructions that decide its speed, from /proc/cpuinfo (flags False where it is not there).
+
+    `cpuid` is "family F model M stepping S": virtual machines often hide the marketing name
+    ("Intel(R) Xeon(R) Processor") but not these numbers (family 6 model 143 is Sapphire Rapids).
+    """
+    model, flags, cores, ident = platform.processor() or platform.machine() or "unknown CPU", set(), 0, {}
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         text = ""
     for line in text.splitlines():
         key, _, value = line.partition(":")
-        if key.strip() == "model name":
+        key = key.strip()
+        if key == "model name":
             model = value.strip()
-        elif key.strip() == "flags":
-            flags = set(value.split())
-            break  # the first CPU's flags; "model name" comes before them
-    return {"model": model, "amx_bf16": "amx_bf16" in flags, "avx512_bf16": "avx512_bf16" in flags}
+            cores += 1
+        elif key == "flags" and not flags:
+            flags = set(value.split())  # the first CPU's
+        elif key in ("cpu family", "model", "stepping") and key not in ident:
+            ident[key] = value.strip()
+    cpuid = " ".join(f"{k} {v}" for k, v in ident.items()).replace("cpu family", "family")
+    return {"model": model, "cpuid": cpuid, "cores": cores or None, "amx_bf16": "amx_bf16" in flags,
+            "avx512_bf16": "avx512_bf16" in flags, "avx512f": "avx512f" in flags}
 
 
 def probe_key(cpu: dict | None = None, threads: int | None = None) -> str:
