@@ -276,7 +276,8 @@ def train(data_dir, metadata, cache_dir, on_missing, row, image, video, out, all
 @rows_splits(REPRODUCE)
 @option(REPRODUCE, "--out", field="out_dir", type=click.Path(path_type=Path), help="Results folder.")
 @option(REPRODUCE, "--group/--no-group", default=None,
-        help="Train the splits of a row as one batched model (same results, faster), or one run at a time.")
+        help="Train the splits of a row as one batched model (the same runs up to float rounding, faster), "
+             "or one run at a time.")
 @clips_option
 @protocol_option(REPRODUCE)
 @train_options
