@@ -37,7 +37,13 @@ from machine import cpu_summary
 
 from trailers12k_feats.extraction import shots, video
 from trailers12k_feats.extraction.video import ClipSpec
-from trailers12k_feats.sources.synthvideo import JOINS, EditedVideo, Join, edited_video, random_edit
+from trailers12k_feats.sources.synthvideo import (
+    JOINS,
+    EditedVideo,
+    Join,
+    edited_video,
+    random_edit,
+)
 
 TOL = 2  # frames between a detected boundary and a transition that still count as a match
 
@@ -54,6 +60,11 @@ def shot_spans(ev: EditedVideo, spec: ClipSpec, device: str) -> list[tuple[int, 
     return [(s["start_frame"], s["end_frame"]) for s in found["shots"]]
 
 
+def near(bound: tuple[int, int], join: Join) -> bool:
+    """Whether a detected boundary (end of a shot, start of the next) comes within TOL frames of `join`."""
+    return not (bound[1] + TOL < join.start or bound[0] - TOL > join.end)
+
+
 def score(videos: list[EditedVideo], found: list[list[tuple[int, int]]]) -> dict:
     """Matches of detected boundaries with the known transitions, over all videos."""
     hits = {k: 0 for k in JOINS}
@@ -62,7 +73,6 @@ def score(videos: list[EditedVideo], found: list[list[tuple[int, int]]]) -> dict
     lost = []
     for ev, spans in zip(videos, found):
         bounds = [(a_end, b_start) for (_, a_end), (b_start, _) in zip(spans, spans[1:])]  # (end, next start)
-        near = lambda b, j: not (b[1] + TOL < j.start or b[0] - TOL > j.end)  # noqa: E731
         for j in ev.joins:
             total[j.kind] += 1
             matched = [b for b in bounds if near(b, j)]
@@ -125,9 +135,9 @@ def main() -> None:
             found = [shot_spans(ev, spec, device) for ev in videos]
             fps = frames / (time.perf_counter() - t0)
             s = score(videos, found)
-            cell = lambda k: f"{100 * s['hits'][k] / max(s['total'][k], 1):.0f}%"  # noqa: E731
-            rows.append(f"{name:<11} {spec.resolved(device).shot_threshold:>9g} {cell('cut'):>7} "
-                        f"{cell('dissolve'):>9} {cell('fade'):>7} {1000 * s['false'] / frames:>8.2f} "
+            cell = {k: f"{100 * s['hits'][k] / max(s['total'][k], 1):.0f}%" for k in JOINS}
+            rows.append(f"{name:<11} {spec.resolved(device).shot_threshold:>9g} {cell['cut']:>7} "
+                        f"{cell['dissolve']:>9} {cell['fade']:>7} {1000 * s['false'] / frames:>8.2f} "
                         f"{s['precision']:>6.3f} {s['recall']:>6.3f} {s['f1']:>6.3f} {s['spanned']:>7} "
                         f"{s['lost_per_cut']:>8.2f} {fps:>9.0f}")
             print(f"  {name}: found {s['hits']} of {s['total']}; {s['false']} false boundaries, {s['at_flash']} "

@@ -55,7 +55,7 @@ REQUIRED_DATASETS = ("features", "offsets", "ids", "clip_start", "clip_end", "sh
 DURATION_DATASETS = ("decoded_s", "declared_s")  # optional, per trailer; written by extraction
 DTYPES = ("float16", "float32")  # how features may be stored
 # Per-trailer summaries of the clips, (n, F) float32 each: reduction -> dataset. Written by
-# CacheWriter; added to older caches by pooling.ensure_pooled (see store_pooled).
+# CacheWriter; added to older caches by pooling.load_pooled (see store_pooled).
 POOLED = {"mean": "pool_mean", "max": "pool_max"}
 # The record that every stored feature value was checked finite: `FINITE` is True and
 # `FINITE_BY` names the package version that checked. `load` trusts it and skips its scan.
