@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from trailers12k_feats.training.data import Metadata, TrailerData
 from trailers12k_feats.training.heads import build_divita, count_params
 from trailers12k_feats.training.protocols import head_options, snippet_loss, training_set
 from trailers12k_feats.training.train import (
+    EpochLog,
     RunResult,
     TrainConfig,
     _split_data,
@@ -85,9 +85,7 @@ class _Run:
     views: list[torch.nn.Parameter]  # the run's slice of each batched parameter (shared storage)
     opt: torch.optim.AdamW  # over `views`, built as Trainer builds its own
     sched: torch.optim.lr_scheduler.ReduceLROnPlateau
-    history: list[dict] = field(default_factory=list)
-    best_loss: float = math.inf
-    best_epoch: int = 0
+    epochs: EpochLog
     best_state: dict | None = None
     snippets: dict = field(default_factory=dict)  # subset -> (owner (S,), first (S,))
 
@@ -119,7 +117,7 @@ class GroupTrainer:
             models.append(build_divita(dims.get("image"), dims.get("video"), temporal=c.temporal, fusion=c.fusion,
                                        dropout=c.dropout, **head_options(c.protocol)).to(self.device))
             self.runs.append(_Run(c, desc, {**data, "train": train}, left_out, gen, dropout_generator(self.device),
-                                  [], None, None))
+                                  [], None, None, EpochLog(desc, c.protocol, c.early_stop_patience)))
         features = [r.data["train"].features for r in self.runs]
         if any(f.keys() != features[0].keys() or any(f[k] is not features[0][k] for k in f) for f in features):
             raise T12kError("the runs of a group must train on the same loaded streams.")
@@ -259,7 +257,8 @@ class GroupTrainer:
         model.load_state_dict(r.best_state)
         _, val_m, val_p = evaluate_model(model, r.data["val"], c)
         _, test_m, test_p = evaluate_model(model, r.data["test"], c)
-        result = RunResult(r.best_epoch, len(r.history), val_m, test_m, r.history, time.perf_counter() - t0)
+        result = RunResult(r.epochs.best_epoch, len(r.epochs.history), val_m, test_m, r.epochs.history,
+                           time.perf_counter() - t0)
         return result, model, val_p, test_p
 
     def fit(self, progress: bool = True, desc: str = "group",
@@ -277,21 +276,12 @@ class GroupTrainer:
             for j, (r, tl, (val_loss, val_m, _)) in enumerate(zip(self.runs, train_losses, self.evaluate("val"))):
                 lr = r.lr
                 r.sched.step(val_loss)
-                r.history.append({"epoch": epoch, "train_loss": tl, "val_loss": val_loss, "lr": lr,
-                                  **{f"val_{k}": val_m[k] for k in ("uAP", "mAP", "wAP", "sAP")},
-                                  "seconds": round(time.perf_counter() - t0, 2)})
-                if not math.isfinite(val_loss):
-                    if r.cfg.protocol == "authors" and r.best_state is not None:
-                        log.warning("%s: validation loss is %s at epoch %d; stopping and keeping epoch %d",
-                                    r.desc, val_loss, epoch, r.best_epoch)
-                        stop.append(j)
-                        continue
-                    raise diverged(r.desc, f"validation loss is {val_loss} at epoch {epoch}")
-                if val_loss < r.best_loss:
-                    r.best_loss, r.best_epoch, r.best_state = val_loss, epoch, self.model.run_state(j)
-                if epoch - r.best_epoch >= r.cfg.early_stop_patience or epoch >= r.cfg.max_epochs:
+                improved, done = r.epochs.add(epoch, tl, val_loss, val_m, lr, time.perf_counter() - t0)
+                if improved:
+                    r.best_state = self.model.run_state(j)
+                if done or epoch >= r.cfg.max_epochs:
                     stop.append(j)
-            bar.set_postfix(runs=len(self.runs), best=",".join(str(r.best_epoch) for r in self.runs))
+            bar.set_postfix(runs=len(self.runs), best=",".join(str(r.epochs.best_epoch) for r in self.runs))
             for j in stop:
                 r = self.runs[j]
                 out = self._finish(r, t0)

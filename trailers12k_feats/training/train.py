@@ -227,6 +227,40 @@ def train_precision(cfg: TrainConfig, **kw) -> PrecisionChoice:
     return resolve_precision(cfg.precision, cfg.device, TRAIN_PRECISIONS, **kw)
 
 
+@dataclass
+class EpochLog:
+    """A run's epochs as training records them (history.csv's rows), its best validation loss
+    and epoch, and when it stops: `patience` epochs without a better loss, or a non-finite one."""
+
+    desc: str
+    protocol: str
+    patience: int
+    history: list[dict] = field(default_factory=list)
+    best_loss: float = math.inf
+    best_epoch: int = 0  # 0: no epoch with a finite loss yet
+
+    def add(self, epoch: int, train_loss: float, val_loss: float, val_m: dict[str, float], lr: float,
+            seconds: float) -> tuple[bool, bool]:
+        """Record an epoch; (whether it is the best so far, whether the run stops after it).
+
+        A non-finite validation loss stops a run of the authors' protocol that has a best epoch
+        (their EarlyStopping(check_finite=True) ends on the best checkpoint) and raises otherwise.
+        """
+        self.history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "lr": lr,
+                             **{f"val_{k}": val_m[k] for k in ("uAP", "mAP", "wAP", "sAP")},
+                             "seconds": round(seconds, 2)})
+        if not math.isfinite(val_loss):
+            if self.protocol == "authors" and self.best_epoch:
+                log.warning("%s: validation loss is %s at epoch %d; stopping and keeping epoch %d",
+                            self.desc, val_loss, epoch, self.best_epoch)
+                return False, True
+            raise diverged(self.desc, f"validation loss is {val_loss} at epoch {epoch}")
+        improved = val_loss < self.best_loss
+        if improved:
+            self.best_loss, self.best_epoch = val_loss, epoch
+        return improved, epoch - self.best_epoch >= self.patience
+
+
 class Trainer:
     """Holds the model, optimiser and data of one run; `fit()` runs the protocol.
 
@@ -299,36 +333,28 @@ class Trainer:
     def fit(self, progress: bool = True, desc: str = "epochs") -> RunResult:
         cfg = self.cfg
         t0 = time.perf_counter()
-        best_loss, best_epoch, best_state = math.inf, 0, None
-        history = []
+        epochs, best_state = EpochLog(desc, cfg.protocol, cfg.early_stop_patience), None
         bar = tqdm(range(1, cfg.max_epochs + 1), desc=desc, unit="epoch", disable=not progress, leave=False)
         for epoch in bar:
             train_loss = self.train_epoch(epoch=epoch, desc=desc)
             val_loss, val_m, _ = self.evaluate(self.data["val"])
             lr = self.opt.param_groups[0]["lr"]
             self.sched.step(val_loss)
-            history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "lr": lr,
-                            **{f"val_{k}": val_m[k] for k in ("uAP", "mAP", "wAP", "sAP")},
-                            "seconds": round(time.perf_counter() - t0, 2)})
+            improved, stop = epochs.add(epoch, train_loss, val_loss, val_m, lr, time.perf_counter() - t0)
             if not math.isfinite(val_loss):
-                if cfg.protocol == "authors" and best_state is not None:
-                    # the authors' EarlyStopping(check_finite=True) ends the run on the best checkpoint
-                    log.warning("%s: validation loss is %s at epoch %d; stopping and keeping epoch %d",
-                                desc, val_loss, epoch, best_epoch)
-                    break
-                raise diverged(desc, f"validation loss is {val_loss} at epoch {epoch}")
-            if val_loss < best_loss:
-                best_loss, best_epoch = val_loss, epoch
+                break  # the authors' protocol keeps the best epoch (EpochLog.add raised otherwise)
+            if improved:
                 best_state = copy.deepcopy(self.model.state_dict())
             bar.set_postfix(loss=f"{train_loss:.4f}", val_loss=f"{val_loss:.4f}", val_uAP=f"{val_m['uAP']:.2f}",
-                            best=best_epoch)
+                            best=epochs.best_epoch)
             log.debug("epoch %d train %.4f val %.4f %s", epoch, train_loss, val_loss, format_metrics(val_m))
-            if epoch - best_epoch >= cfg.early_stop_patience:
+            if stop:
                 break
         self.model.load_state_dict(best_state)
         _, val_m, self.val_probs = self.evaluate(self.data["val"])
         _, test_m, self.test_probs = self.evaluate(self.data["test"])
-        return RunResult(best_epoch, len(history), val_m, test_m, history, time.perf_counter() - t0)
+        return RunResult(epochs.best_epoch, len(epochs.history), val_m, test_m, epochs.history,
+                         time.perf_counter() - t0)
 
 
 def _write_history(path: Path, history: list[dict]) -> None:
