@@ -255,20 +255,13 @@ def backbones_(as_json: bool) -> None:
 @errors
 def train(data_dir, metadata, cache_dir, on_missing, row, image, video, out, allow_mismatched_clips, **opts) -> None:
     """Train one head on one split and save a run directory."""
-    from trailers12k_feats.training.metrics import format_metrics
-    from trailers12k_feats.training.train import (
-        TrainConfig,
-        TrainJob,
-        train_from_caches,
-    )
+    from trailers12k_feats.training.train import TrainConfig, TrainJob, train_from_caches
 
     metadata, cache_dir = resolve_data(data_dir, metadata, cache_dir)
     job = TrainJob(metadata=metadata, cache_dir=cache_dir, out=out, train=TrainConfig(**given(**opts)),
                    allow_mismatched_clips=allow_mismatched_clips,
                    **given(row=row, image=image, video=video, on_missing=on_missing))
-    res = train_from_caches(job)
-    click.echo(f"best epoch {res.best_epoch}/{res.epochs}\n  val  {format_metrics(res.val)}\n"
-               f"  test {format_metrics(res.test)}\nrun saved to {out}")
+    click.echo(f"{train_from_caches(job).summary()}\nrun saved to {out}")
 
 
 @main.command()

@@ -139,6 +139,11 @@ class RunResult:
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
 
+    def summary(self) -> str:
+        """Best epoch, validation and test metrics, as `t12k train` prints them."""
+        return (f"best epoch {self.best_epoch}/{self.epochs}\n  val  {format_metrics(self.val)}\n"
+                f"  test {format_metrics(self.test)}")
+
 
 @dataclass(frozen=True)
 class TrainJob:
