@@ -110,8 +110,11 @@ class RunBatchNorm(nn.Module):
             n = m.sum(2, keepdim=True)  # (R', 1, 1) real clips of each run's batch
             mean = torch.bmm(m, flat) / n  # (R', 1, F)
             d = flat - mean  # (R', B*S, F)
-            var = torch.bmm(m, d * d) / n  # (R', 1, F) biased
-            xc = d.view(R, B, S, F_) if out == d.dtype else d.view(R, B, S, F_).to(out)  # (R', B, S, F)
+            if out == d.dtype:
+                xc, sq = d.view(R, B, S, F_), d * d  # (R', B, S, F), (R', B*S, F)
+            else:  # the cast first, then d squared in place: one (R', B*S, F) buffer less to write and read
+                xc, sq = d.view(R, B, S, F_).to(out), d.square_()
+            var = torch.bmm(m, sq) / n  # (R', 1, F) biased
         with torch.no_grad():
             w = self.momentum
             self._update("num_batches_tracked", pick(self.num_batches_tracked, idx) + 1, idx)
