@@ -90,6 +90,20 @@ def test_grouped_model_is_each_model(temporal, fusion, dropout_at):
         torch.testing.assert_close(group.run_state(0)[k], v, rtol=0, atol=1e-6, msg=k)
 
 
+def test_grouped_model_under_bf16_autocast_is_each_model_up_to_rounding():
+    torch.manual_seed(0)
+    models = [build_divita(24, None, dropout=0.0) for _ in range(3)]  # training-mode BatchNorm, no dropout
+    group = GroupedDivita.from_models(models)
+    x = torch.randn(3, 8, 30, 24) + 3  # features off zero: the centring matters
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = group(ix=x, ix_mask=None).float()  # (3, 8, 10)
+        for j, m in enumerate(models):
+            alone = m(ix=x[j], ix_mask=torch.ones(8, 30, dtype=torch.bool)).float()
+            torch.testing.assert_close(out[j], alone, rtol=0, atol=0.01)  # logits ~0.5: a bf16 rounding or two
+    for k, v in models[2].state_dict().items():  # running statistics as the single head's
+        torch.testing.assert_close(group.run_state(2)[k].to(v.dtype), v, rtol=1e-3, atol=1e-4, msg=k)
+
+
 def test_group_problem():
     base = TrainConfig()
     assert group_problem([base]) == "a group needs two runs or more"
