@@ -230,11 +230,38 @@ class TrailerData:
     def dims(self) -> dict[str, int]:
         return {k: int(v.shape[1]) for k, v in self.features.items()}
 
+    @property
+    def device(self) -> torch.device:
+        """Where the features (and so the batches gathered from them) live."""
+        return next(iter(self.features.values())).device
+
+    def to(self, device: torch.device | str, moved: dict[int, tuple] | None = None) -> TrailerData:
+        """A copy whose features, clip positions and labels live on `device`. Each feature tensor
+        is copied once: pass one `moved` dict to TrailerData that share features (the train, val
+        and test sets of a split, the runs of a group) so their copies share it too."""
+        device = torch.device(device)
+        moved = {} if moved is None else moved
+        out = copy.copy(self)
+        out.features = {}
+        for k, f in self.features.items():
+            if id(f) not in moved:  # the source is kept beside its copy so its id stays its own
+                moved[id(f)] = (f, f.to(device))
+            out.features[k] = moved[id(f)][1]
+        out.starts = {k: v.to(device) for k, v in self.starts.items()}
+        out.lengths = self.lengths.to(device)
+        out.labels = None if self.labels is None else self.labels.to(device)
+        return out
+
+    def feature_bytes(self) -> int:
+        """Bytes of the feature tensors (shared by subsets, counted once)."""
+        return sum(f.numel() * f.element_size() for f in {id(f): f for f in self.features.values()}.values())
+
     def clip_index(self, rows: torch.Tensor, first: torch.Tensor,
                    window: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Where clips first..first+window-1 of trailers `rows` lie in each stream's features
-        ({stream: (B, W)}, past a trailer's end its last clip), and the mask of real clips (B, W)."""
-        pos = first[:, None] + torch.arange(window)  # (B, W)
+        ({stream: (B, W)}, past a trailer's end its last clip), and the mask of real clips (B, W).
+        `rows` and `first` live where the features do."""
+        pos = first[:, None] + torch.arange(window, device=first.device)  # (B, W)
         mask = pos < self.lengths[rows, None]  # (B, W)
         pos = torch.minimum(pos, self.lengths[rows, None] - 1)  # stay inside the trailer
         return {k: self.starts[k][rows, None] + pos for k in self.streams}, mask
@@ -259,10 +286,45 @@ class TrailerData:
         """One random window of `window` consecutive clips per trailer (shorter trailers: all clips)."""
         return self.gather(rows, self.window_starts(rows, window, gen), window, dtype)
 
+    def epoch_windows(self, batch_size: int, window: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """An epoch's (order (n,), first clip (n,)): a shuffle, then one random window per trailer
+        drawn batch by batch, the draws `random_windows` makes over `order` in batches of
+        `batch_size`. Made on the CPU, so a device only receives the two tensors once an epoch."""
+        order = torch.randperm(len(self), generator=gen)  # (n,)
+        firsts = [self.window_starts(order[s:s + batch_size], window, gen) for s in range(0, len(self), batch_size)]
+        return order, torch.cat(firsts)  # (n,), (n,)
+
     def snippets(self, rows: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(owner, first clip) of every non-overlapping `window`-clip snippet of trailers `rows`."""
         count = (self.lengths[rows] + window - 1) // window  # (n,)
         owner = torch.repeat_interleave(rows, count)  # (total,)
         base = torch.repeat_interleave(torch.cumsum(count, 0) - count, count)
-        first = (torch.arange(len(owner)) - base) * window  # (total,)
+        first = (torch.arange(len(owner), device=owner.device) - base) * window  # (total,)
         return owner, first
+
+
+DEVICE_SHARE = 0.75  # of a GPU's free memory the features may take; the rest is for the heads' activations
+
+
+def to_device(datas: Sequence[dict[str, TrailerData]], device: torch.device | str,
+              desc: str = "training") -> list[dict[str, TrailerData]]:
+    """`datas` (each {"train", "val", "test"} or any subsets) with their features on `device` when
+    they fit in DEVICE_SHARE of its free memory: one copy per feature tensor, shared by every
+    subset, so windows and snippets are then gathered on the device and a step copies nothing.
+    When they do not fit, `datas` as they are, with a log line: batches are gathered in host RAM
+    and copied to the device at each step. On the CPU, `datas` as they are."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return list(datas)
+    tensors = {id(f): f for data in datas for d in data.values() for f in d.features.values()}
+    need = sum(f.numel() * f.element_size() for f in tensors.values())
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else need
+    if need > DEVICE_SHARE * free:
+        log.info("%s: the features (%.2f GiB) do not fit in %.0f%% of the %.2f GiB free on %s; batches are "
+                 "gathered in host RAM and copied at each step", desc, need / 2**30, 100 * DEVICE_SHARE,
+                 free / 2**30, device)
+        return list(datas)
+    moved: dict[int, tuple] = {}
+    out = [{k: d.to(device, moved) for k, d in data.items()} for data in datas]
+    log.info("%s: features moved to %s once (%.2f GiB); batches are gathered there", desc, device, need / 2**30)
+    return out

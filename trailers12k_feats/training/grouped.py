@@ -34,7 +34,7 @@ from trailers12k_feats import NUM_GENRES
 from trailers12k_feats import cache as cache_mod
 from trailers12k_feats.runtime import PRECISIONS, PrecisionChoice, autocast
 from trailers12k_feats.training.batched import BATCHED_TEMPORAL, GroupedDivita
-from trailers12k_feats.training.data import Metadata, TrailerData
+from trailers12k_feats.training.data import Metadata, TrailerData, to_device
 from trailers12k_feats.training.heads import build_divita, count_params
 from trailers12k_feats.training.protocols import head_options, snippet_loss, training_set
 from trailers12k_feats.training.train import (
@@ -78,7 +78,7 @@ class _Run:
 
     cfg: TrainConfig
     desc: str
-    data: dict[str, TrailerData]  # train is the protocol's training set
+    data: dict[str, TrailerData]  # in host RAM; train is the protocol's training set
     left_out: int
     gen: torch.Generator  # windows, as Trainer.gen
     dropout: torch.Generator  # dropout masks, as the single head's
@@ -87,7 +87,8 @@ class _Run:
     sched: torch.optim.lr_scheduler.ReduceLROnPlateau
     epochs: EpochLog
     best_state: dict | None = None
-    snippets: dict = field(default_factory=dict)  # subset -> (owner (S,), first (S,))
+    on_device: dict[str, TrailerData] = field(default_factory=dict)  # `data` where batches are gathered
+    snippets: dict = field(default_factory=dict)  # subset -> (owner, first, all clips real) (S,) each, on the CPU
 
     @property
     def lr(self) -> float:
@@ -121,7 +122,10 @@ class GroupTrainer:
         features = [r.data["train"].features for r in self.runs]
         if any(f.keys() != features[0].keys() or any(f[k] is not features[0][k] for k in f) for f in features):
             raise T12kError("the runs of a group must train on the same loaded streams.")
-        self.features = features[0]
+        for r, d in zip(self.runs, to_device([r.data for r in self.runs], self.device, "the group")):
+            r.on_device = d  # one copy of the features for every run
+        self.features = self.runs[0].on_device["train"].features
+        self._idx: dict[tuple[int, ...], torch.Tensor | None] = {}
         self.n_params = count_params(models[0])
         self.model = GroupedDivita.from_models(models)
         # Each run's own optimiser and schedule, as Trainer's, over views of its slice of the batched
@@ -146,50 +150,64 @@ class GroupTrainer:
         for p in params:
             p.grad = None
 
-    def _logits(self, x: dict[str, torch.Tensor], mask: torch.Tensor, idx: torch.Tensor | None,
+    def idx(self, js: list[int]) -> torch.Tensor | None:
+        """Runs `js` (positions in self.runs) as the model's index on the device, None for all;
+        made once per set of runs, so a step copies nothing to the device."""
+        key = tuple(js)
+        if key not in self._idx:
+            self._idx[key] = None if len(js) == len(self.runs) else torch.tensor(js, device=self.device)
+        return self._idx[key]
+
+    def _logits(self, x: dict[str, torch.Tensor], mask: torch.Tensor | None, idx: torch.Tensor | None,
                 gens: list[torch.Generator] | None) -> torch.Tensor:
         x = {k: v.to(self.device, non_blocking=True) for k, v in x.items()}
-        # Where every clip is real the model skips all masking (the same result, fewer passes).
-        mask = None if bool(mask.all()) else mask.to(self.device, non_blocking=True)
+        mask = None if mask is None else mask.to(self.device, non_blocking=True)
         with autocast(self.device.type, self.dtype):
             logits = self.model(ix=x.get("image"), vx=x.get("video"), ix_mask=mask, vx_mask=mask, idx=idx, gens=gens)
         return logits.float()  # (R', B, 10)
 
-    def _gather(self, views: list[tuple[TrailerData, torch.Tensor, torch.Tensor]]) -> tuple[dict, torch.Tensor]:
+    def _gather(self, views: list[tuple[TrailerData, torch.Tensor, torch.Tensor]],
+                all_real: bool) -> tuple[dict, torch.Tensor | None]:
         """Clips first..first+window-1 of trailers rows of each run's (data, rows, first), as
-        TrailerData.gather does for each: ({stream: (R', B, W, F)}, mask (R', B, W))."""
+        TrailerData.gather does for each: ({stream: (R', B, W, F)}, mask (R', B, W)); the mask is
+        None when the caller knows every clip is real (the model then skips all masking: the same
+        result, fewer passes)."""
         parts = [d.clip_index(rows, first, self.cfg.window) for d, rows, first in views]
-        mask = torch.stack([m for _, m in parts])  # (R', B, W)
+        mask = None if all_real else torch.stack([m for _, m in parts])  # (R', B, W)
         x = {}
         for k, feats in self.features.items():
             where = torch.stack([ix[k] for ix, _ in parts])  # (R', B, W)
             # index_select copies whole rows: several times faster than indexing with a (R', B, W) tensor
             x[k] = feats.index_select(0, where.reshape(-1)).view(*where.shape, -1).to(torch.float32)  # (R', B, W, F)
-            if not bool(mask.all()):
+            if mask is not None:
                 x[k].masked_fill_(~mask[..., None], 0.0)
         return x, mask
 
-    def _step(self, js: list[int], rows: list[torch.Tensor], losses: list[list]) -> None:
-        """One training step of runs `js` (positions in self.runs), run j on trailers rows[j]."""
+    def step(self, js: list[int], rows: list[torch.Tensor], firsts: list[torch.Tensor],
+             all_real: bool) -> torch.Tensor:
+        """One training step of runs `js` (positions in self.runs), run j on the windows of its
+        training trailers rows[j] from clips firsts[j] (both where the features are); `all_real`:
+        no window reaches past its trailer's end. Each run's loss (R',), left on the device: a
+        step makes no host synchronisation."""
         runs = [self.runs[j] for j in js]
-        idx = None if len(js) == len(self.runs) else torch.tensor(js)
-        views = [(r.data["train"], rw, r.data["train"].window_starts(rw, self.cfg.window, r.gen))
-                 for r, rw in zip(runs, rows)]
-        x, mask = self._gather(views)
-        y = torch.stack([r.data["train"].labels[rw] for r, rw in zip(runs, rows)]).to(self.device)  # (R', B, 10)
-        logits = self._logits(x, mask, idx, [r.dropout for r in runs])  # (R', B, 10)
+        x, mask = self._gather([(r.on_device["train"], rw, f) for r, rw, f in zip(runs, rows, firsts)], all_real)
+        y = torch.stack([r.on_device["train"].labels[rw] for r, rw in zip(runs, rows)]).to(self.device)  # (R', B, 10)
+        logits = self._logits(x, mask, self.idx(js), [r.dropout for r in runs])  # (R', B, 10)
         loss = Fn.binary_cross_entropy_with_logits(logits, y, reduction="none").mean((1, 2))  # (R',) each run's
         loss.sum().backward()  # runs share no parameter: each gets its own loss's gradient
         self._opt_step(js)
-        for j, lj, rw in zip(js, loss.detach(), rows):
-            losses[j].append((lj, len(rw)))
+        return loss.detach()
 
     def train_epoch(self, epoch: int, progress: bool = False) -> list[float]:
         """One epoch of every run still in the group; each run's mean training loss."""
-        B = self.cfg.batch_size
+        B, W = self.cfg.batch_size, self.cfg.window
         self.model.train()
-        orders = [torch.randperm(len(r.data["train"]), generator=r.gen) for r in self.runs]  # each (n_j,)
-        sizes = [len(o) for o in orders]
+        plans = [r.data["train"].epoch_windows(B, W, r.gen) for r in self.runs]  # each ((n_j,), (n_j,)) on the CPU
+        # Whether each window lies inside its trailer, known on the CPU: a step needs no device value.
+        real = [r.data["train"].lengths[o] - f >= W for r, (o, f) in zip(self.runs, plans)]  # each (n_j,) bool
+        where = self.runs[0].on_device["train"].device
+        plans = [(o.to(where, non_blocking=True), f.to(where, non_blocking=True)) for o, f in plans]
+        sizes = [len(o) for o, _ in plans]
         losses: list[list] = [[] for _ in self.runs]
         steps = range(0, max(sizes), B)
         for s in tqdm(steps, desc="train", unit="batch", leave=False, disable=not progress):
@@ -198,7 +216,10 @@ class GroupTrainer:
                 if s < n:
                     by_size.setdefault(min(B, n - s), []).append(j)
             for js in by_size.values():
-                self._step(js, [orders[j][s:s + B] for j in js], losses)
+                loss = self.step(js, [plans[j][0][s:s + B] for j in js], [plans[j][1][s:s + B] for j in js],
+                                 all(bool(real[j][s:s + B].all()) for j in js))
+                for j, lj in zip(js, loss):
+                    losses[j].append((lj, min(B, sizes[j] - s)))
         out = []
         for r, run_losses in zip(self.runs, losses):
             step_loss = torch.stack([lj for lj, _ in run_losses]).cpu()  # (steps,)
@@ -221,31 +242,33 @@ class GroupTrainer:
         for r in self.runs:
             if subset not in r.snippets:
                 d = r.data[subset]
-                r.snippets[subset] = d.snippets(torch.arange(len(d)), cfg.window)
+                owner, first = d.snippets(torch.arange(len(d)), cfg.window)  # (S,), (S,)
+                r.snippets[subset] = (owner, first, d.lengths[owner] - first >= cfg.window)
             snips.append(r.snippets[subset])
-        logits = [torch.empty(len(owner), NUM_GENRES) for owner, _ in snips]  # each (S_j, 10)
+        dev = self.runs[0].on_device[subset].device
+        on_dev = [(o.to(dev, non_blocking=True), f.to(dev, non_blocking=True)) for o, f, _ in snips]
+        logits = [torch.empty(len(owner), NUM_GENRES, device=self.device) for owner, _, _ in snips]  # each (S_j, 10)
         C = -(-E // len(self.runs))  # snippets of each run per call: eval_batch_size in all, as one run's batch
-        for s in range(0, max(len(owner) for owner, _ in snips), C):
-            js = [j for j, (owner, _) in enumerate(snips) if s < len(owner)]
+        for s in range(0, max(len(owner) for owner, _, _ in snips), C):
+            js = [j for j, (owner, _, _) in enumerate(snips) if s < len(owner)]
             size = max(min(C, len(snips[j][0]) - s) for j in js)
             views = []
             for j in js:  # a shorter last chunk repeats its last snippet: evaluation rows are independent
-                owner, first = (t[s:s + C] for t in snips[j])
+                owner, first = (t[s:s + C] for t in on_dev[j])
                 pad = size - len(owner)
-                views.append((self.runs[j].data[subset], torch.cat([owner, owner[-1:].expand(pad)]),
+                views.append((self.runs[j].on_device[subset], torch.cat([owner, owner[-1:].expand(pad)]),
                               torch.cat([first, first[-1:].expand(pad)])))
-            x, mask = self._gather(views)
+            x, mask = self._gather(views, all(bool(snips[j][2][s:s + C].all()) for j in js))
             if cfg.protocol != "masked":
-                mask = torch.ones_like(mask)  # the authors' evaluation sees the zero padding as clips
-            idx = None if len(js) == len(self.runs) else torch.tensor(js)
-            out = self._logits(x, mask, idx, None).cpu()  # (R', size, 10)
+                mask = None  # the authors' evaluation sees the zero padding as clips
+            out = self._logits(x, mask, self.idx(js), None)  # (R', size, 10)
             for i, j in enumerate(js):
                 n = min(C, len(snips[j][0]) - s)
                 logits[j][s:s + n] = out[i, :n]
         results = []
-        for r, (owner, _), lg in zip(self.runs, snips, logits):
+        for r, (owner, _, _), lg in zip(self.runs, snips, logits):
             d = r.data[subset]
-            loss, p = snippet_loss(owner, lg, d, cfg.protocol, cfg.batch_size, E)
+            loss, p = snippet_loss(owner, lg.cpu(), d, cfg.protocol, cfg.batch_size, E)
             results.append(scored(d, loss, p))
         return results
 
@@ -255,8 +278,8 @@ class GroupTrainer:
         model = build_divita(dims.get("image"), dims.get("video"), temporal=c.temporal, fusion=c.fusion,
                              dropout=c.dropout, **head_options(c.protocol)).to(self.device)
         model.load_state_dict(r.best_state)
-        _, val_m, val_p = evaluate_model(model, r.data["val"], c)
-        _, test_m, test_p = evaluate_model(model, r.data["test"], c)
+        _, val_m, val_p = evaluate_model(model, r.on_device["val"], c)
+        _, test_m, test_p = evaluate_model(model, r.on_device["test"], c)
         result = RunResult(r.epochs.best_epoch, len(r.epochs.history), val_m, test_m, r.epochs.history,
                            time.perf_counter() - t0)
         return result, model, val_p, test_p
@@ -293,8 +316,9 @@ class GroupTrainer:
                 keep = [j for j in range(len(self.runs)) if j not in stop]
                 if not keep:
                     break
-                self.model.keep(torch.tensor(keep))
+                self.model.keep(torch.tensor(keep, device=self.device))
                 self.runs, positions = [self.runs[j] for j in keep], [positions[j] for j in keep]
+                self._idx.clear()  # positions changed
                 for i, r in enumerate(self.runs):  # the views follow the run's slice; optimiser state stays
                     for v, p in zip(r.views, self.model.parameters()):
                         v.data = p.data[i]

@@ -62,18 +62,20 @@ def batch_logits(model: torch.nn.Module, batch: Batch, dev: torch.device, dtype:
 @torch.no_grad()
 def snippet_logits(model: torch.nn.Module, d: TrailerData, window: int, protocol: str = "masked",
                    precision: str = "fp32", eval_batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """(owner (S,), logits (S, 10)) of every `window`-clip snippet of every trailer of `d`, in
-    trailer order; the last snippet of a trailer zero-padded, and masked unless `protocol` is authors."""
+    """(owner (S,), logits (S, 10)), on the CPU, of every `window`-clip snippet of every trailer of
+    `d`, in trailer order; the last snippet of a trailer zero-padded, and masked unless `protocol`
+    is authors. Snippets are gathered where `d`'s features are, and the logits stay on the model's
+    device until the last batch (one host synchronisation per call)."""
     check_protocol(protocol)
     model.eval()
     dev = next(model.parameters()).device
     dtype = PRECISIONS[precision]
-    owner, first = d.snippets(torch.arange(len(d)), window)  # (S,), (S,)
-    out = torch.empty(len(owner), NUM_GENRES)  # (S, 10)
+    owner, first = d.snippets(torch.arange(len(d), device=d.lengths.device), window)  # (S,), (S,)
+    out = torch.empty(len(owner), NUM_GENRES, device=dev)  # (S, 10)
     for s in range(0, len(owner), eval_batch_size):
         batch = d.gather(owner[s:s + eval_batch_size], first[s:s + eval_batch_size], window, torch.float32)
-        out[s:s + eval_batch_size] = batch_logits(model, batch, dev, dtype, protocol == "masked").cpu()
-    return owner, out
+        out[s:s + eval_batch_size] = batch_logits(model, batch, dev, dtype, protocol == "masked")
+    return owner.cpu(), out.cpu()
 
 
 def average_probs(owner: torch.Tensor, logits: torch.Tensor, n: int, chunk: int = 512) -> torch.Tensor:
@@ -121,7 +123,8 @@ def snippet_loss(owner: torch.Tensor, logits: torch.Tensor, d: TrailerData, prot
         return None, probs
     if not bool(torch.isfinite(probs).all()):
         return math.nan, probs  # a diverged model: the caller reports it
-    loss = authors_loss(owner, logits, d.labels, group) if protocol == "authors" else masked_loss(probs, d.labels)
+    labels = d.labels.cpu()  # (n, 10): the sums run on the CPU, in a fixed order
+    loss = authors_loss(owner, logits, labels, group) if protocol == "authors" else masked_loss(probs, labels)
     return loss, probs
 
 

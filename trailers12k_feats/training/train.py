@@ -43,6 +43,7 @@ from trailers12k_feats.training.data import (
     align,
     check_splits,
     load_metadata,
+    to_device,
 )
 from trailers12k_feats.training.heads import (
     FUSIONS,
@@ -105,7 +106,7 @@ class TrainConfig:
     # the CPU whichever a cached matmul probe finds faster (runtime.resolve_precision)
     precision: str = AUTO
     eval_batch_size: int = 512
-    device: str = "cpu"  # "cpu" or "cuda[:N]"; features stay in host RAM, batches move
+    device: str = "cpu"  # "cpu" or "cuda[:N]": features move to a GPU once when they fit (data.to_device)
     protocol: str = "masked"  # "authors" (the authors' code) or "masked" (padding masked): see protocols.py
 
     def __post_init__(self) -> None:
@@ -210,7 +211,7 @@ def scored(d: TrailerData, loss: float, p: torch.Tensor) -> tuple[float, dict[st
     """(loss, metrics, p) of snippet-averaged probabilities p (n, 10) of labelled trailers `d`."""
     if not bool(torch.isfinite(p).all()):  # a diverged model: NaN loss and metrics, for fit to report
         return math.nan, dict.fromkeys((*metric_columns(), *AP_KEYS), math.nan), p
-    return loss, multilabel_metrics(d.labels.numpy(), p.numpy()), p
+    return loss, multilabel_metrics(d.labels.cpu().numpy(), p.numpy()), p
 
 
 def dropout_generator(device: torch.device) -> torch.Generator:
@@ -286,11 +287,12 @@ class Trainer:
         cfg = dataclasses.replace(cfg, precision=self.precision.precision)
         self.cfg = cfg
         train, self.left_out = training_set(data["train"], cfg.protocol, cfg.window)
-        self.data = {**data, "train": train}
+        self.data = {**data, "train": train}  # in host RAM: the epoch's windows are drawn from it
         tune_malloc()
         dims = data["train"].dims()
         self.gen = seed_everything(cfg.seed)
         self.device = torch.device(cfg.device)
+        self.on_device = to_device([self.data], self.device)[0]  # what batches are gathered from
         self.model = build_divita(dims.get("image"), dims.get("video"), temporal=cfg.temporal, fusion=cfg.fusion,
                                   dropout=cfg.dropout, **head_options(cfg.protocol)).to(self.device)
         set_dropout_generator(self.model, dropout_generator(self.device))
@@ -303,23 +305,32 @@ class Trainer:
     def _logits(self, batch) -> torch.Tensor:
         return batch_logits(self.model, batch, self.device, self.dtype)
 
+    def step(self, rows: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+        """One optimiser step on the windows of training trailers `rows` (B,) from clips `first`
+        (B,), both where the features are; the loss stays on the device (no host synchronisation)."""
+        batch = self.on_device["train"].gather(rows, first, self.cfg.window, torch.float32)
+        loss = Fn.binary_cross_entropy_with_logits(self._logits(batch), batch.y.to(self.device))
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return loss.detach()
+
     def train_epoch(self, progress: bool = False, epoch: int = 1, desc: str = "epochs") -> float:
         cfg, d = self.cfg, self.data["train"]
         self.model.train()
-        order = torch.randperm(len(d), generator=self.gen)  # (n,)
+        where = self.on_device["train"].device
+        # The epoch's windows, drawn on the CPU as random_windows draws them, then sent once.
+        order, first = (t.to(where, non_blocking=True) for t in d.epoch_windows(cfg.batch_size, cfg.window,
+                                                                                self.gen))  # (n,), (n,)
         total, count = torch.zeros((), device=self.device), 0
         losses = []  # per step, on the device: checked once per epoch, so no step waits for the device
         steps = range(0, len(d), cfg.batch_size)
         for s in tqdm(steps, desc="train", unit="batch", leave=False, disable=not progress):
-            rows = order[s:s + cfg.batch_size]
-            batch = d.random_windows(rows, cfg.window, self.gen)
-            loss = Fn.binary_cross_entropy_with_logits(self._logits(batch), batch.y.to(self.device))
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
-            losses.append(loss.detach())
-            total += loss.detach() * len(rows)
-            count += len(rows)
+            loss = self.step(order[s:s + cfg.batch_size], first[s:s + cfg.batch_size])
+            n = min(cfg.batch_size, len(d) - s)
+            losses.append(loss)
+            total += loss * n
+            count += n
         step_loss = torch.stack(losses).cpu()  # (steps,)
         if not bool(torch.isfinite(step_loss).all()):
             step = int((~torch.isfinite(step_loss)).nonzero()[0, 0])
@@ -342,7 +353,7 @@ class Trainer:
         bar = tqdm(range(1, cfg.max_epochs + 1), desc=desc, unit="epoch", disable=not progress, leave=False)
         for epoch in bar:
             train_loss = self.train_epoch(epoch=epoch, desc=desc)
-            val_loss, val_m, _ = self.evaluate(self.data["val"])
+            val_loss, val_m, _ = self.evaluate(self.on_device["val"])
             lr = self.opt.param_groups[0]["lr"]
             self.sched.step(val_loss)
             improved, stop = epochs.add(epoch, train_loss, val_loss, val_m, lr, time.perf_counter() - t0)
@@ -356,8 +367,8 @@ class Trainer:
             if stop:
                 break
         self.model.load_state_dict(best_state)
-        _, val_m, self.val_probs = self.evaluate(self.data["val"])
-        _, test_m, self.test_probs = self.evaluate(self.data["test"])
+        _, val_m, self.val_probs = self.evaluate(self.on_device["val"])
+        _, test_m, self.test_probs = self.evaluate(self.on_device["test"])
         return RunResult(epochs.best_epoch, len(epochs.history), val_m, test_m, epochs.history,
                          time.perf_counter() - t0)
 
