@@ -271,12 +271,14 @@ def train(data_dir, metadata, cache_dir, on_missing, row, image, video, out, all
 @option(REPRODUCE, "--group/--no-group", default=None,
         help="Train the splits of a row as one batched model (the same runs up to float rounding, faster), "
              "or one run at a time.")
+@option(REPRODUCE, "--jobs", type=click.IntRange(0), help="Rows trained at once, a process each; 0: one per row "
+        "on a GPU (up to half the cores), 1 on the CPU.")
 @clips_option
 @protocol_option(REPRODUCE)
 @train_options
 @errors
-def reproduce(data_dir, metadata, cache_dir, on_missing, rows, splits, out, group, allow_mismatched_clips, protocol,
-              **opts) -> None:
+def reproduce(data_dir, metadata, cache_dir, on_missing, rows, splits, out, group, jobs, allow_mismatched_clips,
+              protocol, **opts) -> None:
     """Run Table 6 (rows x splits), resuming finished runs; print it beside the paper."""
     from trailers12k_feats.training.reproduce import ReproduceConfig
     from trailers12k_feats.training.reproduce import reproduce as run
@@ -286,7 +288,7 @@ def reproduce(data_dir, metadata, cache_dir, on_missing, rows, splits, out, grou
     cfg = ReproduceConfig(metadata=metadata, cache_dir=cache_dir, train=TrainConfig(**given(**opts)),
                           allow_mismatched_clips=allow_mismatched_clips,
                           **given(out_dir=out, on_missing=on_missing, rows=names(rows), splits=ints(splits),
-                                  protocol=protocol, group=group))
+                                  protocol=protocol, group=group, jobs=jobs))
     click.echo(run(cfg))
     click.echo(f"\nresults in {cfg.out_dir} (val.csv, tst.csv, summary.csv, summary.md)")
 

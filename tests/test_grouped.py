@@ -114,10 +114,15 @@ def test_group_problem():
         grouped_mod.GroupTrainer([base, dataclasses.replace(base, temporal="savg")], [{}, {}], ["a", "b"])
 
 
-@pytest.mark.parametrize("protocol,fusion", [("authors", False), ("authors", True), ("masked", True)])
-def test_a_run_in_a_group_is_the_run_alone(toy, tmp_path, protocol, fusion):
+ON_CUDA = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+@pytest.mark.parametrize("protocol,fusion,device", [("authors", False, "cpu"), ("authors", True, "cpu"),
+                                                    ("masked", True, "cpu"),
+                                                    pytest.param("masked", True, "cuda", marks=ON_CUDA)])
+def test_a_run_in_a_group_is_the_run_alone(toy, tmp_path, protocol, fusion, device):
     meta, sets, rows = load(toy, fusion)
-    cfgs = [TrainConfig(split=s, seed=s + 3, lr=lr, max_epochs=5, protocol=protocol, **TOY)
+    cfgs = [TrainConfig(split=s, seed=s + 3, lr=lr, max_epochs=5, protocol=protocol, device=device, **TOY)
             for s, lr in zip((0, 1, 2), (1e-4, 3e-4, 1e-3), strict=True)]
     together = train_group(cfgs, meta, sets, rows, [tmp_path / f"g{j}" for j in range(3)], progress=False)
     for j, cfg in enumerate(cfgs):
@@ -229,3 +234,25 @@ def test_cli_group_option(corpus, tmp_path, monkeypatch):
         r = CliRunner().invoke(main, ["reproduce", "--data-dir", str(corpus), "--out", str(tmp_path), *flag])
         assert r.exit_code == 0, r.output
         assert seen[-1] is want
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_group_step_on_the_gpu_waits_for_nothing(toy):
+    meta, sets, rows = load(toy)
+    cfgs = [TrainConfig(split=s, seed=s, max_epochs=1, device="cuda", **TOY) for s in (0, 1)]
+    trainer = grouped_mod.GroupTrainer(cfgs, [grouped_mod._split_data(meta, sets, rows, s) for s in (0, 1)],
+                                       ["a", "b"])
+    assert all(f.is_cuda for f in trainer.features.values())  # moved once, shared by both runs
+    plans = [[t.cuda() for t in r.data["train"].epoch_windows(8, 30, r.gen)] for r in trainer.runs]
+    trainer.model.train()
+    trainer.step([0, 1], [o[:8] for o, _ in plans], [f[:8] for _, f in plans], False)  # warm-up: lazy inits
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for s in (8, 16):
+            loss = trainer.step([0, 1], [o[s:s + 8] for o, _ in plans], [f[s:s + 8] for _, f in plans], False)
+            trainer.step([1], [plans[1][0][s:s + 8]], [plans[1][1][s:s + 8]], False)  # a part of the group
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert loss.shape == (2,) and bool(torch.isfinite(loss).all())

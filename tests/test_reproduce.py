@@ -288,3 +288,13 @@ def test_auto_resumes_in_the_precision_of_the_runs_and_records_it(corpus, tmp_pa
         reproduce(config(corpus, out, rows=("k_r2plus1d",), splits=(2,), train=TrainConfig(max_epochs=1,
                                                                                            precision="bf16")),
                   progress=False)
+
+
+def test_rows_in_parallel_processes_give_the_same_tables(corpus, tmp_path):
+    train = TrainConfig(max_epochs=1, precision="fp32")
+    one = reproduce(config(corpus, tmp_path / "one", train=train, jobs=1), progress=False)
+    two = reproduce(config(corpus, tmp_path / "two", train=train, jobs=2), progress=False)
+    assert one == two
+    assert read(tmp_path / "one" / "tst.csv") == read(tmp_path / "two" / "tst.csv")
+    assert json.loads((tmp_path / "two" / "data.json").read_text())["caches"].keys() == {
+        "k_r2plus1d", *get_row("resnet_fusion").streams}

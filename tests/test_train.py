@@ -252,10 +252,36 @@ def test_device_check():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_trains_on_gpu(corpus):
+def test_trains_on_gpu(corpus, monkeypatch):
     meta, sets, rows = setup(corpus)
-    res = train_run(TrainConfig(max_epochs=2, device="cuda"), meta, sets, rows, progress=False)
+    cfg = TrainConfig(max_epochs=2, device="cuda", precision="fp32")
+    res = train_run(cfg, meta, sets, rows, progress=False)
     assert res.epochs == 2 and 0 < res.test["uAP"] <= 100
+    again = train_run(cfg, meta, sets, rows, progress=False)  # seeded: the same run on the same device
+    assert again.history[-1]["val_loss"] == res.history[-1]["val_loss"] and again.test == res.test
+    # Features that do not fit stay in host RAM and batches are copied each step: the same run.
+    monkeypatch.setattr(data, "DEVICE_SHARE", 0.0)
+    host = train_run(cfg, meta, sets, rows, progress=False)
+    for h, d in zip(host.history, res.history, strict=True):
+        assert h["val_loss"] == pytest.approx(d["val_loss"], abs=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_gpu_step_waits_for_nothing(corpus):
+    meta, sets, rows = setup(corpus, "i_swin", "ik_swin")
+    trainer = Trainer(TrainConfig(device="cuda", precision="bf16"), train_mod._split_data(meta, sets, rows, 0))
+    assert all(f.is_cuda for f in trainer.on_device["train"].features.values())
+    order, first = (t.cuda() for t in trainer.data["train"].epoch_windows(32, 30, trainer.gen))
+    trainer.model.train()
+    trainer.step(order[:32], first[:32])  # warm-up: lazy initialisations may wait
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        losses = [trainer.step(order[s:s + 32], first[s:s + 32]) for s in (32, 64, 96)]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert all(bool(torch.isfinite(x)) for x in losses)
 
 
 def test_auto_precision_is_resolved_before_training_and_recorded(corpus, tmp_path, fake_probe):

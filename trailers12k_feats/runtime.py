@@ -306,3 +306,11 @@ def resolve_precision(requested: str, device: str, allowed: Sequence[str], *, re
         choice = PrecisionChoice(AUTO, precision, reason, probe)
     log.info("precision auto -> %s: %s", choice.precision, choice.reason)
     return choice
+
+
+def usable_cores() -> int:
+    """The CPUs this process may run on (its affinity, which containers and taskset narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1

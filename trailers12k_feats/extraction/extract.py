@@ -47,6 +47,7 @@ from trailers12k_feats.runtime import (
     check_device,
     check_precision,
     resolve_precision,
+    usable_cores,
 )
 from trailers12k_feats.utils import T12kError, config_dict
 
@@ -164,14 +165,6 @@ class ExtractResult:
                  f"{self.skipped} already done, {len(self.failures)} failed, {len(self.partial)} partial "
                  f"({'kept' if partial == 'keep' else 'dropped'})"]
         return "\n".join(lines + [f"  {p}" for p in self.caches])
-
-
-def usable_cores() -> int:
-    """The CPUs this process may run on (its affinity, which containers and taskset narrow)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 # ---------------------------------------------------------------------------- model side

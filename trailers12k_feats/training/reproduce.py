@@ -17,12 +17,19 @@ import dataclasses
 import hashlib
 import json
 import logging
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
 
 from trailers12k_feats import cache as cache_mod
 from trailers12k_feats.paper import TABLE6, get_row
-from trailers12k_feats.training.data import SPLITS, check_splits, load_metadata
+from trailers12k_feats.runtime import PrecisionChoice, usable_cores
+from trailers12k_feats.training.data import SPLITS, Metadata, check_splits, load_metadata
 from trailers12k_feats.training.grouped import group_problem, train_group
 from trailers12k_feats.training.protocols import check_protocol
 from trailers12k_feats.training.streams import check_clips, check_dim, resolve_streams
@@ -33,7 +40,7 @@ from trailers12k_feats.training.train import (
     train_precision,
     train_run,
 )
-from trailers12k_feats.utils import T12kError, check_writable, config_dict, write_json
+from trailers12k_feats.utils import T12kError, check_writable, config_dict, setup_logging, write_json
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +64,14 @@ class ReproduceConfig:
     # Train the unfinished splits of a row as one group (grouped.py): same results, less time.
     # Not a TrainConfig field either: a folder may mix runs trained alone and in groups.
     group: bool = True
+    # Rows trained at once, each in its own process. 0: one per row on a GPU (its small steps
+    # leave it idle between launches, so processes fill it), up to half the usable cores; 1 on the CPU.
+    jobs: int = 0
 
     def __post_init__(self) -> None:
         check_protocol(self.protocol)
+        if self.jobs < 0:
+            raise T12kError(f"jobs must be 0 (automatic) or at least 1, got {self.jobs}.")
         object.__setattr__(self, "train", dataclasses.replace(self.train, protocol=self.protocol))
         object.__setattr__(self, "rows", tuple(get_row(r).name for r in self.rows))
         if not self.rows:
@@ -190,6 +202,47 @@ def _record_data(cfg: ReproduceConfig, ident: dict, streams: list[str]) -> None:
     write_json(cfg.out_dir / "data.json", {"metadata": old.get("metadata", ident["metadata"]), "caches": caches})
 
 
+def job_count(cfg: ReproduceConfig, rows: int) -> int:
+    """How many rows `cfg` trains at once (`cfg.jobs`, 0 resolved) when `rows` rows have runs to do."""
+    if cfg.jobs:
+        return min(cfg.jobs, rows)
+    if not cfg.train.device.startswith("cuda"):
+        return 1  # the CPU's cores already serve one run's matmuls
+    return max(1, min(rows, usable_cores() // 2))
+
+
+def train_row(cfg: ReproduceConfig, meta: Metadata, row: str, splits: list[int], precision: PrecisionChoice,
+              progress: bool = True, on_finish: Callable[[int, object], None] | None = None) -> None:
+    """Train the runs of Table 6 row `row` on `splits`, as one group where they can form one,
+    writing each run's directory as it finishes; `on_finish(j, result)` after run j."""
+    caches = resolve_streams(cfg.cache_dir, row=row)
+    sets, rows = load_streams(meta, caches, cfg.on_missing, cfg.allow_mismatched_clips)
+    cfgs = [dataclasses.replace(cfg.train, split=s) for s in splits]
+    descs = [f"{row} split{s}" for s in splits]
+    problem = group_problem(cfgs) if len(cfgs) > 1 else None
+    if cfg.group and len(cfgs) > 1 and problem is None:
+        train_group(cfgs, meta, sets, rows, [_run_dir(cfg, row, s) for s in splits], progress=progress,
+                    descs=descs, on_finish=on_finish, precision=precision)
+        return
+    if cfg.group and problem:
+        log.info("%s: %s; training its %d runs one at a time", row, problem, len(cfgs))
+    for j, train_cfg in enumerate(cfgs):
+        result = train_run(train_cfg, meta, sets, rows, _run_dir(cfg, row, train_cfg.split), progress=progress,
+                           desc=descs[j], precision=precision)
+        if on_finish is not None:
+            on_finish(j, result)
+
+
+def _row_job(cfg: ReproduceConfig, row: str, splits: list[int], precision: PrecisionChoice, threads: int,
+             level: int) -> str:
+    """train_row in a worker process of `reproduce` (its log lines at `level`, `threads` CPU threads)."""
+    setup_logging(level <= logging.DEBUG)
+    logging.getLogger().setLevel(level)
+    torch.set_num_threads(threads)
+    train_row(cfg, load_metadata(cfg.metadata), row, splits, precision, progress=False)
+    return row
+
+
 def reproduce(cfg: ReproduceConfig, progress: bool = True) -> str:
     """Run every selected (row, split) not already finished; return the test table."""
     todo = [(r, s) for r in cfg.rows for s in cfg.splits if not (_run_dir(cfg, r, s) / "metrics.json").exists()]
@@ -205,27 +258,30 @@ def reproduce(cfg: ReproduceConfig, progress: bool = True) -> str:
         _check_data(cfg, ident)
     if done:
         log.info("%d of %d runs already finished in %s; skipping them", done, done + len(todo), cfg.out_dir)
-    meta = load_metadata(cfg.metadata) if todo else None
-    for row_name in dict.fromkeys(r for r, _ in todo):
-        caches = resolve_streams(cfg.cache_dir, row=row_name)
-        sets, rows = load_streams(meta, caches, cfg.on_missing, cfg.allow_mismatched_clips)
-        splits = [s for r, s in todo if r == row_name]
-        cfgs = [dataclasses.replace(cfg.train, split=s) for s in splits]
-        descs = [f"{row_name} split{s}" for s in splits]
+    work = {row: [s for r, s in todo if r == row] for row in dict.fromkeys(r for r, _ in todo)}
 
-        def finished(j: int, result: object, caches=caches) -> None:
-            _record_data(cfg, ident, [p.stem for p in caches.values()])
-            write_results(cfg.out_dir, cfg.protocol)
+    def finished(row: str) -> None:
+        _record_data(cfg, ident, [p.stem for p in resolve_streams(cfg.cache_dir, row=row).values()])
+        write_results(cfg.out_dir, cfg.protocol)
 
-        problem = group_problem(cfgs) if len(cfgs) > 1 else None
-        if cfg.group and len(cfgs) > 1 and problem is None:
-            train_group(cfgs, meta, sets, rows, [_run_dir(cfg, row_name, s) for s in splits], progress=progress,
-                        descs=descs, on_finish=finished, precision=precision)
-        else:
-            if cfg.group and problem:
-                log.info("%s: %s; training its %d runs one at a time", row_name, problem, len(cfgs))
-            for j, train_cfg in enumerate(cfgs):
-                finished(j, train_run(train_cfg, meta, sets, rows, _run_dir(cfg, row_name, train_cfg.split),
-                                      progress=progress, desc=descs[j], precision=precision))
-        del sets
+    jobs = job_count(cfg, len(work))
+    if jobs <= 1:
+        meta = load_metadata(cfg.metadata) if todo else None
+        for row, splits in work.items():
+            train_row(cfg, meta, row, splits, precision, progress, on_finish=lambda j, result, row=row: finished(row))
+        return write_results(cfg.out_dir, cfg.protocol)
+    # Several rows at once, a process each (spawned: CUDA cannot be forked). Each writes its runs'
+    # directories as they finish; this process records their data and tables as each row ends.
+    threads = max(1, usable_cores() // jobs)
+    log.info("training %d rows at once, a process each with %d CPU threads", jobs, threads)
+    level = logging.getLogger().getEffectiveLevel()
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_row_job, cfg, row, splits, precision, threads, level) for row, splits in work.items()]
+        try:
+            for fut in tqdm(as_completed(futures), total=len(futures), desc="rows", unit="row", disable=not progress):
+                finished(fut.result())
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
     return write_results(cfg.out_dir, cfg.protocol)
