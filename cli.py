@@ -75,12 +75,15 @@ def main(verbose: bool) -> None:
 @option(SYNTH, "--trailers", field="num_trailers", type=int, help="Number of trailers.")
 @option(SYNTH, "--seed", type=int, help="Seed of labels, splits and features.")
 @option(SYNTH, "--streams", help="Comma-separated streams.")
+@click.option("--workers", type=click.IntRange(0), default=0, show_default=True,
+              help="Processes making the features; 0: one per usable core. The corpus is the same for any number.")
 @errors
-def synth(out_dir: Path, trailers: int | None, seed: int | None, streams: str | None) -> None:
+def synth(out_dir: Path, trailers: int | None, seed: int | None, streams: str | None, workers: int) -> None:
     """Write a synthetic Trailers12k-shaped corpus: mtgc.csv and one cache per stream."""
     from trailers12k_feats.sources.synthetic import SynthConfig, make_corpus
 
-    make_corpus(out_dir, SynthConfig(**given(num_trailers=trailers, seed=seed, streams=names(streams))))
+    make_corpus(out_dir, SynthConfig(**given(num_trailers=trailers, seed=seed, streams=names(streams))),
+                workers=workers)
     click.echo(f"wrote {out_dir}")
 
 

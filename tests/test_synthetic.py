@@ -3,6 +3,7 @@ import pytest
 
 from trailers12k_feats import GENRES, cache
 from trailers12k_feats.paper import STREAMS
+from trailers12k_feats.pooling import load_pooled
 from trailers12k_feats.sources.synthetic import (
     PRIORS,
     SynthConfig,
@@ -38,12 +39,15 @@ def test_genre_priors_and_cooccurrence():
     assert corr[g("comedy"), g("horror")] < 0
 
 
-def test_same_seed_same_corpus(tmp_path):
-    cfg = SynthConfig(num_trailers=40, streams=("k_r2plus1d",))
-    for d in ("a", "b"):
-        make_corpus(tmp_path / d, cfg, progress=False)
-    a, b = (cache.load(tmp_path / d / "k_r2plus1d.h5") for d in ("a", "b"))
-    assert a.ids == b.ids and (a.features == b.features).all()
+def test_same_seed_same_corpus_with_any_number_of_workers(tmp_path):
+    cfg = SynthConfig(num_trailers=80, streams=("k_r2plus1d", "i_swin"))  # 3 chunks of trailers
+    for d, workers in (("a", 1), ("b", 2)):
+        make_corpus(tmp_path / d, cfg, progress=False, workers=workers)
+    for s in cfg.streams:
+        a, b = (cache.load(tmp_path / d / f"{s}.h5") for d in ("a", "b"))
+        assert a.ids == b.ids and (a.features == b.features).all() and (a.offsets == b.offsets).all()
+        pa, pb = (load_pooled(tmp_path / d / f"{s}.h5", "meanmax") for d in ("a", "b"))  # the stored summaries
+        assert pa.ids == b.ids and (pa.features == pb.features).all()
     assert (tmp_path / "a" / "mtgc.csv").read_text() == (tmp_path / "b" / "mtgc.csv").read_text()
 
 

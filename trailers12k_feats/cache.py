@@ -136,7 +136,7 @@ class CacheWriter:
     stored while they are in hand.
     """
 
-    POOL_FLUSH = 256  # trailers' summaries held in RAM before they are written
+    FLUSH_BYTES = 64 << 20  # clips held in RAM before they are written in one block (the file is whole only at close)
 
     def __init__(self, path: str | os.PathLike, attrs: CacheAttrs, dtype: str = "float16",
                  chunk_rows: int = 4096) -> None:
@@ -158,7 +158,8 @@ class CacheWriter:
         prows = max(1, (1 << 20) // (4 * F))  # ~1 MB chunks
         self._pooled = {r: self._h5.create_dataset(name, (0, F), "float32", maxshape=(None, F), chunks=(prows, F))
                         for r, name in POOLED.items()}
-        self._pool_buf: list[dict[str, np.ndarray]] = []  # summaries not yet written, (1, F) each
+        self._buf: list[tuple[np.ndarray, ...]] = []  # trailers not yet written: (feats, start, end, shot)
+        self._buf_bytes = 0
         self._ids: list[str] = []
         self._seen: set[str] = set()
         self._offsets = [0]
@@ -184,6 +185,7 @@ class CacheWriter:
             raise T12kError(f"trailer {tid} was added twice to cache {self.path}.")
         if not np.isfinite(feats).all():
             raise T12kError(f"trailer {tid}: features contain NaN or Inf; refusing to cache them.")
+        given = feats
         with np.errstate(over="ignore"):  # overflow is reported below
             feats = feats.astype(self.dtype, copy=False)  # (C, F) the values the cache will hold
         if not np.isfinite(feats).all():  # finite values beyond float16's range become Inf
@@ -195,38 +197,45 @@ class CacheWriter:
         def col(x: np.ndarray | None, fill: float, dtype: str) -> np.ndarray:
             if x is None:
                 return np.full(C, fill, dtype)
-            x = np.asarray(x, dtype)
+            x = np.array(x, dtype)  # a copy: it is held until written
             if x.shape != (C,):
                 raise T12kError(f"trailer {tid}: per-clip arrays must have shape ({C},), got {x.shape}.")
             return x
 
-        for ds, x in ((self._feat, feats), (self._start, col(clip_start, np.nan, "float32")),
-                      (self._end, col(clip_end, np.nan, "float32")), (self._shot, col(shot, -1, "int32"))):
-            ds.resize(n0 + C, axis=0)
-            ds[n0:n0 + C] = x
+        # held until written, so a copy where the caller could still change the array
+        self._buf.append((feats.copy() if feats is given else feats, col(clip_start, np.nan, "float32"),
+                          col(clip_end, np.nan, "float32"), col(shot, -1, "int32")))
+        self._buf_bytes += feats.nbytes
         self._ids.append(str(tid))
         self._seen.add(str(tid))
         self._offsets.append(n0 + C)
         self._durations.append(tuple(np.nan if v is None else float(v) for v in (decoded_s, declared_s)))
-        self._pool_buf.append(pool_clips(feats.astype(np.float32, copy=False), np.array([C])))
-        if len(self._pool_buf) >= self.POOL_FLUSH:
-            self._flush_pooled()
+        if self._buf_bytes >= self.FLUSH_BYTES:
+            self._flush()
 
-    def _flush_pooled(self) -> None:
-        if not self._pool_buf:
+    def _flush(self) -> None:
+        """Write the buffered trailers' clips and their summaries, one block per dataset."""
+        if not self._buf:
             return
+        parts = list(zip(*self._buf))  # (feats...), (start...), (end...), (shot...)
+        lengths = np.array([len(f) for f in parts[0]])  # (k,)
+        feats = np.concatenate(parts[0])  # (sum(lengths), F) as stored
+        for ds, x in zip((self._feat, self._start, self._end, self._shot), (feats, *map(np.concatenate, parts[1:]))):
+            n0 = ds.shape[0]
+            ds.resize(n0 + len(x), axis=0)
+            ds[n0:] = x
         n0 = self._pooled["mean"].shape[0]
-        for r, ds in self._pooled.items():
-            rows = np.concatenate([b[r] for b in self._pool_buf])  # (k, F)
-            ds.resize(n0 + len(rows), axis=0)
-            ds[n0:] = rows
-        self._pool_buf.clear()
+        for r, rows in pool_clips(feats, lengths).items():  # (k, F) each
+            self._pooled[r].resize(n0 + len(rows), axis=0)
+            self._pooled[r][n0:] = rows
+        self._buf.clear()
+        self._buf_bytes = 0
 
     def close(self) -> Path:
         """Write the index, summaries and attributes, then move the file into place."""
         if self._closed:
             return self.path
-        self._flush_pooled()
+        self._flush()
         h5 = self._h5
         h5.create_dataset("offsets", data=np.asarray(self._offsets, np.int64))
         h5.create_dataset("ids", data=np.asarray(self._ids, dtype=object), dtype=h5py.string_dtype())

@@ -20,10 +20,13 @@ The generative model, per trailer:
 
 from __future__ import annotations
 
+import collections
 import logging
+import multiprocessing
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -31,6 +34,7 @@ from tqdm import tqdm
 from trailers12k_feats import GENRES, NUM_GENRES
 from trailers12k_feats.cache import CacheAttrs, CacheWriter
 from trailers12k_feats.paper import STREAMS
+from trailers12k_feats.runtime import usable_cores
 from trailers12k_feats.training.data import write_metadata
 from trailers12k_feats.utils import T12kError, config_dict, write_json
 
@@ -169,8 +173,77 @@ class _Generator:
         return x.astype(np.float32)
 
 
-def make_corpus(out_dir: str | os.PathLike, cfg: SynthConfig = SynthConfig(), progress: bool = True) -> Path:
-    """Write `mtgc.csv`, one `<stream>.h5` cache per stream and `synth_config.json` to `out_dir`."""
+class _Trailers:
+    """Each trailer's clip times, shots and per-stream features (as the caches store them), from
+    its own random stream: the same whichever process makes it and in whatever order."""
+
+    def __init__(self, cfg: SynthConfig, gen: _Generator, labels: np.ndarray, lengths: np.ndarray) -> None:
+        self.cfg, self.gen, self.labels, self.lengths = cfg, gen, labels, lengths
+
+    def __call__(self, span: tuple[int, int]) -> list[tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]]:
+        out = []
+        for i in range(*span):
+            trng = np.random.default_rng((self.cfg.seed, i))  # per-trailer stream: order-independent
+            C = int(self.lengths[i])
+            z = self.gen.trailer_latents(self.labels[i], C, trng)
+            t0 = np.arange(C, dtype=np.float32) * 1.0  # fpc 24 at 24 fps: one second per clip
+            shot = np.cumsum(trng.random(C) < 0.3).astype(np.int32)
+            # Converted here (half the bytes to send back); CacheWriter converts nothing twice.
+            feats = {s: self.gen.stream_features(s, z, trng).astype(self.cfg.dtype) for s in self.cfg.streams}
+            out.append((feats, t0, shot))
+        return out
+
+
+_worker_trailers: _Trailers | None = None
+BLAS_THREADS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def _init_worker(trailers: _Trailers) -> None:
+    global _worker_trailers
+    _worker_trailers = trailers
+
+
+def _make_span(span: tuple[int, int]) -> list:
+    return _worker_trailers(span)
+
+
+def _spans(n: int, trailers: _Trailers, workers: int, chunk: int = 32) -> Iterator[list]:
+    """Each `chunk` trailers' (features, times, shots), in trailer order, made by `workers`
+    processes (in this one for 1), at most 4 chunks a worker ahead of the caller."""
+    spans = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+    if workers <= 1:
+        yield from map(trailers, spans)
+        return
+    # One BLAS thread a worker: the matmuls are small, and threads of many workers fighting over
+    # the cores (BLAS threads spin while they wait) make it many times slower.
+    saved = {k: os.environ.get(k) for k in BLAS_THREADS}
+    os.environ.update(dict.fromkeys(BLAS_THREADS, "1"))  # read by the spawned workers as they start
+    try:
+        pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (trailers,))
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    with pool:
+        pending: collections.deque = collections.deque()
+        for span in spans:
+            pending.append(pool.apply_async(_make_span, (span,)))
+            if len(pending) >= 4 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def make_corpus(out_dir: str | os.PathLike, cfg: SynthConfig = SynthConfig(), progress: bool = True,
+                workers: int = 1) -> Path:
+    """Write `mtgc.csv`, one `<stream>.h5` cache per stream and `synth_config.json` to `out_dir`.
+    `workers` processes make the features, 0 for one per usable core (the corpus is the same for
+    any number)."""
+    if workers < 0:
+        raise T12kError(f"workers must be 0 (one per usable core) or more, got {workers}.")
+    workers = workers or usable_cores()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(cfg.seed)
@@ -180,7 +253,7 @@ def make_corpus(out_dir: str | os.PathLike, cfg: SynthConfig = SynthConfig(), pr
     splits = sample_splits(n, cfg.split_fractions, rng)
     lengths = np.exp(rng.normal(np.log(cfg.clips_median), cfg.clips_sigma, n)).round().astype(int)
     lengths = lengths.clip(cfg.min_clips, cfg.max_clips)
-    gen = _Generator(cfg, rng)
+    trailers = _Trailers(cfg, _Generator(cfg, rng), labels, lengths)
     writers = {}
     try:
         for s in cfg.streams:
@@ -189,14 +262,14 @@ def make_corpus(out_dir: str | os.PathLike, cfg: SynthConfig = SynthConfig(), pr
                                pretraining=st.pretraining, kind=st.kind, fps=24.0, fpc=24, segmentation="shots",
                                source="synthetic", config=config_dict(cfg))
             writers[s] = CacheWriter(out / f"{s}.h5", attrs, dtype=cfg.dtype)
-        for i in tqdm(range(n), desc="synth", unit="trailer", disable=not progress, mininterval=1.0):
-            trng = np.random.default_rng((cfg.seed, i))  # per-trailer stream: order-independent
-            C = int(lengths[i])
-            z = gen.trailer_latents(labels[i], C, trng)
-            t0 = np.arange(C, dtype=np.float32) * 1.0  # fpc 24 at 24 fps: one second per clip
-            shot = np.cumsum(trng.random(C) < 0.3).astype(np.int32)
-            for s, w in writers.items():
-                w.add(ids[i], gen.stream_features(s, z, trng), t0, t0 + 1.0, shot)
+        with tqdm(total=n, desc="synth", unit="trailer", disable=not progress, mininterval=1.0) as bar:
+            i = 0
+            for chunk in _spans(n, trailers, min(workers, -(-n // 32))):
+                for feats, t0, shot in chunk:
+                    for s, w in writers.items():
+                        w.add(ids[i], feats[s], t0, t0 + 1.0, shot)
+                    i += 1
+                bar.update(len(chunk))
         for w in writers.values():
             w.close()
     except BaseException:
