@@ -2,20 +2,23 @@
 
     python bench/bench_reproduce.py [--data cache/synth] [--out results/bench_transfer] [--trailers 12000]
                                     [--no-group | --compare] [--rows R1,R2] [--splits 0,1,2] [--max-epochs N]
+                                    [--device cuda] [--jobs N] [--json FILE]
 
 Generates the corpus first if `--data` holds none (timed separately), then runs
 `reproduce` with the paper's protocol and prints the wall time and the table. By default the
 splits of a row train as one group (grouped.py); `--no-group` trains one run at a time, and
 `--compare` runs both, one after the other into `--out`/single and `--out`/grouped, and
 prints the two wall times and their ratio. `--rows`, `--splits` and `--max-epochs` time a
-part of it (the default is all of it). Delete `--out` to time from scratch: finished runs
-are skipped.
+part of it (the default is all of it). `--device cuda` trains on a GPU, `--jobs` rows at once
+(reproduce's default: one per row on a GPU, 1 on the CPU). Delete `--out` to time from
+scratch: finished runs are skipped. `--json FILE` writes the figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import time
 from pathlib import Path
@@ -26,7 +29,7 @@ from machine import cpu_summary
 from trailers12k_feats.paper import TABLE6
 from trailers12k_feats.sources.synthetic import SynthConfig, make_corpus
 from trailers12k_feats.training.data import SPLITS
-from trailers12k_feats.training.reproduce import ReproduceConfig, reproduce
+from trailers12k_feats.training.reproduce import ReproduceConfig, job_count, reproduce
 from trailers12k_feats.training.train import TrainConfig
 from trailers12k_feats.utils import setup_logging
 
@@ -48,23 +51,30 @@ def main() -> None:
     ap.add_argument("--rows", default=",".join(TABLE6), help="comma-separated Table 6 rows")
     ap.add_argument("--splits", default=",".join(map(str, SPLITS)))
     ap.add_argument("--max-epochs", type=int, default=None, help="epoch limit (default: the protocol's)")
+    ap.add_argument("--device", default=TrainConfig.device, help="cpu or cuda[:N]")
+    ap.add_argument("--jobs", type=int, default=ReproduceConfig.jobs, help="rows at once (0: reproduce's default)")
+    ap.add_argument("--json", type=Path, help="write the figures to this file")
     args = ap.parse_args()
     setup_logging()
     logging.getLogger("trailers12k_feats.training.train").setLevel(logging.WARNING)
+    corpus_s = None
     if not (args.data / "mtgc.csv").exists():
         t0 = time.perf_counter()
-        make_corpus(args.data, SynthConfig(num_trailers=args.trailers))
-        print(f"synthetic corpus of {args.trailers} trailers: {time.perf_counter() - t0:.0f} s")
+        make_corpus(args.data, SynthConfig(num_trailers=args.trailers), workers=0)
+        corpus_s = time.perf_counter() - t0
+        print(f"synthetic corpus of {args.trailers} trailers: {corpus_s:.0f} s")
     rows = tuple(r.strip() for r in args.rows.split(",") if r.strip())
     splits = tuple(int(s) for s in args.splits.split(","))
-    train = TrainConfig() if args.max_epochs is None else TrainConfig(max_epochs=args.max_epochs)
+    train = TrainConfig(device=args.device, **({} if args.max_epochs is None else {"max_epochs": args.max_epochs}))
     cfg = ReproduceConfig(metadata=args.data / "mtgc.csv", cache_dir=args.data, out_dir=args.out, rows=rows,
-                          splits=splits, train=train)
+                          splits=splits, train=train, jobs=args.jobs)
     what = f"{len(rows)} rows x {len(splits)} splits"
     if args.max_epochs:
         what += f", at most {args.max_epochs} epochs"
     print(cpu_summary())
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, precision {cfg.train.precision}; {what}")
+    gpu = torch.cuda.get_device_name(torch.device(args.device)) if args.device.startswith("cuda") else None
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {gpu or 'cpu'}, precision "
+          f"{cfg.train.precision}; {what}")
     if args.compare:
         single, _ = timed(dataclasses.replace(cfg, out_dir=args.out / "single", group=False))
         grouped, table = timed(dataclasses.replace(cfg, out_dir=args.out / "grouped", group=True))
@@ -72,10 +82,19 @@ def main() -> None:
         print(f"\nreproduction ({what}): one run at a time {single / 60:.1f} min, grouped {grouped / 60:.1f} min "
               f"wall: {single / grouped:.2f}x")
         return
-    wall, table = timed(dataclasses.replace(cfg, group=not args.no_group))
+    cfg = dataclasses.replace(cfg, group=not args.no_group)
+    wall, table = timed(cfg)
     print(table)
-    print(f"\nreproduction ({what}, {'one run at a time' if args.no_group else 'grouped'}): "
-          f"{wall / 60:.1f} min wall")
+    jobs = job_count(cfg, len(rows))
+    epochs = sum(json.loads(p.read_text())["epochs"] for p in args.out.glob("runs/*/split*/metrics.json"))
+    print(f"\nreproduction ({what}, {'one run at a time' if args.no_group else 'grouped'}, {jobs} rows at once): "
+          f"{wall / 60:.1f} min wall ({wall:.0f} s), {epochs} epochs in all")
+    if args.json:
+        args.json.write_text(json.dumps({"cpu": cpu_summary(), "device": gpu or "cpu", "rows": len(rows),
+                                         "splits": len(splits), "max_epochs": args.max_epochs, "jobs": jobs,
+                                         "group": not args.no_group, "precision": cfg.train.precision,
+                                         "corpus_s": corpus_s and round(corpus_s, 1), "epochs": epochs,
+                                         "wall_s": round(wall, 1)}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -605,12 +605,13 @@ def _pooled_shapes(path: Path, h5: h5py.File, n: int, F: int) -> list[str]:
     return [r for r, name in POOLED.items() if name in h5]
 
 
-def validate(path: str | os.PathLike, chunk_rows: int = 65536, pooled: bool = False) -> CacheAttrs:
+def validate(path: str | os.PathLike, chunk_rows: int = 65536, pooled: bool = False,
+             trust_record: bool = False) -> CacheAttrs:
     """Check a cache's schema, index and values without keeping it in RAM; raise T12kError if bad.
 
-    Every feature value is checked whatever the cache records. With `pooled`, stored pooled
-    summaries must also agree with the clips they summarise (only the probe reads them, so
-    training does not ask for it).
+    Every feature value is checked, unless `trust_record` and the cache records that its writer
+    checked them (as `load` trusts it). With `pooled`, stored pooled summaries must also agree
+    with the clips they summarise (only the probe reads them, so training does not ask for it).
     """
     path = Path(path)
     with _open(path) as h5:
@@ -626,6 +627,8 @@ def validate(path: str | os.PathLike, chunk_rows: int = 65536, pooled: bool = Fa
         _durations(path, h5, len(ids))
         reductions = _pooled_shapes(path, h5, len(ids), ds.shape[1])  # shapes always checked
         reductions = reductions if pooled else []
+        if trust_record and not reductions and _finite_record(h5) is not None:
+            return attrs
         for t0, t1, block in _blocks(ds, offsets, chunk_rows):
             _check_finite(path, block, offsets[t0:] - offsets[t0], ids[t0:])
             if reductions:

@@ -92,7 +92,7 @@ def _check_inputs(cfg: ReproduceConfig, todo: list[tuple[str, int]]) -> None:
     rows = {row: resolve_streams(cfg.cache_dir, row=row) for row in dict.fromkeys(r for r, _ in todo)}
     attrs = {}
     for path in sorted({p for caches in rows.values() for p in caches.values()}):
-        attrs[path] = cache_mod.validate(path)
+        attrs[path] = cache_mod.validate(path, trust_record=True)  # values: as loading checks them
         check_dim(path, attrs[path])
         ids = set(cache_mod.read_ids(path))
         if not ids & meta_ids:
