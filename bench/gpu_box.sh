@@ -29,7 +29,7 @@ if compgen -G ".gpu/whl/*.whl" >/dev/null; then
   $PY -m pip install --quiet --no-index --no-deps --target .gpu/site .gpu/whl/*.whl 2>&1 | tail -3
 fi
 export PYTHONPATH=$PWD:$PWD/.gpu/site${PYTHONPATH:+:$PYTHONPATH}
-export T12K_CACHE_DIR=$PWD/$OUT/t12k-cache  # the precision probe's record comes back with the figures
+export T12K_CACHE_DIR=$(cd "$OUT" && pwd)/t12k-cache  # the precision probe's record comes back with the figures
 
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
