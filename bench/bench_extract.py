@@ -44,21 +44,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from machine import cpu_summary
-from torch.utils.data import DataLoader
 
 from trailers12k_feats.extraction import backbones as bb
 from trailers12k_feats.extraction import video
-from trailers12k_feats.extraction.clipstream import (
-    ClipDataset,
-    as_is,
-    crops,
-    union_frames,
-    worker_init,
-)
+from trailers12k_feats.extraction.clipstream import crops, union_frames
 from trailers12k_feats.extraction.extract import (
     EXTRACT_PRECISIONS,
     ExtractConfig,
     build_models,
+    clip_loader,
     extract,
     extract_precision,
 )
@@ -139,20 +133,22 @@ def main() -> None:
         models = build_models(cfg)
         t_load = time.perf_counter() - t0
         # The workers' own stream, in the extraction's DataLoader set-up: decode, shots, clips.
-        groups = list({m.group.key: m.group for m in models}.values())
-        shipped = union_frames(groups)
+        shipped = union_frames(list({m.group.key: m.group for m in models}.values()))
         nw = cfg.num_workers
-        loader = DataLoader(ClipDataset([(p.stem, p) for p in paths], spec, shipped, cfg.chunk, cfg.decode_threads, dev),
-                            batch_size=None, collate_fn=as_is, num_workers=nw, worker_init_fn=worker_init if nw else None,
-                            prefetch_factor=4 if nw else None)
+        loader = clip_loader([(p.stem, p) for p in paths], cfg, shipped)  # extraction's own stream
         t0 = time.perf_counter()
-        kept, n_stream = [], 0  # the frames of the first clips feed the models below
+        kept, n_stream, errors = [], 0, []  # the frames of the first clips feed the models below
         for item in loader:
             if "x" in item:
                 if n_stream < 4 * args.batch_size:
                     kept.append(item["x"])
                 n_stream += len(item["start"])
+            elif item.get("error"):
+                errors.append(item["error"])
         t_stream = time.perf_counter() - t0
+        if not n_stream:
+            raise SystemExit(f"the clip stream gave no clip; {len(errors)} video(s) failed, e.g.: "
+                             f"{errors[0] if errors else 'no reason given'}")
         decode_rate = n_stream / t_stream
         print(f"clip stream, {nw} worker(s): {decode_rate:8.1f} clips/s  ({n_stream} clips of {len(paths)} videos, "
               f"{t_stream:.1f} s; {len(shipped)} of {spec.fpc} frames shipped per clip)")

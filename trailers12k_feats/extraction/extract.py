@@ -204,6 +204,20 @@ class _Trailer:
         self.durations: tuple[float | None, float | None] = (None, None)  # (decoded, declared) seconds
 
 
+def clip_loader(videos: list[tuple[str, Path]], cfg: ExtractConfig, shipped: list[int]) -> DataLoader:
+    """The decoding workers' stream of (trailer id, path) `videos`: each item a chunk of clips
+    with frames `shipped` (see ClipDataset), or a trailer's end or failure."""
+    cuda = cfg.device.startswith("cuda")
+    # TransNetV2 runs where the clips are cut, in the decoding workers, on the extraction device:
+    # CUDA in a worker needs a worker started afresh, not forked from a process that uses CUDA.
+    spawn = cuda and cfg.num_workers and cfg.clip.segmentation == "shots" and cfg.clip.shots == "transnetv2"
+    return DataLoader(ClipDataset(videos, cfg.clip, shipped, cfg.chunk, cfg.decode_threads, cfg.device),
+                      batch_size=None, collate_fn=as_is, num_workers=cfg.num_workers, pin_memory=cuda,
+                      worker_init_fn=worker_init if cfg.num_workers else None,
+                      prefetch_factor=4 if cfg.num_workers else None,
+                      multiprocessing_context="spawn" if spawn else None)
+
+
 def extract_precision(cfg: ExtractConfig, cache_dir: str | os.PathLike | None = None) -> PrecisionChoice:
     """The concrete precision `cfg.precision` runs in; with `auto`, that of the caches in
     `cache_dir` the run adds to (store.recorded_precision), so no cache mixes two."""
@@ -289,17 +303,8 @@ def extract(inputs: list[str | os.PathLike], cache_dir: str | os.PathLike, cfg: 
         log.info("skipping %d trailer(s) already in %s", skipped, cache_dir)
     tag = f"shard{k}of{n}"
     report_path = cache_dir / ("failures.jsonl" if n == 1 else f"failures.{tag}.jsonl")
-    groups = list({m.group.key: m.group for m in models}.values())
-    cuda = cfg.device.startswith("cuda")
-    shipped = union_frames(groups)
-    # TransNetV2 runs where the clips are cut, in the decoding workers, on the extraction device:
-    # CUDA in a worker needs a worker started afresh, not forked from a process that uses CUDA.
-    spawn = cuda and cfg.num_workers and cfg.clip.segmentation == "shots" and cfg.clip.shots == "transnetv2"
-    loader = DataLoader(ClipDataset(todo, cfg.clip, shipped, cfg.chunk, cfg.decode_threads, cfg.device),
-                        batch_size=None, collate_fn=as_is, num_workers=cfg.num_workers, pin_memory=cuda,
-                        worker_init_fn=worker_init if cfg.num_workers else None,
-                        prefetch_factor=4 if cfg.num_workers else None,
-                        multiprocessing_context="spawn" if spawn else None)
+    shipped = union_frames(list({m.group.key: m.group for m in models}.values()))
+    loader = clip_loader(todo, cfg, shipped)
     run = _Run(models, cfg, cache_dir, tag, report_path if report else None, {**HINTS, **(hints or {})}, shipped)
     bar = tqdm(total=len(todo), unit="trailer", desc="extract", disable=not progress, dynamic_ncols=True)
     threads = torch.get_num_threads()

@@ -155,7 +155,8 @@ class GroupTrainer:
         made once per set of runs, so a step copies nothing to the device."""
         key = tuple(js)
         if key not in self._idx:
-            self._idx[key] = None if len(js) == len(self.runs) else torch.tensor(js, device=self.device)
+            # non_blocking: the first step of a new set of runs does not wait for the device either
+            self._idx[key] = None if len(js) == len(self.runs) else torch.tensor(js).to(self.device, non_blocking=True)
         return self._idx[key]
 
     def _logits(self, x: dict[str, torch.Tensor], mask: torch.Tensor | None, idx: torch.Tensor | None,
