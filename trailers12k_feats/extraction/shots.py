@@ -106,8 +106,8 @@ def get_detector(name: str) -> Detector:
 def resolve(name: str, device: str) -> str:
     """The detector `name` names on `device`: "auto" is transnetv2 on CUDA, content on the CPU.
 
-    The best detector whose cost the device hides: on a CPU TransNetV2 runs many times slower
-    than decoding, on a GPU far faster (docs/extraction.md has the figures).
+    On a CPU TransNetV2 runs many times slower than decoding, so content there; on a GPU its
+    network is cheap and the most accurate (docs/extraction.md and docs/gpu.md have the figures).
     """
     if name != AUTO:
         return get_detector(name).name
