@@ -10,7 +10,7 @@ splits of a row train as one group (grouped.py); `--no-group` trains one run at 
 `--compare` runs both, one after the other into `--out`/single and `--out`/grouped, and
 prints the two wall times and their ratio. `--rows`, `--splits` and `--max-epochs` time a
 part of it (the default is all of it). `--device cuda` trains on a GPU, `--jobs` rows at once
-(reproduce's default: one per row on a GPU, 1 on the CPU). Delete `--out` to time from
+(reproduce's default: as many as the cores and RAM allow). Delete `--out` to time from
 scratch: finished runs are skipped. `--json FILE` writes the figures.
 """
 
@@ -85,7 +85,7 @@ def main() -> None:
     cfg = dataclasses.replace(cfg, group=not args.no_group)
     wall, table = timed(cfg)
     print(table)
-    jobs = job_count(cfg, len(rows))
+    jobs = job_count(cfg, rows)
     epochs = sum(json.loads(p.read_text())["epochs"] for p in args.out.glob("runs/*/split*/metrics.json"))
     print(f"\nreproduction ({what}, {'one run at a time' if args.no_group else 'grouped'}, {jobs} rows at once): "
           f"{wall / 60:.1f} min wall ({wall:.0f} s), {epochs} epochs in all")

@@ -22,6 +22,7 @@ def config(corpus, out, **kw):
     kw.setdefault("rows", ("k_r2plus1d", "resnet_fusion"))
     kw.setdefault("splits", (0, 1))
     kw.setdefault("train", FAST)
+    kw.setdefault("jobs", 1)  # in this process, where the tests' patches apply
     return ReproduceConfig(metadata=corpus / "mtgc.csv", cache_dir=corpus, out_dir=out, **kw)
 
 
@@ -300,3 +301,21 @@ def test_rows_in_parallel_processes_give_the_same_tables(corpus, tmp_path):
     assert read(tmp_path / "one" / "tst.csv") == read(tmp_path / "two" / "tst.csv")
     assert json.loads((tmp_path / "two" / "data.json").read_text())["caches"].keys() == {
         "k_r2plus1d", *get_row("resnet_fusion").streams}
+
+
+def test_rows_at_once_follow_cores_memory_and_device(corpus, tmp_path, monkeypatch):
+    from trailers12k_feats.training import reproduce as rep_mod
+
+    rows = ("k_r2plus1d", "resnet_fusion", "i_swin")
+    biggest = max(rep_mod._row_cost(config(corpus, tmp_path), r) for r in rows)  # resnet_fusion: two caches
+    monkeypatch.setattr(rep_mod, "usable_cores", lambda: 16)
+    monkeypatch.setattr(rep_mod, "available_memory", lambda: 100 * biggest)
+    cpu = config(corpus, tmp_path, rows=rows, jobs=0)
+    assert rep_mod.job_count(cpu, rows) == 3  # a process per core, no more than the rows
+    monkeypatch.setattr(rep_mod, "usable_cores", lambda: 4)
+    assert rep_mod.job_count(cpu, rows) == 3
+    monkeypatch.setattr(rep_mod, "available_memory", lambda: int(2.5 * biggest / rep_mod.MEMORY_SHARE))
+    assert rep_mod.job_count(cpu, rows) == 2  # as many of the largest row's caches as fit in RAM
+    monkeypatch.setattr(rep_mod, "available_memory", lambda: 0)
+    assert rep_mod.job_count(cpu, rows) == 1  # one at least
+    assert rep_mod.job_count(config(corpus, tmp_path, rows=rows, jobs=8), rows) == 3  # asked for: up to the rows

@@ -21,14 +21,14 @@ import multiprocessing
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from tqdm import tqdm
 
 from trailers12k_feats import cache as cache_mod
 from trailers12k_feats.paper import TABLE6, get_row
-from trailers12k_feats.runtime import PrecisionChoice, usable_cores
+from trailers12k_feats.runtime import PrecisionChoice, available_memory, usable_cores
 from trailers12k_feats.training.data import SPLITS, Metadata, check_splits, load_metadata
 from trailers12k_feats.training.grouped import group_problem, train_group
 from trailers12k_feats.training.protocols import check_protocol
@@ -64,8 +64,8 @@ class ReproduceConfig:
     # Train the unfinished splits of a row as one group (grouped.py): same results, less time.
     # Not a TrainConfig field either: a folder may mix runs trained alone and in groups.
     group: bool = True
-    # Rows trained at once, each in its own process. 0: one per row on a GPU (its small steps
-    # leave it idle between launches, so processes fill it), up to half the usable cores; 1 on the CPU.
+    # Rows trained at once, each in its own process; 0: as many as the cores and RAM allow
+    # (job_count). A GPU's small steps leave it idle between launches, so processes fill it.
     jobs: int = 0
 
     def __post_init__(self) -> None:
@@ -202,13 +202,25 @@ def _record_data(cfg: ReproduceConfig, ident: dict, streams: list[str]) -> None:
     write_json(cfg.out_dir / "data.json", {"metadata": old.get("metadata", ident["metadata"]), "caches": caches})
 
 
-def job_count(cfg: ReproduceConfig, rows: int) -> int:
-    """How many rows `cfg` trains at once (`cfg.jobs`, 0 resolved) when `rows` rows have runs to do."""
+MEMORY_SHARE = 0.7  # of the available RAM that the rows trained at once may load
+
+
+def _row_cost(cfg: ReproduceConfig, row: str) -> int:
+    """A row's share of the work, to start the longest first: its caches' bytes."""
+    return sum(p.stat().st_size for p in resolve_streams(cfg.cache_dir, row=row).values())
+
+
+def job_count(cfg: ReproduceConfig, rows: Sequence[str]) -> int:
+    """How many of Table 6 rows `rows` `cfg` trains at once: `cfg.jobs`, or for 0 a process
+    per usable core on the CPU (one thread each: a run's small operations then never wait for a
+    second thread, which pays most on a busy machine) and per two cores on a GPU, as many as
+    the rows' caches fit in MEMORY_SHARE of the available RAM, one at least."""
     if cfg.jobs:
-        return min(cfg.jobs, rows)
-    if not cfg.train.device.startswith("cuda"):
-        return 1  # the CPU's cores already serve one run's matmuls
-    return max(1, min(rows, usable_cores() // 2))
+        return max(1, min(cfg.jobs, len(rows)))
+    cores = usable_cores()
+    by_cores = cores // 2 if cfg.train.device.startswith("cuda") else cores
+    by_memory = int(MEMORY_SHARE * available_memory() // max((_row_cost(cfg, r) for r in rows), default=1))
+    return max(1, min(len(rows), by_cores, by_memory))
 
 
 def train_row(cfg: ReproduceConfig, meta: Metadata, row: str, splits: list[int], precision: PrecisionChoice,
@@ -264,7 +276,7 @@ def reproduce(cfg: ReproduceConfig, progress: bool = True) -> str:
         _record_data(cfg, ident, [p.stem for p in resolve_streams(cfg.cache_dir, row=row).values()])
         write_results(cfg.out_dir, cfg.protocol)
 
-    jobs = job_count(cfg, len(work))
+    jobs = job_count(cfg, list(work))
     if jobs <= 1:
         meta = load_metadata(cfg.metadata) if todo else None
         for row, splits in work.items():
@@ -275,8 +287,9 @@ def reproduce(cfg: ReproduceConfig, progress: bool = True) -> str:
     threads = max(1, usable_cores() // jobs)
     log.info("training %d rows at once, a process each with %d CPU threads", jobs, threads)
     level = logging.getLogger().getEffectiveLevel()
+    order = sorted(work, key=lambda row: -_row_cost(cfg, row))  # the longest first: the last to end ends soonest
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(_row_job, cfg, row, splits, precision, threads, level) for row, splits in work.items()]
+        futures = [pool.submit(_row_job, cfg, row, work[row], precision, threads, level) for row in order]
         try:
             for fut in tqdm(as_completed(futures), total=len(futures), desc="rows", unit="row", disable=not progress):
                 finished(fut.result())
