@@ -93,3 +93,13 @@ def connect(cfg: EngineConfig, **init: object) -> ModuleType:
     log.info("Ray cluster: %g CPUs, %g GPUs, %d node(s)", res.get("CPU", 0), res.get("GPU", 0),
              len([n for n in ray.nodes() if n.get("Alive")]))
     return ray
+
+
+def ray_get(ray: ModuleType, refs: object) -> object:
+    """ray.get, a T12kError raised in a task or actor coming back as itself: one sentence, no traceback."""
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, T12kError):
+            raise T12kError(str(e.cause)) from None
+        raise

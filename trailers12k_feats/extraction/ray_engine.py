@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from trailers12k_feats.engines import EngineConfig, connect
+from trailers12k_feats.engines import EngineConfig, connect, ray_get
 from trailers12k_feats.extraction import backbones as bb
 from trailers12k_feats.extraction import shots, store
 from trailers12k_feats.extraction.clipstream import ClipDataset, crops, union_frames
@@ -187,16 +187,6 @@ def pool_plan(resources: dict, engine: EngineConfig) -> tuple[float, int]:
     return gpus, size
 
 
-def _unwrap(ray: Any, refs: Any) -> Any:
-    """ray.get, turning a T12kError raised remotely back into itself (one sentence, no traceback)."""
-    try:
-        return ray.get(refs)
-    except ray.exceptions.RayTaskError as e:
-        if isinstance(e.cause, T12kError):
-            raise T12kError(str(e.cause)) from None
-        raise
-
-
 def extract_ray(inputs: list[str | os.PathLike], cache_dir: str | os.PathLike, cfg: ExtractConfig,
                 engine: EngineConfig, progress: bool = True, *, report: bool = True) -> ExtractResult:
     """:func:`extract.extract` on the Ray cluster of `engine`: the same caches, failure report and result.
@@ -216,7 +206,7 @@ def extract_ray(inputs: list[str | os.PathLike], cache_dir: str | os.PathLike, c
     streams = [bb.get_backbone(b).stream for b in cfg.backbones]
     recorded, where = store.recorded_precision(cache_dir, streams) if cfg.precision == AUTO else (None, "")
     plan = ray.remote(_plan).options(num_cpus=0, num_gpus=gpus)
-    precision = _unwrap(ray, plan.remote(cfg, device, recorded, where))
+    precision = ray_get(ray, plan.remote(cfg, device, recorded, where))
     Embedder = ray.remote(_Embedder).options(num_cpus=engine.actor_cpus, num_gpus=gpus,
                                              max_restarts=engine.max_retries, max_task_retries=engine.max_retries)
     actors = [Embedder.remote(cfg, device, precision, engine.actor_cpus) for _ in range(size)]
@@ -224,7 +214,7 @@ def extract_ray(inputs: list[str | os.PathLike], cache_dir: str | os.PathLike, c
                                          num_returns="streaming",
                                          _generator_backpressure_num_objects=2 * CHUNKS_AHEAD)
     try:
-        attrs, shipped = _unwrap(ray, actors[0].plan.remote())
+        attrs, shipped = ray_get(ray, actors[0].plan.remote())
         models = [_Model(bb.get_backbone(a.backbone), None, None, a, set()) for a in attrs]
         cfg = dataclasses.replace(cfg, precision=precision.precision)
         cache_dir.mkdir(parents=True, exist_ok=True)

@@ -19,9 +19,11 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 
 from trailers12k_feats import cache as cache_mod
 from trailers12k_feats.paper import TABLE6, get_row
+from trailers12k_feats.runtime import PrecisionChoice
 from trailers12k_feats.training.data import SPLITS, check_splits, load_metadata
 from trailers12k_feats.training.grouped import group_problem, train_group
 from trailers12k_feats.training.protocols import check_protocol
@@ -190,8 +192,19 @@ def _record_data(cfg: ReproduceConfig, ident: dict, streams: list[str]) -> None:
     write_json(cfg.out_dir / "data.json", {"metadata": old.get("metadata", ident["metadata"]), "caches": caches})
 
 
-def reproduce(cfg: ReproduceConfig, progress: bool = True) -> str:
-    """Run every selected (row, split) not already finished; return the test table."""
+@dataclass
+class Plan:
+    """What a results folder still needs: the unfinished (row, split) runs, the precision they run in and
+    the identity of the data they train on (empty when nothing is left)."""
+
+    todo: list[tuple[str, int]]
+    precision: PrecisionChoice
+    ident: dict
+
+
+def prepare(cfg: ReproduceConfig) -> Plan:
+    """Every check before any run (outputs, inputs, settings, data), the results folder's settings
+    recorded; finished runs are left out of the plan."""
     todo = [(r, s) for r in cfg.rows for s in cfg.splits if not (_run_dir(cfg, r, s) / "metrics.json").exists()]
     done = len(cfg.rows) * len(cfg.splits) - len(todo)
     check_writable(cfg.out_dir)
@@ -205,27 +218,56 @@ def reproduce(cfg: ReproduceConfig, progress: bool = True) -> str:
         _check_data(cfg, ident)
     if done:
         log.info("%d of %d runs already finished in %s; skipping them", done, done + len(todo), cfg.out_dir)
-    meta = load_metadata(cfg.metadata) if todo else None
-    for row_name in dict.fromkeys(r for r, _ in todo):
-        caches = resolve_streams(cfg.cache_dir, row=row_name)
-        sets, rows = load_streams(meta, caches, cfg.on_missing, cfg.allow_mismatched_clips)
-        splits = [s for r, s in todo if r == row_name]
+    return Plan(todo, precision, ident)
+
+
+def units(cfg: ReproduceConfig, todo: list[tuple[str, int]], spread: bool = False) -> list[tuple[str, tuple[int, ...]]]:
+    """The (row, splits) that train together: a row's unfinished splits. With `spread`, a row whose
+    splits do not train as one group (cfg.group off, or group_problem) becomes one unit per split."""
+    out = []
+    for row in dict.fromkeys(r for r, _ in todo):
+        splits = tuple(s for r, s in todo if r == row)
         cfgs = [dataclasses.replace(cfg.train, split=s) for s in splits]
-        descs = [f"{row_name} split{s}" for s in splits]
+        grouped = cfg.group and len(cfgs) > 1 and group_problem(cfgs) is None
+        out += [(row, splits)] if grouped or not spread else [(row, (s,)) for s in splits]
+    return out
 
-        def finished(j: int, result: object, caches=caches) -> None:
-            _record_data(cfg, ident, [p.stem for p in caches.values()])
-            write_results(cfg.out_dir, cfg.protocol)
 
-        problem = group_problem(cfgs) if len(cfgs) > 1 else None
-        if cfg.group and len(cfgs) > 1 and problem is None:
-            train_group(cfgs, meta, sets, rows, [_run_dir(cfg, row_name, s) for s in splits], progress=progress,
-                        descs=descs, on_finish=finished, precision=precision)
-        else:
-            if cfg.group and problem:
-                log.info("%s: %s; training its %d runs one at a time", row_name, problem, len(cfgs))
-            for j, train_cfg in enumerate(cfgs):
-                finished(j, train_run(train_cfg, meta, sets, rows, _run_dir(cfg, row_name, train_cfg.split),
-                                      progress=progress, desc=descs[j], precision=precision))
-        del sets
+def train_unit(cfg: ReproduceConfig, row: str, splits: tuple[int, ...], precision: PrecisionChoice,
+               progress: bool = True, on_finish: Callable[[], None] | None = None) -> None:
+    """Train the runs of `row` on `splits` (as one group where they can be) into their run directories;
+    `on_finish()` after each run."""
+    meta = load_metadata(cfg.metadata)
+    caches = resolve_streams(cfg.cache_dir, row=row)
+    sets, rows = load_streams(meta, caches, cfg.on_missing, cfg.allow_mismatched_clips)
+    cfgs = [dataclasses.replace(cfg.train, split=s) for s in splits]
+    descs = [f"{row} split{s}" for s in splits]
+
+    def finished(j: int, result: object) -> None:
+        if on_finish is not None:
+            on_finish()
+
+    problem = group_problem(cfgs) if len(cfgs) > 1 else None
+    if cfg.group and len(cfgs) > 1 and problem is None:
+        train_group(cfgs, meta, sets, rows, [_run_dir(cfg, row, s) for s in splits], progress=progress,
+                    descs=descs, on_finish=finished, precision=precision)
+    else:
+        if cfg.group and problem:
+            log.info("%s: %s; training its %d runs one at a time", row, problem, len(cfgs))
+        for j, train_cfg in enumerate(cfgs):
+            finished(j, train_run(train_cfg, meta, sets, rows, _run_dir(cfg, row, train_cfg.split),
+                                  progress=progress, desc=descs[j], precision=precision))
+
+
+def record_finished(cfg: ReproduceConfig, plan: Plan, row: str) -> str:
+    """After a run of `row` finished: its data in data.json, the tables rewritten; returns the test table."""
+    _record_data(cfg, plan.ident, [p.stem for p in resolve_streams(cfg.cache_dir, row=row).values()])
+    return write_results(cfg.out_dir, cfg.protocol)
+
+
+def reproduce(cfg: ReproduceConfig, progress: bool = True) -> str:
+    """Run every selected (row, split) not already finished; return the test table."""
+    plan = prepare(cfg)
+    for row, splits in units(cfg, plan.todo):
+        train_unit(cfg, row, splits, plan.precision, progress, lambda row=row: record_finished(cfg, plan, row))
     return write_results(cfg.out_dir, cfg.protocol)
