@@ -223,3 +223,21 @@ def test_bad_engine_options_are_one_sentence(ray_cluster, videos, tmp_path):
     with pytest.raises(T12kError, match="unknown temporal module 'lstm'"):
         reproduce_grid(ReproduceConfig(metadata=tmp_path / "m.csv", cache_dir=tmp_path),
                        Grid.parse(temporal="tsfm,lstm"))
+
+
+def test_slurm_scripts_use_options_the_commands_have():
+    """Each `t12k ...` line of scripts/slurm names only options its command's --help lists."""
+    root = Path(__file__).parents[1] / "scripts" / "slurm"
+    seen = 0
+    for script in sorted(root.iterdir()):
+        text = script.read_text().replace("\\\n", " ")
+        for line in text.splitlines():
+            words = line.split("#")[0].split()
+            if not words or words[0] != "t12k":
+                continue
+            cmd = words[1:3] if words[1] == "cache" else words[1:2]
+            help_text = CliRunner().invoke(main, [*cmd, "--help"]).output
+            for opt in (w for w in words if w.startswith("-")):
+                assert f"{opt} " in help_text or f"{opt}," in help_text, (script.name, opt)
+            seen += 1
+    assert seen == 4  # extract in both sbatch files, cache merge and cache validate
