@@ -241,3 +241,22 @@ def test_slurm_scripts_use_options_the_commands_have():
                 assert f"{opt} " in help_text or f"{opt}," in help_text, (script.name, opt)
             seen += 1
     assert seen == 4  # extract in both sbatch files, cache merge and cache validate
+
+
+def test_cli_comma_lists_make_a_grid_of_results_folders(corpus, tmp_path):
+    out = tmp_path / "grid"
+    args = ["reproduce", "--data-dir", str(corpus), "--rows", "k_r2plus1d", "--splits", "0", "--max-epochs", "1",
+            "--seeds", "0,1", "--out", str(out)]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in out.iterdir()) == ["grid.csv", "grid.md", "seed-0", "seed-1"]
+    for seed in (0, 1):
+        run = out / f"seed-{seed}" / "runs" / "k_r2plus1d" / "split0"
+        assert json.loads((run / "config.json").read_text())["config"]["seed"] == seed
+        assert (out / f"seed-{seed}" / "summary.md").exists()
+    rows = list(csv.DictReader((out / "grid.csv").open()))
+    assert [(row["setting"], row["run"]) for row in rows] == [("seed-0", "k_r2plus1d"), ("seed-1", "k_r2plus1d")]
+    assert rows[0]["uAP"] != rows[1]["uAP"]  # two seeds, two trainings
+    assert "Grid (2 settings" in r.output and f"compared in {out}/grid.md" in r.output
+    again = CliRunner().invoke(main, args)  # finished: nothing is trained again
+    assert again.exit_code == 0 and again.output.split("Grid (")[1].strip() == r.output.split("Grid (")[1].strip()

@@ -156,7 +156,13 @@ class _RayRun(_Run):
         for ref in ready:
             a, rows = self.pending.pop(ref)
             self.busy[a] -= 1
-            out = self.ray.get(ref)
+            try:
+                out = self.ray.get(ref)
+            except self.ray.exceptions.RayError as e:  # past Ray's restarts and retries
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise T12kError(f"a model actor failed more often than Ray retries it ({type(e).__name__}: "
+                                f"{first}); the finished trailers are saved, run the same command again to "
+                                f"resume.") from None
             r, touched = 0, []
             for tid, i0, n in rows:
                 tr = self.trailers.get(tid)
