@@ -161,7 +161,7 @@ def cache_merge(cache_dir: Path) -> None:
         help="A video that decodes shorter than its file declares (by more than 1 s and 5%; truncated): keep "
              "its clips in the cache or drop it; either way it is listed in failures.jsonl.")
 @errors
-@engine_options("decode_cpus", "gpus_per_actor", "actors", "actor_cpus")
+@engine_options("decode_cpus", "gpus_per_actor", "actors", "actor_cpus", "ordered")
 def extract(inputs, backbones, cache_dir, shard, weights, fps, fpc, segmentation, leftover, shots, shot_threshold,
             min_shot_frames, engine, **opts) -> None:
     """Embed the clips of videos (files, folders or list files) into feature caches.
@@ -182,9 +182,6 @@ def extract(inputs, backbones, cache_dir, shard, weights, fps, fpc, segmentation
     if engine.ray:
         from trailers12k_feats.extraction.ray_engine import extract_ray
 
-        if opts.get("workers") is not None:
-            raise T12kError("--workers sets the local engine's decoding processes; with --engine ray decoding "
-                            "runs in Ray tasks (--decode-cpus).")
         res = extract_ray(list(inputs), cache_dir, cfg, engine)
     else:
         res = run(list(inputs), cache_dir, cfg)
@@ -292,11 +289,9 @@ def reproduce(data_dir, metadata, cache_dir, on_missing, rows, splits, out, grou
               engine, precision, device, **lists) -> None:
     """Run Table 6 (rows x splits), resuming finished runs; print it beside the paper.
 
-    Comma lists of --temporal, --fusion, --max-epochs, --batch-size, --lr and --seed(s) make
-    a grid of settings, each in its own results folder under --out named by its values
-    (e.g. temporal-gru_lr-0.0003), compared in --out/grid.md. --engine ray trains the runs
-    (or the groups of splits) as Ray tasks; --out and the data must then be on a filesystem
-    every node reaches.
+    Comma lists make a grid of settings, one results folder each under --out (e.g.
+    temporal-gru_lr-0.0003), compared in --out/grid.md. --engine ray trains the runs as Ray
+    tasks; --out and the data must then be on a filesystem every node reaches.
     """
     from trailers12k_feats.training.grid import Grid, reproduce_grid
     from trailers12k_feats.training.reproduce import ReproduceConfig

@@ -144,7 +144,8 @@ def projection(args: argparse.Namespace, decode: float, driver_s_per_chunk: floa
           f"{decode:.1f} clips/s per core; one GPU runs the six backbones at {per_gpu:.1f} clips/s "
           f"({', '.join(f'{k} {v:g}' for k, v in rates.items())}); driver {driver_s_per_chunk * 1e3:.2f} ms per "
           f"chunk of {args.chunk} clips; network {args.net_gbps:g} GB/s per node")
-    head = f"{'setting':28s} {'decode':>9s} {'models':>9s} {'driver':>9s} {'network':>9s}  {'bottleneck':10s} {'hours':>7s}"
+    head = (f"{'setting':28s} {'decode':>9s} {'models':>9s} {'driver':>9s} {'network':>9s}  {'bottleneck':10s} "
+            f"{'hours':>7s}")
     print(head + "\n" + "-" * len(head))
     for s in settings:
         gpus = s.nodes * s.gpus_per_node

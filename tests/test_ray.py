@@ -120,10 +120,13 @@ def test_killed_actor_is_restarted_and_its_batches_retried(ray_cluster, videos, 
 
     monkeypatch.setattr(ray_engine._RayRun, "forward", forward)
     cfg = _cfg(backbones=(LIGHT,), weights=((LIGHT, "random"),))
-    res = ray_engine.extract_ray([videos], tmp_path / "ray", cfg, RAY, progress=False)
+    # In arrival order (as with GPU actors): batches may mix other clips than locally, so features
+    # agree within rounding; ids, clip times and shots exactly.
+    any_order = EngineConfig(engine="ray", ordered=False)
+    res = ray_engine.extract_ray([videos], tmp_path / "ray", cfg, any_order, progress=False)
     assert kills and res.extracted == 3 and {f["id"] for f in res.failures} == {"tt0000003", "tt0000004"}
     _local(videos, tmp_path / "local", cfg)
-    _assert_same_cache(tmp_path / "local" / "k_shufflenet.h5", tmp_path / "ray" / "k_shufflenet.h5")  # once each
+    _assert_same_cache(tmp_path / "local" / "k_shufflenet.h5", tmp_path / "ray" / "k_shufflenet.h5", exact=False)
 
 
 def test_driver_killed_then_rerun_keeps_every_trailer_once(ray_cluster, tmp_path):

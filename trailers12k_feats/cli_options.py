@@ -283,6 +283,12 @@ def engine_options(*extra: str):
             return fn(*args, engine=EngineConfig(**given(**values)), **kw)
 
         for name in reversed(extra):
+            if name == "ordered":
+                wrapper = click.option("--ordered/--any-order", default=None, help=(
+                    "Ray: batch the trailers' clips in input order, as the local engine (bit-equal fp32 "
+                    "features), or as decoding delivers them (faster on many nodes: no trailer waits for an "
+                    "earlier one)  [default: ordered with CPU actors, any order with GPUs]"))(wrapper)
+                continue
             kind, text = helps[name]
             if name == "gpus_per_actor":
                 wrapper = click.option("--gpus-per-actor", type=kind, help=text)(wrapper)

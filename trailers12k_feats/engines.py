@@ -40,6 +40,10 @@ class EngineConfig:
     gpus_per_actor: float | None = None  # GPUs of each model actor; None: 1 when the cluster has GPUs, else 0
     actors: int = 0  # model actors; 0: GPUs / gpus_per_actor, or half the CPUs (at least 1) without GPUs
     actor_cpus: float = 1.0  # CPUs of each model actor (its torch threads when it runs on the CPU)
+    # Extraction: take the trailers in input order, so batches hold the same clips as the local engine's
+    # (bit-equal fp32 features), or each clip chunk as it comes (no trailer waits for an earlier one's
+    # decoding); None: in order with CPU actors, as they come with GPU actors.
+    ordered: bool | None = None
     cpus_per_run: float = 1.0  # CPUs of each training task (a run or a group of runs)
     max_retries: int = 3  # Ray retries of a task or actor that dies (node lost, OOM kill)
 

@@ -9,9 +9,11 @@ Ray core tasks and an actor pool rather than a Ray Data pipeline (docs/scaling.m
   sits in memory whole, however long. The driver reads the metadata only; the frames move
   from the decoding task's node to a model actor's, never through the driver.
 - Model actors load every requested backbone once (a GPU each by default, else CPUs) and embed
-  batches of clips that cross trailers, as the local engine batches them: the driver forms the
-  batches from the trailers in input order with the local engine's rule, so a batch holds the
-  same clips in both engines and fp32 features on the CPU are bit-equal.
+  batches of clips that cross trailers, formed with the local engine's rule. With `ordered`
+  (the default for CPU actors) the driver takes the trailers in input order, so a batch holds
+  the same clips in both engines and fp32 features on the CPU are bit-equal; otherwise (GPU
+  actors) it takes each chunk as it comes, so no trailer's decoding waits for an earlier one's,
+  and features equal the local engine's within the precision's tolerance.
 - The driver keeps the book-keeping of the local engine (`extract._Run`: trailers in flight,
   failures, partial videos, flushes) and writes the same crash-safe segments, then merges them.
   A decoding task or actor that dies is retried by Ray (a retried batch returns once), and a
@@ -185,7 +187,8 @@ def pool_plan(resources: dict, engine: EngineConfig) -> tuple[float, int]:
         raise T12kError(f"--gpus-per-actor {gpus:g} but the cluster has {resources.get('GPU', 0):g} GPU(s); "
                         f"lower it, or --gpus-per-actor 0 for CPU actors.")
     cpus = resources.get("CPU", 0)
-    size = engine.actors or (int(resources["GPU"] // gpus) if gpus else max(1, int(cpus // 2 // max(engine.actor_cpus, 1))))
+    size = engine.actors or (int(resources["GPU"] // gpus) if gpus
+                             else max(1, int(cpus // 2 // max(engine.actor_cpus, 1))))
     if size * engine.actor_cpus + engine.decode_cpus > cpus:
         raise T12kError(f"{size} actor(s) of {engine.actor_cpus:g} CPU(s) and a decoding task of "
                         f"{engine.decode_cpus:g} do not fit the cluster's {cpus:g} CPUs; lower --actors, "
@@ -201,6 +204,9 @@ def extract_ray(inputs: list[str | os.PathLike], cache_dir: str | os.PathLike, c
     driver's; the actors run on GPUs when `engine` gives them some, else on CPUs.
     """
     t0 = time.perf_counter()
+    if cfg.workers != -1:
+        raise T12kError("--workers sets the local engine's decoding processes; with --engine ray decoding runs in "
+                        "Ray tasks (--decode-cpus).")
     ray = connect(engine)
     cache_dir = Path(cache_dir)
     k, n = cfg.shard
@@ -236,7 +242,8 @@ def extract_ray(inputs: list[str | os.PathLike], cache_dir: str | os.PathLike, c
         report_path = cache_dir / ("failures.jsonl" if n == 1 else f"failures.shard{k}of{n}.jsonl")
         run = _RayRun(ray, actors, models, cfg, cache_dir, tag, report_path if report else None, HINTS, shipped)
         slots = max(1, int((ray.cluster_resources().get("CPU", 1) - size * engine.actor_cpus) // engine.decode_cpus))
-        _drive(ray, run, todo, decode, cfg, shipped, 2 * slots, progress, t0)
+        ordered = engine.ordered if engine.ordered is not None else device == "cpu"
+        _drive(ray, run, todo, decode, cfg, shipped, 2 * slots, ordered, progress, t0)
     finally:
         for a in actors:
             ray.kill(a)  # frees their GPUs and CPUs for the next run of this process
@@ -250,33 +257,48 @@ def extract_ray(inputs: list[str | os.PathLike], cache_dir: str | os.PathLike, c
 
 
 def _drive(ray: Any, run: _RayRun, todo: list, decode: Any, cfg: ExtractConfig, shipped: tuple[int, ...],
-           lookahead: int, progress: bool, t0: float) -> None:
-    """Feed the trailers' chunks to `run` in input order, `lookahead` trailers decoding at once."""
+           lookahead: int, ordered: bool, progress: bool, t0: float) -> None:
+    """Feed the trailers' chunks to `run`, `lookahead` trailers decoding at once: `ordered`, one trailer
+    after the other in input order (the local engine's batches); else each chunk as it comes."""
     bar = tqdm(total=len(todo), unit="trailer", desc="extract (ray)", disable=not progress, dynamic_ncols=True)
-    queue, active = deque(todo), deque()
+    queue = deque(todo)
+    active: dict[Any, list] = {}  # generator -> [tid, path, clips sent], in input order
+
+    def pull(gen: Any) -> bool:
+        """One item of `gen` into `run`; False once the trailer is done (finished or failed)."""
+        tid, path, sent = active[gen]
+        try:
+            item = ray.get(next(gen))
+            if "n" in item:
+                item["x"] = _Frames(next(gen), item.pop("n"))
+                active[gen][2] += len(item["x"])
+        except StopIteration:
+            del active[gen]
+            return False
+        except ray.exceptions.RayError as e:  # the task died more often than Ray retries it
+            log.warning("decoding %s failed: %s", path, e)
+            item = {"tid": tid, "path": str(path), "error": f"{path}: the decoding task failed ({type(e).__name__}) "
+                    f"after Ray's retries", "sent": sent, "short": False}
+            del active[gen]
+        run.take(item)
+        run.collect(block=False)
+        bar.update(run.completed + run.dropped - bar.n)
+        bar.set_postfix(clips_s=f"{run.clips / max(time.perf_counter() - t0, 1e-9):.1f}", failed=len(run.failures),
+                        partial=len(run.partial))
+        return gen in active
+
     try:
         while queue or active:
             while queue and len(active) < lookahead:
                 tid, path = queue.popleft()
-                active.append((tid, path, decode.remote(tid, str(path), cfg.clip, shipped, cfg.chunk,
-                                                        cfg.decode_threads)))
-            tid, path, gen = active.popleft()
-            sent = 0
-            try:
-                for ref in gen:
-                    item = ray.get(ref)
-                    if "n" in item:
-                        item["x"] = _Frames(next(gen), item.pop("n"))
-                        sent += len(item["x"])
-                    run.take(item)
-                    run.collect(block=False)
-                    bar.update(run.completed + run.dropped - bar.n)
-                    bar.set_postfix(clips_s=f"{run.clips / max(time.perf_counter() - t0, 1e-9):.1f}",
-                                    failed=len(run.failures), partial=len(run.partial))
-            except ray.exceptions.RayError as e:  # the task died more often than Ray retries it
-                log.warning("decoding %s failed: %s", path, e)
-                run.take({"tid": tid, "path": str(path), "error": f"{path}: the decoding task failed "
-                          f"({type(e).__name__}) after Ray's retries", "sent": sent, "short": False})
+                active[decode.remote(tid, str(path), cfg.clip, shipped, cfg.chunk, cfg.decode_threads)] = [tid, path, 0]
+            if ordered:
+                head = next(iter(active))
+                while pull(head):
+                    pass
+            else:  # whichever decoding task has a chunk (or its end) ready
+                ready, _ = ray.wait(list(active), num_returns=1, fetch_local=False)
+                pull(ready[0])
         run.forward(run.models[-1])
         while run.pending:
             run.collect(block=True)

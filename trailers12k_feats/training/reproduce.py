@@ -17,9 +17,9 @@ import dataclasses
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
 
 from trailers12k_feats import cache as cache_mod
 from trailers12k_feats.paper import TABLE6, get_row
