@@ -223,6 +223,15 @@ def test_bad_engine_options_are_one_sentence(ray_cluster, videos, tmp_path):
         Grid.parse(lr="1e-4,fast")
     with pytest.raises(T12kError, match="needs distinct values"):
         Grid.parse(seed="1,1")
+    with pytest.raises(T12kError, match="--engine ray trains on CPUs"):  # as on a driver that sees a GPU
+        from trailers12k_feats.training import train as train_mod
+        from trailers12k_feats.training.ray_runs import reproduce_ray
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(train_mod, "check_device", lambda device: None)
+            gpu = ReproduceConfig(metadata=tmp_path / "m.csv", cache_dir=tmp_path,
+                                  train=TrainConfig(device="cuda", precision="fp32"))
+        reproduce_ray([gpu], RAY)
     with pytest.raises(T12kError, match="unknown temporal module 'lstm'"):
         reproduce_grid(ReproduceConfig(metadata=tmp_path / "m.csv", cache_dir=tmp_path),
                        Grid.parse(temporal="tsfm,lstm"))

@@ -20,6 +20,7 @@ from trailers12k_feats.engines import EngineConfig, connect, ray_get
 from trailers12k_feats.runtime import PrecisionChoice
 from trailers12k_feats.training import reproduce as rep
 from trailers12k_feats.training.tables import write_results
+from trailers12k_feats.utils import T12kError
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,9 @@ def _train(cfg: rep.ReproduceConfig, row: str, splits: tuple[int, ...], precisio
 def reproduce_ray(cfgs: list[rep.ReproduceConfig], engine: EngineConfig, progress: bool = True) -> list[str]:
     """Every unfinished run of the results folders `cfgs` as Ray tasks (`engine.cpus_per_run` CPUs each);
     returns each folder's test table, as `reproduce.reproduce` would."""
+    if any(c.train.device != "cpu" for c in cfgs):
+        raise T12kError("--engine ray trains on CPUs (--cpus-per-run per task; the heads are small); leave --device "
+                        "out, or train on a GPU with the local engine.")
     plans = [rep.prepare(c) for c in cfgs]  # every folder checked before any task starts
     work = [(i, row, splits) for i, (c, p) in enumerate(zip(cfgs, plans)) for row, splits in rep.units(c, p.todo, True)]
     if work:
