@@ -282,10 +282,13 @@ def _drive(ray: Any, run: _RayRun, todo: list, decode: Any, cfg: ExtractConfig, 
             del active[gen]
         run.take(item)
         run.collect(block=False)
+        show()
+        return gen in active
+
+    def show() -> None:
         bar.update(run.completed + run.dropped - bar.n)
         bar.set_postfix(clips_s=f"{run.clips / max(time.perf_counter() - t0, 1e-9):.1f}", failed=len(run.failures),
                         partial=len(run.partial))
-        return gen in active
 
     try:
         while queue or active:
@@ -302,7 +305,7 @@ def _drive(ray: Any, run: _RayRun, todo: list, decode: Any, cfg: ExtractConfig, 
         run.forward(run.models[-1])
         while run.pending:
             run.collect(block=True)
-            bar.update(run.completed + run.dropped - bar.n)
+            show()
     finally:
         bar.close()
         run.flush()  # also on Ctrl-C or a lost actor: every finished trailer is kept
