@@ -129,6 +129,49 @@ def test_killed_actor_is_restarted_and_its_batches_retried(ray_cluster, videos, 
     _assert_same_cache(tmp_path / "local" / "k_shufflenet.h5", tmp_path / "ray" / "k_shufflenet.h5", exact=False)
 
 
+def _our_workers(title: str) -> list[int]:
+    """Pids of this test process's Ray workers now running `title` (Ray names a busy worker
+    `ray::<task>`); only descendants of this process, so no one else's Ray is touched."""
+    def parent(pid: int) -> int:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+    out = []
+    for p in Path("/proc").iterdir():
+        try:
+            if not (p.name.isdigit() and (p / "cmdline").read_bytes().startswith(title.encode())):
+                continue
+            pid = int(p.name)
+            while pid > 1 and pid != os.getpid():
+                pid = parent(pid)
+        except OSError:  # gone meanwhile
+            continue
+        if pid == os.getpid():
+            out.append(int(p.name))
+    return out
+
+
+def test_killed_decoding_task_is_retried_and_loses_or_repeats_no_clip(ray_cluster, tmp_path, monkeypatch):
+    from trailers12k_feats.extraction import ray_engine
+
+    cut_video(tmp_path / "v" / "tt0000001.mp4", [150, 150, 180], size=(96, 64), seed=1)  # 58 clips: 8 chunks
+    kills = []
+    real = ray_engine._RayRun.take
+
+    def take(self, item):  # at the first chunk the task is paused with more to yield: kill it
+        real(self, item)
+        if "x" in item and not kills:
+            kills.extend(_our_workers("ray::_decode"))
+            for pid in kills:
+                os.kill(pid, signal.SIGKILL)
+
+    monkeypatch.setattr(ray_engine._RayRun, "take", take)
+    cfg = _cfg(backbones=(LIGHT,), weights=((LIGHT, "random"),), batch_size=16)
+    res = ray_engine.extract_ray([tmp_path / "v"], tmp_path / "ray", cfg, RAY, progress=False)
+    assert kills and res.extracted == 1 and res.ok
+    _local(tmp_path / "v", tmp_path / "local", cfg)
+    _assert_same_cache(tmp_path / "local" / "k_shufflenet.h5", tmp_path / "ray" / "k_shufflenet.h5")
+
+
 def test_driver_killed_then_rerun_keeps_every_trailer_once(ray_cluster, tmp_path):
     vids = tmp_path / "v"
     for i in range(6):
