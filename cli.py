@@ -31,8 +31,10 @@ from trailers12k_feats.cli_options import (
     LazyChoice,
     clips_option,
     data_options,
+    engine_options,
     errors,
     given,
+    grid_train_options,
     ints,
     names,
     option,
@@ -162,13 +164,15 @@ def cache_merge(cache_dir: Path) -> None:
         help="A video that decodes shorter than its file declares (by more than 1 s and 5%; truncated): keep "
              "its clips in the cache or drop it; either way it is listed in failures.jsonl.")
 @errors
+@engine_options("decode_cpus", "gpus_per_actor", "actors", "actor_cpus", "ordered")
 def extract(inputs, backbones, cache_dir, shard, weights, fps, fpc, segmentation, leftover, shots, shot_threshold,
-            min_shot_frames, **opts) -> None:
+            min_shot_frames, engine, **opts) -> None:
     """Embed the clips of videos (files, folders or list files) into feature caches.
 
     Resumable: finished trailers are skipped. Bad videos are skipped and listed in
     CACHE/failures.jsonl, and so are partial ones (truncated: see --partial); the exit
-    status is 3 when any failed or was partial.
+    status is 3 when any failed or was partial. With --engine ray the videos and --cache
+    must be on a filesystem every node of the cluster reaches (NFS, Lustre, ...).
     """
     from trailers12k_feats.extraction.extract import ExtractConfig
     from trailers12k_feats.extraction.extract import extract as run
@@ -178,7 +182,12 @@ def extract(inputs, backbones, cache_dir, shard, weights, fps, fpc, segmentation
                              shot_threshold=shot_threshold, min_shot_frames=min_shot_frames))
     cfg = ExtractConfig(backbones=backbones, clip=clip,
                         **given(**opts, shard=shard_spec(shard), weights=weight_pairs(weights)))
-    res = run(list(inputs), cache_dir, cfg)
+    if engine.ray:
+        from trailers12k_feats.extraction.ray_engine import extract_ray
+
+        res = extract_ray(list(inputs), cache_dir, cfg, engine)
+    else:
+        res = run(list(inputs), cache_dir, cfg)
     click.echo(res.summary(cfg.partial))
     if not res.ok:
         click.echo(f"failures listed in {res.report}", err=True)
@@ -278,22 +287,33 @@ def train(data_dir, metadata, cache_dir, on_missing, row, image, video, out, all
         "core (per two on a GPU), as many as the rows' caches fit in RAM.")
 @clips_option
 @protocol_option(REPRODUCE)
-@train_options
+@grid_train_options
 @errors
+@engine_options("cpus_per_run")
 def reproduce(data_dir, metadata, cache_dir, on_missing, rows, splits, out, group, jobs, allow_mismatched_clips,
-              protocol, **opts) -> None:
-    """Run Table 6 (rows x splits), resuming finished runs; print it beside the paper."""
+              protocol, engine, precision, device, **lists) -> None:
+    """Run Table 6 (rows x splits), resuming finished runs; print it beside the paper.
+
+    Comma lists make a grid of settings, one results folder each under --out (e.g.
+    temporal-gru_lr-0.0003), compared in --out/grid.md. --engine ray trains the runs as Ray
+    tasks; --out and the data must then be on a filesystem every node reaches.
+    """
+    from trailers12k_feats.training.grid import Grid, reproduce_grid
     from trailers12k_feats.training.reproduce import ReproduceConfig
-    from trailers12k_feats.training.reproduce import reproduce as run
     from trailers12k_feats.training.train import TrainConfig
 
     metadata, cache_dir = resolve_data(data_dir, metadata, cache_dir)
-    cfg = ReproduceConfig(metadata=metadata, cache_dir=cache_dir, train=TrainConfig(**given(**opts)),
+    grid = Grid.parse(**lists)
+    first = {name: values[0] for name, values in grid.axes}
+    cfg = ReproduceConfig(metadata=metadata, cache_dir=cache_dir,
+                          train=TrainConfig(**first, **given(precision=precision, device=device)),
                           allow_mismatched_clips=allow_mismatched_clips,
                           **given(out_dir=out, on_missing=on_missing, rows=names(rows), splits=ints(splits),
                                   protocol=protocol, group=group, jobs=jobs))
-    click.echo(run(cfg))
-    click.echo(f"\nresults in {cfg.out_dir} (val.csv, tst.csv, summary.csv, summary.md)")
+    click.echo(reproduce_grid(cfg, grid, engine))
+    where = f"{cfg.out_dir}/<setting>/" if grid.varied else str(cfg.out_dir)
+    click.echo(f"\nresults in {where} (val.csv, tst.csv, summary.csv, summary.md)"
+               + (f", compared in {cfg.out_dir}/grid.md" if grid.varied else ""))
 
 
 @main.command()

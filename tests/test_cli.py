@@ -174,16 +174,17 @@ def test_precision_defaults_to_auto_in_every_command_that_has_it():
 
 
 def test_cli_imports_the_package_only_in_commands():
-    code = ("import sys, cli; heavy = [m for m in sys.modules if m.startswith(('trailers12k_feats.training', "
+    code = ("import sys, cli, trailers12k_feats.engines as e; e.EngineConfig(engine='ray'); "
+            "heavy = [m for m in sys.modules if m.startswith(('trailers12k_feats.training', "
             "'trailers12k_feats.extraction', 'trailers12k_feats.apps', 'h5py', 'sklearn', 'torch', 'av', "
-            "'scenedetect', 'timm', 'matplotlib'))]; "
+            "'scenedetect', 'timm', 'matplotlib', 'ray'))]; "
             "print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).parents[1]).stdout
     assert out.strip() == "[]"
 
 
-VIDEO_MODEL_PLOT_LIBS = ("av", "scenedetect", "timm", "matplotlib")
+VIDEO_MODEL_PLOT_LIBS = ("av", "scenedetect", "timm", "matplotlib", "ray")  # ray: only with --engine ray
 
 # Each command run for real, in one fresh interpreter, and the video, model and plotting
 # libraries loaded once it has finished (modules stay loaded, so a command that needs one shows it).

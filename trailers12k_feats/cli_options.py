@@ -164,22 +164,39 @@ def resolve_data(data_dir: Path, metadata: Path | None, cache_dir: Path | None) 
     return metadata or data_dir / "mtgc.csv", cache_dir or data_dir
 
 
-def train_options(fn):
-    """Options of TrainConfig; unset ones keep the config's defaults (the paper's protocol)."""
-    opts = [
-        option(TRAIN, "--temporal", type=LazyChoice("trailers12k_feats.training.heads:TEMPORAL"),
-               help="Temporal module."),
-        option(TRAIN, "--fusion", type=LazyChoice("trailers12k_feats.training.heads:FUSIONS"),
-               help="Fusion of two streams."),
-        option(TRAIN, "--max-epochs", type=int, help="Epoch limit."),
-        option(TRAIN, "--batch-size", type=int, help="Trailers per batch."),
-        option(TRAIN, "--lr", type=float, help="AdamW learning rate."),
-        option(TRAIN, "--seed", type=int, help="Seed of weights, windows and dropout."),
+def _train_opts(grid: bool) -> list:
+    """TrainConfig's options; with `grid`, those a grid may vary (training/grid.py) take comma lists."""
+    def listed(decls: tuple[str, ...], kind: Any, text: str, example: str) -> Any:
+        if not grid:
+            return option(TRAIN, *decls, type=kind, help=text)
+        return option(TRAIN, *decls, help=f"{text} A comma list ({example}) makes a grid: one results folder "
+                                          f"per setting.")
+    return [
+        listed(("--temporal",), LazyChoice("trailers12k_feats.training.heads:TEMPORAL"),
+               "Temporal module (tsfm, savg, gru, conv).", "tsfm,gru"),
+        listed(("--fusion",), LazyChoice("trailers12k_feats.training.heads:FUSIONS"), "Fusion of two streams.",
+               "late,early"),
+        listed(("--max-epochs",), int, "Epoch limit.", "50,100"),
+        listed(("--batch-size",), int, "Trailers per batch.", "16,32"),
+        listed(("--lr",), float, "AdamW learning rate.", "1e-4,3e-4"),
+        listed(("--seed", "--seeds") if grid else ("--seed",), int, "Seed of weights, windows and dropout.",
+               "0,1,2"),
         option(TRAIN, "--precision", type=LazyChoice("trailers12k_feats.training.train:TRAIN_PRECISIONS"),
                help=AUTO_HELP),
         option(TRAIN, "--device", help="cpu or cuda[:N]."),
     ]
-    for opt in reversed(opts):
+
+
+def train_options(fn):
+    """Options of TrainConfig; unset ones keep the config's defaults (the paper's protocol)."""
+    for opt in reversed(_train_opts(grid=False)):
+        fn = opt(fn)
+    return fn
+
+
+def grid_train_options(fn):
+    """train_options whose grid fields (training/grid.py) take comma lists, as strings."""
+    for opt in reversed(_train_opts(grid=True)):
         fn = opt(fn)
     return fn
 
@@ -233,4 +250,52 @@ def rows_splits(config: str):
     def deco(fn):
         fn = option(config, "--splits", help="Comma-separated splits.")(fn)
         return option(config, "--rows", help="Comma-separated Table 6 rows.")(fn)
+    return deco
+
+
+# --engine and the Ray options; the command gets them as one EngineConfig, `engine`.
+ENGINE = "trailers12k_feats.engines:EngineConfig"
+RAY_HELP = ("Ray: the cluster to use: auto joins the one this machine is part of (`ray start`), HOST:PORT its head, "
+            "ray://HOST:PORT through Ray Client  [default: a Ray instance started for the run]")
+
+
+def engine_options(*extra: str):
+    """--engine, --ray-address and the Ray options named in `extra` (EngineConfig fields), gathered into
+    one `engine` argument; a run with --engine ray imports Ray only then."""
+    helps = {
+        "decode_cpus": (float, "Ray: CPUs of each decoding task (decoding, shot cuts, clipping, cropping)."),
+        "gpus_per_actor": (float, ("Ray: GPUs of each model actor; 0 runs the models on CPUs  "
+                                   "[default: 1 when the cluster has GPUs, else 0]")),
+        "actors": (int, ("Ray: model actors, each loading the backbones once; 0: one per GPU (per "
+                         "--gpus-per-actor), or half the CPUs without GPUs.")),
+        "actor_cpus": (float, "Ray: CPUs of each model actor (its torch threads on the CPU)."),
+        "cpus_per_run": (float, ("Ray: CPUs of each training task (a run, or the splits of a row trained as "
+                                 "a group); its torch threads.")),
+    }
+
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kw):
+            from trailers12k_feats.engines import EngineConfig
+
+            values = {"engine": kw.pop("engine"), "address": kw.pop("ray_address")}
+            values.update({name: kw.pop(name) for name in extra})
+            return fn(*args, engine=EngineConfig(**given(**values)), **kw)
+
+        for name in reversed(extra):
+            if name == "ordered":
+                wrapper = click.option("--ordered/--any-order", default=None, help=(
+                    "Ray: batch the trailers' clips in input order, as the local engine (bit-equal fp32 "
+                    "features), or as decoding delivers them (faster on many nodes: no trailer waits for an "
+                    "earlier one)  [default: ordered with CPU actors, any order with GPUs]"))(wrapper)
+                continue
+            kind, text = helps[name]
+            if name == "gpus_per_actor":
+                wrapper = click.option("--gpus-per-actor", type=kind, help=text)(wrapper)
+            else:
+                wrapper = option(ENGINE, "--" + name.replace("_", "-"), type=kind, help=text)(wrapper)
+        wrapper = click.option("--ray-address", help=RAY_HELP)(wrapper)
+        return option(ENGINE, "--engine", type=LazyChoice("trailers12k_feats.engines:ENGINES"),
+                      help="local: in this process; ray: on a Ray cluster (`pip install "
+                           "'trailers12k_feats[ray]'`).")(wrapper)
     return deco

@@ -18,10 +18,10 @@ import hashlib
 import json
 import logging
 import multiprocessing
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 from tqdm import tqdm
@@ -29,7 +29,7 @@ from tqdm import tqdm
 from trailers12k_feats import cache as cache_mod
 from trailers12k_feats.paper import TABLE6, get_row
 from trailers12k_feats.runtime import PrecisionChoice, available_memory, usable_cores
-from trailers12k_feats.training.data import SPLITS, Metadata, check_splits, load_metadata
+from trailers12k_feats.training.data import SPLITS, check_splits, load_metadata
 from trailers12k_feats.training.grouped import group_problem, train_group
 from trailers12k_feats.training.protocols import check_protocol
 from trailers12k_feats.training.streams import check_clips, check_dim, resolve_streams
@@ -202,6 +202,79 @@ def _record_data(cfg: ReproduceConfig, ident: dict, streams: list[str]) -> None:
     write_json(cfg.out_dir / "data.json", {"metadata": old.get("metadata", ident["metadata"]), "caches": caches})
 
 
+@dataclass
+class Plan:
+    """What a results folder still needs: the unfinished (row, split) runs, the precision they run in and
+    the identity of the data they train on (empty when nothing is left)."""
+
+    todo: list[tuple[str, int]]
+    precision: PrecisionChoice
+    ident: dict
+
+
+def prepare(cfg: ReproduceConfig) -> Plan:
+    """Every check before any run (outputs, inputs, settings, data), the results folder's settings
+    recorded; finished runs are left out of the plan."""
+    todo = [(r, s) for r in cfg.rows for s in cfg.splits if not (_run_dir(cfg, r, s) / "metrics.json").exists()]
+    done = len(cfg.rows) * len(cfg.splits) - len(todo)
+    check_writable(cfg.out_dir)
+    if todo:
+        _check_inputs(cfg, todo)
+    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    precision = train_precision(cfg.train, recorded=_recorded_precision(cfg), where=f"the runs in {cfg.out_dir}")
+    _check_settings(cfg, precision.precision)
+    ident = _data_identity(cfg, todo) if todo else {}
+    if todo:
+        _check_data(cfg, ident)
+    if done:
+        log.info("%d of %d runs already finished in %s; skipping them", done, done + len(todo), cfg.out_dir)
+    return Plan(todo, precision, ident)
+
+
+def units(cfg: ReproduceConfig, todo: list[tuple[str, int]], spread: bool = False) -> list[tuple[str, tuple[int, ...]]]:
+    """The (row, splits) that train together: a row's unfinished splits. With `spread`, a row whose
+    splits do not train as one group (cfg.group off, or group_problem) becomes one unit per split."""
+    out = []
+    for row in dict.fromkeys(r for r, _ in todo):
+        splits = tuple(s for r, s in todo if r == row)
+        cfgs = [dataclasses.replace(cfg.train, split=s) for s in splits]
+        grouped = cfg.group and len(cfgs) > 1 and group_problem(cfgs) is None
+        out += [(row, splits)] if grouped or not spread else [(row, (s,)) for s in splits]
+    return out
+
+
+def train_unit(cfg: ReproduceConfig, row: str, splits: tuple[int, ...], precision: PrecisionChoice,
+               progress: bool = True, on_finish: Callable[[], None] | None = None) -> None:
+    """Train the runs of `row` on `splits` (as one group where they can be) into their run directories;
+    `on_finish()` after each run."""
+    meta = load_metadata(cfg.metadata)
+    caches = resolve_streams(cfg.cache_dir, row=row)
+    sets, rows = load_streams(meta, caches, cfg.on_missing, cfg.allow_mismatched_clips)
+    cfgs = [dataclasses.replace(cfg.train, split=s) for s in splits]
+    descs = [f"{row} split{s}" for s in splits]
+
+    def finished(j: int, result: object) -> None:
+        if on_finish is not None:
+            on_finish()
+
+    problem = group_problem(cfgs) if len(cfgs) > 1 else None
+    if cfg.group and len(cfgs) > 1 and problem is None:
+        train_group(cfgs, meta, sets, rows, [_run_dir(cfg, row, s) for s in splits], progress=progress,
+                    descs=descs, on_finish=finished, precision=precision)
+    else:
+        if cfg.group and problem:
+            log.info("%s: %s; training its %d runs one at a time", row, problem, len(cfgs))
+        for j, train_cfg in enumerate(cfgs):
+            finished(j, train_run(train_cfg, meta, sets, rows, _run_dir(cfg, row, train_cfg.split),
+                                  progress=progress, desc=descs[j], precision=precision))
+
+
+def record_finished(cfg: ReproduceConfig, plan: Plan, row: str) -> str:
+    """After a run of `row` finished: its data in data.json, the tables rewritten; returns the test table."""
+    _record_data(cfg, plan.ident, [p.stem for p in resolve_streams(cfg.cache_dir, row=row).values()])
+    return write_results(cfg.out_dir, cfg.protocol)
+
+
 MEMORY_SHARE = 0.7  # of the available RAM that the rows trained at once may load
 
 
@@ -223,76 +296,36 @@ def job_count(cfg: ReproduceConfig, rows: Sequence[str]) -> int:
     return max(1, min(len(rows), by_cores, by_memory))
 
 
-def train_row(cfg: ReproduceConfig, meta: Metadata, row: str, splits: list[int], precision: PrecisionChoice,
-              progress: bool = True, on_finish: Callable[[int, object], None] | None = None) -> None:
-    """Train the runs of Table 6 row `row` on `splits`, as one group where they can form one,
-    writing each run's directory as it finishes; `on_finish(j, result)` after run j."""
-    caches = resolve_streams(cfg.cache_dir, row=row)
-    sets, rows = load_streams(meta, caches, cfg.on_missing, cfg.allow_mismatched_clips)
-    cfgs = [dataclasses.replace(cfg.train, split=s) for s in splits]
-    descs = [f"{row} split{s}" for s in splits]
-    problem = group_problem(cfgs) if len(cfgs) > 1 else None
-    if cfg.group and len(cfgs) > 1 and problem is None:
-        train_group(cfgs, meta, sets, rows, [_run_dir(cfg, row, s) for s in splits], progress=progress,
-                    descs=descs, on_finish=on_finish, precision=precision)
-        return
-    if cfg.group and problem:
-        log.info("%s: %s; training its %d runs one at a time", row, problem, len(cfgs))
-    for j, train_cfg in enumerate(cfgs):
-        result = train_run(train_cfg, meta, sets, rows, _run_dir(cfg, row, train_cfg.split), progress=progress,
-                           desc=descs[j], precision=precision)
-        if on_finish is not None:
-            on_finish(j, result)
-
-
-def _row_job(cfg: ReproduceConfig, row: str, splits: list[int], precision: PrecisionChoice, threads: int,
-             level: int) -> str:
-    """train_row in a worker process of `reproduce` (its log lines at `level`, `threads` CPU threads)."""
+def _unit_job(cfg: ReproduceConfig, row: str, splits: tuple[int, ...], precision: PrecisionChoice, threads: int,
+              level: int) -> str:
+    """train_unit in a worker process of `reproduce` (its log lines at `level`, `threads` CPU threads)."""
     setup_logging(level <= logging.DEBUG)
     logging.getLogger().setLevel(level)
     torch.set_num_threads(threads)
-    train_row(cfg, load_metadata(cfg.metadata), row, splits, precision, progress=False)
+    train_unit(cfg, row, splits, precision, progress=False)
     return row
 
 
 def reproduce(cfg: ReproduceConfig, progress: bool = True) -> str:
     """Run every selected (row, split) not already finished; return the test table."""
-    todo = [(r, s) for r in cfg.rows for s in cfg.splits if not (_run_dir(cfg, r, s) / "metrics.json").exists()]
-    done = len(cfg.rows) * len(cfg.splits) - len(todo)
-    check_writable(cfg.out_dir)
-    if todo:
-        _check_inputs(cfg, todo)
-    cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    precision = train_precision(cfg.train, recorded=_recorded_precision(cfg), where=f"the runs in {cfg.out_dir}")
-    _check_settings(cfg, precision.precision)
-    ident = _data_identity(cfg, todo) if todo else {}
-    if todo:
-        _check_data(cfg, ident)
-    if done:
-        log.info("%d of %d runs already finished in %s; skipping them", done, done + len(todo), cfg.out_dir)
-    work = {row: [s for r, s in todo if r == row] for row in dict.fromkeys(r for r, _ in todo)}
-
-    def finished(row: str) -> None:
-        _record_data(cfg, ident, [p.stem for p in resolve_streams(cfg.cache_dir, row=row).values()])
-        write_results(cfg.out_dir, cfg.protocol)
-
-    jobs = job_count(cfg, list(work))
+    plan = prepare(cfg)
+    work = units(cfg, plan.todo)
+    jobs = job_count(cfg, [row for row, _ in work])
     if jobs <= 1:
-        meta = load_metadata(cfg.metadata) if todo else None
-        for row, splits in work.items():
-            train_row(cfg, meta, row, splits, precision, progress, on_finish=lambda j, result, row=row: finished(row))
+        for row, splits in work:
+            train_unit(cfg, row, splits, plan.precision, progress, lambda row=row: record_finished(cfg, plan, row))
         return write_results(cfg.out_dir, cfg.protocol)
     # Several rows at once, a process each (spawned: CUDA cannot be forked). Each writes its runs'
     # directories as they finish; this process records their data and tables as each row ends.
     threads = max(1, usable_cores() // jobs)
     log.info("training %d rows at once, a process each with %d CPU threads", jobs, threads)
     level = logging.getLogger().getEffectiveLevel()
-    order = sorted(work, key=lambda row: -_row_cost(cfg, row))  # the longest first: the last to end ends soonest
+    work.sort(key=lambda unit: -_row_cost(cfg, unit[0]))  # the longest first: the last to end ends soonest
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(_row_job, cfg, row, work[row], precision, threads, level) for row in order]
+        futures = [pool.submit(_unit_job, cfg, row, splits, plan.precision, threads, level) for row, splits in work]
         try:
             for fut in tqdm(as_completed(futures), total=len(futures), desc="rows", unit="row", disable=not progress):
-                finished(fut.result())
+                record_finished(cfg, plan, fut.result())
         except BaseException:
             for f in futures:
                 f.cancel()
