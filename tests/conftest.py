@@ -13,6 +13,7 @@ from trailers12k_feats import NUM_GENRES, runtime
 from trailers12k_feats.cache import CacheAttrs, CacheWriter
 from trailers12k_feats.runtime import CACHE_ENV, PROBE_FILE
 from trailers12k_feats.sources.synthetic import SynthConfig, make_corpus
+from trailers12k_feats.sources.synthvideo import cut_video
 from trailers12k_feats.training.data import write_metadata
 
 torch.set_num_threads(2)
@@ -59,6 +60,16 @@ def corpus(tmp_path_factory):
     out = tmp_path_factory.mktemp("corpus")
     make_corpus(out, SynthConfig(num_trailers=300, seed=1), progress=False)
     return out
+
+
+def cut_test_videos(d: Path) -> Path:
+    """Four small videos in `d`: two good ones (mp4, and mkv at 30 fps), one shorter than a
+    clip and one corrupt file."""
+    cut_video(d / "tt0000001.mp4", [30, 50, 20], size=(160, 96), seed=1)
+    cut_video(d / "tt0000002.mkv", [40, 26], size=(128, 96), seed=2, fps=30)
+    cut_video(d / "tt0000003.mp4", [5], size=(160, 96), seed=3)  # shorter than one clip
+    (d / "tt0000004.mp4").write_bytes(b"\x00corrupt" * 64)
+    return d
 
 
 def write_toy_cache(path, lengths=(3, 1, 5), *, F=8, dtype="float32", ids=None, ramp=False, seed=0, clips=None,

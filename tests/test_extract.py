@@ -11,6 +11,7 @@ import pytest
 import torch
 import torchvision
 from click.testing import CliRunner
+from conftest import cut_test_videos
 
 from cli import main
 from trailers12k_feats import cache
@@ -28,11 +29,7 @@ LIGHT = "shufflenet_v2_3d_x1_0"  # a small 3D model keeps the tests quick
 
 @pytest.fixture(scope="module")
 def videos(tmp_path_factory):
-    d = tmp_path_factory.mktemp("videos")
-    cut_video(d / "tt0000001.mp4", [30, 50, 20], size=(160, 96), seed=1)
-    cut_video(d / "tt0000002.mkv", [40, 26], size=(128, 96), seed=2, fps=30)
-    cut_video(d / "tt0000003.mp4", [5], size=(160, 96), seed=3)  # shorter than one clip
-    (d / "tt0000004.mp4").write_bytes(b"\x00corrupt" * 64)
+    d = cut_test_videos(tmp_path_factory.mktemp("videos"))
     return d
 
 
@@ -391,7 +388,12 @@ def test_recorded_precision_needs_every_cache_to_agree(tmp_path, toy_cache):
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device")])])
 def test_device_crops_equal_the_per_clip_preprocessing(device):
-    from trailers12k_feats.extraction.clipstream import Group, crops, frame_index, union_frames
+    from trailers12k_feats.extraction.clipstream import (
+        Group,
+        crops,
+        frame_index,
+        union_frames,
+    )
     from trailers12k_feats.extraction.extract import _Model
 
     rng = np.random.default_rng(0)

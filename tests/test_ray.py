@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import cut_test_videos
 
 from cli import main
 from trailers12k_feats import cache
@@ -44,11 +45,7 @@ def ray_cluster():
 
 @pytest.fixture(scope="module")
 def videos(tmp_path_factory):
-    d = tmp_path_factory.mktemp("videos")
-    cut_video(d / "tt0000001.mp4", [30, 50, 20], size=(160, 96), seed=1)
-    cut_video(d / "tt0000002.mkv", [40, 26], size=(128, 96), seed=2, fps=30)
-    cut_video(d / "tt0000003.mp4", [5], size=(160, 96), seed=3)  # shorter than one clip
-    (d / "tt0000004.mp4").write_bytes(b"\x00corrupt" * 64)
+    d = cut_test_videos(tmp_path_factory.mktemp("videos"))
     cut_video(d / "tt0000005.mp4", [24, 40], size=(160, 96), seed=5)
     return d
 

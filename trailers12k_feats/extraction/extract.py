@@ -204,6 +204,24 @@ class _Trailer:
         self.durations: tuple[float | None, float | None] = (None, None)  # (decoded, declared) seconds
 
 
+def resume(cache_dir: Path, models: list[_Model], videos: list[tuple[str, Path]],
+           shard: tuple[int, int]) -> tuple[list[tuple[str, Path]], str, Path]:
+    """Make `cache_dir` ready for `models`: stale segments removed, earlier feature settings
+    checked, each model's finished trailers read (`m.done`). Returns the videos some model still
+    needs, the tag of this shard's segments and the path of its failure report."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    for m in models:
+        store.clean_stale(cache_dir, m.attrs.name)
+        store.check_compatible(cache_dir, m.attrs.name, m.attrs.config["features"], shots.IMPLIED)
+        m.done = store.finished_ids(cache_dir, m.attrs.name)
+    todo = [(t, p) for t, p in videos if any(t not in m.done for m in models)]
+    if len(videos) > len(todo):
+        log.info("skipping %d trailer(s) already in %s", len(videos) - len(todo), cache_dir)
+    k, n = shard
+    tag = f"shard{k}of{n}"
+    return todo, tag, cache_dir / ("failures.jsonl" if n == 1 else f"failures.{tag}.jsonl")
+
+
 def clip_loader(videos: list[tuple[str, Path]], cfg: ExtractConfig, shipped: list[int]) -> DataLoader:
     """The decoding workers' stream of (trailer id, path) `videos`: each item a chunk of clips
     with frames `shipped` (see ClipDataset), or a trailer's end or failure."""
@@ -292,17 +310,7 @@ def extract(inputs: list[str | os.PathLike], cache_dir: str | os.PathLike, cfg: 
     precision = extract_precision(cfg, cache_dir)
     models = build_models(cfg, precision)
     cfg = dataclasses.replace(cfg, precision=precision.precision)  # what the forward passes run in
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    for m in models:
-        store.clean_stale(cache_dir, m.attrs.name)
-        store.check_compatible(cache_dir, m.attrs.name, m.attrs.config["features"], shots.IMPLIED)
-        m.done = store.finished_ids(cache_dir, m.attrs.name)
-    todo = [(t, p) for t, p in videos if any(t not in m.done for m in models)]
-    skipped = len(videos) - len(todo)
-    if skipped:
-        log.info("skipping %d trailer(s) already in %s", skipped, cache_dir)
-    tag = f"shard{k}of{n}"
-    report_path = cache_dir / ("failures.jsonl" if n == 1 else f"failures.{tag}.jsonl")
+    todo, tag, report_path = resume(cache_dir, models, videos, cfg.shard)
     shipped = union_frames(list({m.group.key: m.group for m in models}.values()))
     loader = clip_loader(todo, cfg, shipped)
     run = _Run(models, cfg, cache_dir, tag, report_path if report else None, {**HINTS, **(hints or {})}, shipped)
@@ -333,8 +341,8 @@ def extract(inputs: list[str | os.PathLike], cache_dir: str | os.PathLike, cfg: 
         log.info("shard %d/%d done; once every shard has finished run `t12k cache merge %s`", k, n, cache_dir)
     if (run.failures or run.partial) and report:
         log.warning("%d video(s) failed, %d partial; reasons in %s", len(run.failures), len(run.partial), report_path)
-    return ExtractResult(caches, run.completed, skipped, run.failures, time.perf_counter() - t0, run.clips,
-                         run.partial, report_path if report else None)
+    return ExtractResult(caches, run.completed, len(videos) - len(todo), run.failures, time.perf_counter() - t0,
+                         run.clips, run.partial, report_path if report else None)
 
 
 class _Run:

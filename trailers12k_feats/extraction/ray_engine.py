@@ -46,6 +46,7 @@ from trailers12k_feats.extraction.extract import (
     _Model,
     _Run,
     build_models,
+    resume,
 )
 from trailers12k_feats.extraction.inputs import resolve_inputs
 from trailers12k_feats.runtime import AUTO, PrecisionChoice, resolve_precision
@@ -229,17 +230,7 @@ def extract_ray(inputs: list[str | os.PathLike], cache_dir: str | os.PathLike, c
         attrs, shipped = ray_get(ray, actors[0].plan.remote())
         models = [_Model(bb.get_backbone(a.backbone), None, None, a, set()) for a in attrs]
         cfg = dataclasses.replace(cfg, precision=precision.precision)
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        for m in models:
-            store.clean_stale(cache_dir, m.attrs.name)
-            store.check_compatible(cache_dir, m.attrs.name, m.attrs.config["features"], shots.IMPLIED)
-            m.done = store.finished_ids(cache_dir, m.attrs.name)
-        todo = [(t, p) for t, p in videos if any(t not in m.done for m in models)]
-        skipped = len(videos) - len(todo)
-        if skipped:
-            log.info("skipping %d trailer(s) already in %s", skipped, cache_dir)
-        tag = f"shard{k}of{n}"
-        report_path = cache_dir / ("failures.jsonl" if n == 1 else f"failures.shard{k}of{n}.jsonl")
+        todo, tag, report_path = resume(cache_dir, models, videos, cfg.shard)
         run = _RayRun(ray, actors, models, cfg, cache_dir, tag, report_path if report else None, HINTS, shipped)
         slots = max(1, int((ray.cluster_resources().get("CPU", 1) - size * engine.actor_cpus) // engine.decode_cpus))
         ordered = engine.ordered if engine.ordered is not None else device == "cpu"
@@ -252,8 +243,8 @@ def extract_ray(inputs: list[str | os.PathLike], cache_dir: str | os.PathLike, c
         log.info("shard %d/%d done; once every shard has finished run `t12k cache merge %s`", k, n, cache_dir)
     if (run.failures or run.partial) and report:
         log.warning("%d video(s) failed, %d partial; reasons in %s", len(run.failures), len(run.partial), report_path)
-    return ExtractResult(caches, run.completed, skipped, run.failures, time.perf_counter() - t0, run.clips,
-                         run.partial, report_path if report else None)
+    return ExtractResult(caches, run.completed, len(videos) - len(todo), run.failures, time.perf_counter() - t0,
+                         run.clips, run.partial, report_path if report else None)
 
 
 def _drive(ray: Any, run: _RayRun, todo: list, decode: Any, cfg: ExtractConfig, shipped: tuple[int, ...],
