@@ -252,10 +252,6 @@ class TrailerData:
         out.labels = None if self.labels is None else self.labels.to(device)
         return out
 
-    def feature_bytes(self) -> int:
-        """Bytes of the feature tensors (shared by subsets, counted once)."""
-        return sum(f.numel() * f.element_size() for f in {id(f): f for f in self.features.values()}.values())
-
     def clip_index(self, rows: torch.Tensor, first: torch.Tensor,
                    window: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Where clips first..first+window-1 of trailers `rows` lie in each stream's features
