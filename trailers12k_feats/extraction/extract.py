@@ -331,18 +331,21 @@ def extract(inputs: list[str | os.PathLike], cache_dir: str | os.PathLike, cfg: 
         bar.close()
         run.flush()  # also on Ctrl-C: every finished trailer is kept
         torch.set_num_threads(threads)
-    caches = []
-    for m in models:
-        if n == 1:
-            out = store.merge(cache_dir, m.attrs.name)
-            if out is not None:
-                caches.append(out)
+    return finish(run, cache_dir, cfg.shard, len(videos) - len(todo), report_path if report else None, t0)
+
+
+def finish(run: _Run, cache_dir: Path, shard: tuple[int, int], skipped: int, report_path: Path | None,
+           t0: float) -> ExtractResult:
+    """After the last batch: with one shard, each model's segments merged into its cache (else a
+    log line saying to merge once every shard is done); failures reported; the result."""
+    k, n = shard
+    caches = [p for m in run.models if n == 1 and (p := store.merge(cache_dir, m.attrs.name)) is not None]
     if n > 1:
         log.info("shard %d/%d done; once every shard has finished run `t12k cache merge %s`", k, n, cache_dir)
-    if (run.failures or run.partial) and report:
+    if (run.failures or run.partial) and report_path is not None:
         log.warning("%d video(s) failed, %d partial; reasons in %s", len(run.failures), len(run.partial), report_path)
-    return ExtractResult(caches, run.completed, len(videos) - len(todo), run.failures, time.perf_counter() - t0,
-                         run.clips, run.partial, report_path if report else None)
+    return ExtractResult(caches, run.completed, skipped, run.failures, time.perf_counter() - t0, run.clips,
+                         run.partial, report_path)
 
 
 class _Run:

@@ -46,6 +46,7 @@ from trailers12k_feats.extraction.extract import (
     _Model,
     _Run,
     build_models,
+    finish,
     resume,
 )
 from trailers12k_feats.extraction.inputs import resolve_inputs
@@ -238,13 +239,7 @@ def extract_ray(inputs: list[str | os.PathLike], cache_dir: str | os.PathLike, c
     finally:
         for a in actors:
             ray.kill(a)  # frees their GPUs and CPUs for the next run of this process
-    caches = [p for m in models if n == 1 and (p := store.merge(cache_dir, m.attrs.name)) is not None]
-    if n > 1:
-        log.info("shard %d/%d done; once every shard has finished run `t12k cache merge %s`", k, n, cache_dir)
-    if (run.failures or run.partial) and report:
-        log.warning("%d video(s) failed, %d partial; reasons in %s", len(run.failures), len(run.partial), report_path)
-    return ExtractResult(caches, run.completed, len(videos) - len(todo), run.failures, time.perf_counter() - t0,
-                         run.clips, run.partial, report_path if report else None)
+    return finish(run, cache_dir, cfg.shard, len(videos) - len(todo), report_path if report else None, t0)
 
 
 def _drive(ray: Any, run: _RayRun, todo: list, decode: Any, cfg: ExtractConfig, shipped: tuple[int, ...],
