@@ -117,14 +117,15 @@ def _plain(v: Any) -> Any:
     return v
 
 
-def pool_clips(x: np.ndarray, lengths: np.ndarray) -> dict[str, np.ndarray]:
-    """The :data:`POOLED` summaries of consecutive trailers of `lengths[i]` clips each, whose
-    clips `x` (sum(lengths), F) are stacked: {"mean": (k, F), "max": (k, F)} float32, reduced
-    in float32 as the probe always pooled (torch's segment reductions are many times faster than
-    NumPy's reduceat down a column)."""
-    clips = torch.from_numpy(np.ascontiguousarray(x)).float()  # (sum(lengths), F)
+def pool_clips(x: np.ndarray | torch.Tensor, lengths: np.ndarray | torch.Tensor,
+               reductions: Iterable[str] = tuple(POOLED)) -> dict[str, np.ndarray]:
+    """The summaries `reductions` (keys of :data:`POOLED`) of consecutive trailers of `lengths[i]`
+    clips each, whose clips `x` (sum(lengths), F) are stacked: {"mean": (k, F), "max": (k, F)}
+    float32, reduced in float32 as the probe always pooled (torch's segment reductions are many
+    times faster than NumPy's reduceat down a column)."""
+    clips = torch.as_tensor(np.ascontiguousarray(x) if isinstance(x, np.ndarray) else x).float()  # (sum, F)
     lengths = torch.as_tensor(np.asarray(lengths, np.int64))  # (k,)
-    return {r: torch.segment_reduce(clips, r, lengths=lengths, axis=0).numpy() for r in POOLED}
+    return {r: torch.segment_reduce(clips, r, lengths=lengths, axis=0).numpy() for r in reductions}
 
 
 class CacheWriter:

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from trailers12k_feats import cache as cache_mod
 from trailers12k_feats.cache import FeatureSet
@@ -59,9 +58,8 @@ def pool_features(fs: FeatureSet, pool: str = "mean", chunk: int = 1 << 18) -> n
     while t0 < len(fs):
         t1 = int(np.searchsorted(fs.offsets.numpy(), int(fs.offsets[t0]) + chunk, side="right")) - 1
         t1 = max(t1, t0 + 1)
-        x = fs.features[fs.offsets[t0]:fs.offsets[t1]].float()  # (clips, F)
-        parts = [torch.segment_reduce(x, r, lengths=lengths[t0:t1], axis=0) for r in reds]
-        out[t0:t1] = torch.cat(parts, 1).numpy()  # (t1 - t0, F * len(reds))
+        pooled = cache_mod.pool_clips(fs.features[fs.offsets[t0]:fs.offsets[t1]], lengths[t0:t1], reds)
+        out[t0:t1] = np.concatenate([pooled[r] for r in reds], 1)  # (t1 - t0, F * len(reds))
         t0 = t1
     return out
 
