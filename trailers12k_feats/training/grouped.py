@@ -88,7 +88,8 @@ class _Run:
     epochs: EpochLog
     best_state: dict | None = None
     on_device: dict[str, TrailerData] = field(default_factory=dict)  # `data` where batches are gathered
-    snippets: dict = field(default_factory=dict)  # subset -> (owner, first, all clips real) (S,) each, on the CPU
+    # subset -> (owner, first, all clips real) (S,) each on the CPU, and (owner, first) where the features are
+    snippets: dict = field(default_factory=dict)
 
     @property
     def lr(self) -> float:
@@ -244,18 +245,18 @@ class GroupTrainer:
             if subset not in r.snippets:
                 d = r.data[subset]
                 owner, first = d.snippets(torch.arange(len(d)), cfg.window)  # (S,), (S,)
-                r.snippets[subset] = (owner, first, d.lengths[owner] - first >= cfg.window)
+                where = r.on_device[subset].device  # sent once: every epoch evaluates the same snippets
+                r.snippets[subset] = (owner, first, d.lengths[owner] - first >= cfg.window,
+                                      owner.to(where, non_blocking=True), first.to(where, non_blocking=True))
             snips.append(r.snippets[subset])
-        dev = self.runs[0].on_device[subset].device
-        on_dev = [(o.to(dev, non_blocking=True), f.to(dev, non_blocking=True)) for o, f, _ in snips]
-        logits = [torch.empty(len(owner), NUM_GENRES, device=self.device) for owner, _, _ in snips]  # each (S_j, 10)
+        logits = [torch.empty(len(sn[0]), NUM_GENRES, device=self.device) for sn in snips]  # each (S_j, 10)
         C = -(-E // len(self.runs))  # snippets of each run per call: eval_batch_size in all, as one run's batch
-        for s in range(0, max(len(owner) for owner, _, _ in snips), C):
-            js = [j for j, (owner, _, _) in enumerate(snips) if s < len(owner)]
+        for s in range(0, max(len(sn[0]) for sn in snips), C):
+            js = [j for j, sn in enumerate(snips) if s < len(sn[0])]
             size = max(min(C, len(snips[j][0]) - s) for j in js)
             views = []
             for j in js:  # a shorter last chunk repeats its last snippet: evaluation rows are independent
-                owner, first = (t[s:s + C] for t in on_dev[j])
+                owner, first = (t[s:s + C] for t in snips[j][3:])
                 pad = size - len(owner)
                 views.append((self.runs[j].on_device[subset], torch.cat([owner, owner[-1:].expand(pad)]),
                               torch.cat([first, first[-1:].expand(pad)])))
@@ -267,7 +268,7 @@ class GroupTrainer:
                 n = min(C, len(snips[j][0]) - s)
                 logits[j][s:s + n] = out[i, :n]
         results = []
-        for r, (owner, _, _), lg in zip(self.runs, snips, logits):
+        for r, (owner, *_), lg in zip(self.runs, snips, logits):
             d = r.data[subset]
             loss, p = snippet_loss(owner, lg.cpu(), d, cfg.protocol, cfg.batch_size, E)
             results.append(scored(d, loss, p))
