@@ -154,7 +154,7 @@ def cache_merge(cache_dir: Path) -> None:
 @option(EXTRACT, "--device", help="cpu or cuda[:N].")
 @option(EXTRACT, "--batch-size", type=int, help="Clips per forward pass.")
 @click.option("--workers", type=int, help="Decoding processes; 0 decodes in the main process  "
-              "[default: 0 on the CPU, up to 8 with CUDA]")
+              "[default: 0 on the CPU, the usable cores but one with CUDA]")
 @click.option("--shard", help="K/N: process every N-th video starting at the K-th (merge with `t12k cache merge`).")
 @click.option("--weights", "weights", multiple=True, help="NAME=PATH of a weight file, or NAME=random (repeatable).")
 @click.option("--random-weights", is_flag=True, default=None, help="Random weights for every backbone (smoke tests).")
@@ -182,12 +182,7 @@ def extract(inputs, backbones, cache_dir, shard, weights, fps, fpc, segmentation
                              shot_threshold=shot_threshold, min_shot_frames=min_shot_frames))
     cfg = ExtractConfig(backbones=backbones, clip=clip,
                         **given(**opts, shard=shard_spec(shard), weights=weight_pairs(weights)))
-    if engine.ray:
-        from trailers12k_feats.extraction.ray_engine import extract_ray
-
-        res = extract_ray(list(inputs), cache_dir, cfg, engine)
-    else:
-        res = run(list(inputs), cache_dir, cfg)
+    res = run(list(inputs), cache_dir, cfg, engine=engine)
     click.echo(res.summary(cfg.partial))
     if not res.ok:
         click.echo(f"failures listed in {res.report}", err=True)
@@ -222,7 +217,8 @@ def shots_cmd(videos, device, as_json, **clip) -> None:
 @click.option("--cache", "cache_dir", type=click.Path(path_type=Path),
               help="Keep the extracted features here and reuse them next time  [default: a temporary folder]")
 @option(PREDICT, "--device", help="cpu or cuda[:N].")
-@click.option("--workers", type=int, help="Decoding processes  [default: 0 on the CPU, up to 8 with CUDA]")
+@click.option("--workers", type=int, help="Decoding processes  [default: 0 on the CPU, the usable cores but one "
+              "with CUDA]")
 @click.option("--weights", "weights", multiple=True, help="NAME=PATH of a backbone's weight file (repeatable).")
 @errors
 def predict(videos, run_dir, fmt, cache_dir, weights, **opts) -> None:
@@ -304,16 +300,13 @@ def reproduce(data_dir, metadata, cache_dir, on_missing, rows, splits, out, grou
 
     metadata, cache_dir = resolve_data(data_dir, metadata, cache_dir)
     grid = Grid.parse(**lists)
-    first = {name: values[0] for name, values in grid.axes}
     cfg = ReproduceConfig(metadata=metadata, cache_dir=cache_dir,
-                          train=TrainConfig(**first, **given(precision=precision, device=device)),
+                          train=TrainConfig(**grid.first(), **given(precision=precision, device=device)),
                           allow_mismatched_clips=allow_mismatched_clips,
                           **given(out_dir=out, on_missing=on_missing, rows=names(rows), splits=ints(splits),
                                   protocol=protocol, group=group, jobs=jobs))
     click.echo(reproduce_grid(cfg, grid, engine))
-    where = f"{cfg.out_dir}/<setting>/" if grid.varied else str(cfg.out_dir)
-    click.echo(f"\nresults in {where} (val.csv, tst.csv, summary.csv, summary.md)"
-               + (f", compared in {cfg.out_dir}/grid.md" if grid.varied else ""))
+    click.echo(f"\n{grid.where(cfg.out_dir)}")
 
 
 @main.command()

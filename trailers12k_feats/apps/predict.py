@@ -56,7 +56,7 @@ class PredictConfig:
     run_dir: Path
     cache_dir: Path | None = None  # keep extracted features here (reused next time); None = temporary
     device: str = "cpu"
-    workers: int = -1  # decoding processes, as in ExtractConfig (-1: 0 on the CPU, up to 8 on CUDA)
+    workers: int = -1  # decoding processes, as in ExtractConfig (-1: 0 on the CPU, the usable cores but one on CUDA)
     weights: tuple[tuple[str, str], ...] = ()  # (backbone, path) when not in the torch hub cache
 
     def __post_init__(self) -> None:

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from trailers12k_feats import __version__
 from trailers12k_feats.cache import CacheAttrs, check_dtype
+from trailers12k_feats.engines import EngineConfig
 from trailers12k_feats.extraction import backbones as bb
 from trailers12k_feats.extraction import shots, store
 from trailers12k_feats.extraction.clipstream import (
@@ -289,7 +290,8 @@ def build_models(cfg: ExtractConfig, precision: PrecisionChoice | None = None) -
 # ---------------------------------------------------------------------------- the run
 
 def extract(inputs: list[str | os.PathLike], cache_dir: str | os.PathLike, cfg: ExtractConfig,
-            progress: bool = True, *, report: bool = True, hints: dict[str, str] | None = None) -> ExtractResult:
+            progress: bool = True, *, report: bool = True, hints: dict[str, str] | None = None,
+            engine: EngineConfig | None = None) -> ExtractResult:
     """Extract every requested backbone's clip embeddings of `inputs` into `cache_dir`.
 
     Checks inputs, weights and any existing cache first; skips finished trailers; never
@@ -299,8 +301,13 @@ def extract(inputs: list[str | os.PathLike], cache_dir: str | os.PathLike, cfg: 
     `<cache_dir>/<stream>.h5` at the end; with several, run :func:`store.merge_all`
     (`t12k cache merge`) once all shards are done. `report=False` writes no failure report
     (for callers that show failures themselves and delete `cache_dir`); `hints` replaces
-    the advice added to reasons (:data:`HINTS`).
+    the advice added to reasons (:data:`HINTS`). `engine` with `engine="ray"` runs the same
+    extraction on a Ray cluster (ray_engine.extract_ray, with the default hints).
     """
+    if engine is not None and engine.ray:
+        from trailers12k_feats.extraction.ray_engine import extract_ray
+
+        return extract_ray(inputs, cache_dir, cfg, engine, progress, report=report)
     t0 = time.perf_counter()
     cache_dir = Path(cache_dir)
     k, n = cfg.shard

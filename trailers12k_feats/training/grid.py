@@ -64,6 +64,16 @@ class Grid:
             axes.append((name, values))
         return cls(tuple(axes))
 
+    def first(self) -> dict:
+        """The first value of each field: the first setting, which a base config is checked with."""
+        return {name: values[0] for name, values in self.axes}
+
+    def where(self, out_dir: Path) -> str:
+        """Where `reproduce_grid` leaves the results of this grid under `out_dir`, as a sentence."""
+        folder = f"{out_dir}/<setting>/" if self.varied else str(out_dir)
+        return (f"results in {folder} (val.csv, tst.csv, summary.csv, summary.md)"
+                + (f", compared in {out_dir}/grid.md" if self.varied else ""))
+
     @property
     def varied(self) -> tuple[str, ...]:
         """The fields with more than one value: they name the settings' folders."""
