@@ -322,21 +322,19 @@ class Trainer:
         # The epoch's windows, drawn on the CPU as random_windows draws them, then sent once.
         order, first = (t.to(where, non_blocking=True) for t in d.epoch_windows(cfg.batch_size, cfg.window,
                                                                                 self.gen))  # (n,), (n,)
-        total, count = torch.zeros((), device=self.device), 0
+        total = torch.zeros((), device=self.device)  # the sum of every window's loss
         losses = []  # per step, on the device: checked once per epoch, so no step waits for the device
         steps = range(0, len(d), cfg.batch_size)
         for s in tqdm(steps, desc="train", unit="batch", leave=False, disable=not progress):
             loss = self.step(order[s:s + cfg.batch_size], first[s:s + cfg.batch_size])
-            n = min(cfg.batch_size, len(d) - s)
             losses.append(loss)
-            total += loss * n
-            count += n
+            total += loss * min(cfg.batch_size, len(d) - s)  # the step's windows
         step_loss = torch.stack(losses).cpu()  # (steps,)
         if not bool(torch.isfinite(step_loss).all()):
             step = int((~torch.isfinite(step_loss)).nonzero()[0, 0])
             raise diverged(desc, f"training loss is {float(step_loss[step])} at epoch {epoch}, step {step + 1} of "
                                  f"{len(losses)}")
-        return float(total) / count
+        return float(total) / len(d)
 
     def predict(self, d: TrailerData) -> torch.Tensor:
         """Snippet-averaged sigmoid probabilities (n, 10) for every trailer of `d`."""
