@@ -223,7 +223,7 @@ class GroupTrainer:
                 for j, lj in zip(js, loss):
                     losses[j].append((lj, min(B, sizes[j] - s)))
         out = []
-        for r, run_losses in zip(self.runs, losses):
+        for r, run_losses, n_train in zip(self.runs, losses, sizes):
             step_loss = torch.stack([lj for lj, _ in run_losses]).cpu()  # (steps,)
             if not bool(torch.isfinite(step_loss).all()):
                 step = int((~torch.isfinite(step_loss)).nonzero()[0, 0])
@@ -232,7 +232,7 @@ class GroupTrainer:
             total = torch.zeros((), device=self.device)
             for lj, n in run_losses:  # summed as Trainer.train_epoch sums
                 total += lj * n
-            out.append(float(total) / sum(n for _, n in run_losses))
+            out.append(float(total) / n_train)
         return out
 
     @torch.no_grad()
