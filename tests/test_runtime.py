@@ -61,7 +61,9 @@ def test_auto_takes_bf16_where_it_is_faster_by_the_margin(probe):
     assert cpu_choice(100.0, 1000.0, ("fp32",)) == "fp32"
 
 
-def test_the_probe_is_kept_per_machine_and_reused(probe, caplog):
+def test_the_probe_is_kept_per_machine_and_reused(probe, caplog, monkeypatch):
+    for name in runtime.ISA_ENV:
+        monkeypatch.delenv(name, raising=False)
     first = resolve_precision("auto", "cpu", TRAIN_PRECISIONS)
     assert probe.calls == 1
     kept = json.loads(probe.path.read_text())["entries"]
@@ -81,6 +83,11 @@ def test_the_probe_is_kept_per_machine_and_reused(probe, caplog):
     finally:
         torch.set_num_threads(threads)
     assert probe.calls == 2 and len(json.loads(probe.path.read_text())["entries"]) == 2
+    # An instruction cap in the environment (an AMX CPU run as one without) is another machine too.
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    assert runtime.probe_key().endswith("; ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16")
+    resolve_precision("auto", "cpu", TRAIN_PRECISIONS)
+    assert probe.calls == 3 and len(json.loads(probe.path.read_text())["entries"]) == 3
 
 
 @pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"entries": 3}', "\udcff",

@@ -110,13 +110,20 @@ def cpu_identity() -> dict:
             "avx512_bf16": "avx512_bf16" in flags, "avx512f": "avx512f" in flags}
 
 
+# Environment variables that cap the instructions torch's CPU kernels use (oneDNN's matmuls, ATen's
+# vectorised loops): ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 runs an AMX CPU as one without AMX.
+ISA_ENV = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+
+
 def probe_key(cpu: dict | None = None, threads: int | None = None) -> str:
-    """What a probe result holds for: CPU model, its bf16 flags, torch version, thread count."""
+    """What a probe result holds for: CPU model, its bf16 flags, torch version, thread count, and any
+    instruction cap set in the environment (ISA_ENV)."""
     cpu = cpu or cpu_identity()
     threads = threads or torch.get_num_threads()
     yes = {True: "yes", False: "no"}
+    caps = "".join(f"; {name}={os.environ[name]}" for name in ISA_ENV if os.environ.get(name))
     return (f"{cpu['model']}; AMX-BF16 {yes[cpu['amx_bf16']]}, AVX512-BF16 {yes[cpu['avx512_bf16']]}; "
-            f"torch {torch.__version__}; {threads} thread{'' if threads == 1 else 's'}")
+            f"torch {torch.__version__}; {threads} thread{'' if threads == 1 else 's'}{caps}")
 
 
 def cache_dir() -> Path:
