@@ -24,19 +24,23 @@ reader never sees a half-written cache. Training loads a whole feature set into 
 Tools that copy or pick trailers (merging, prediction) read one trailer at a time
 (:class:`CacheReader`, :func:`read_trailers`, :func:`iter_trailers`); pooling reads whole
 trailers in large blocks (:func:`iter_blocks`) or the stored summaries (:func:`read_pooled`).
-This module is the only code that opens HDF5 files.
+This module is the only code that opens HDF5 files: the writer, readers, loader, validation,
+stored summaries and fingerprint live here. What needs no file lives in
+:mod:`trailers12k_feats.cache_types` and is re-exported here, so ``cache.X`` reaches it too:
+the format's constants, :class:`CacheAttrs`, the in-memory types (:class:`TrailerClips`,
+:class:`FeatureSet`, :func:`feature_set`), the checks of trailers before they are written
+(:class:`StagedTrailers`) and of an index and its values, :func:`pool_clips`, and the path
+helpers :func:`stream_path` and :func:`list_caches`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
 import os
 import shutil
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,87 +49,32 @@ import numpy as np
 import torch
 
 from trailers12k_feats import __version__
+from trailers12k_feats.cache_types import (  # re-exported: each is also cache.<name>
+    DTYPES,  # noqa: F401
+    DURATION_DATASETS,
+    FINITE,
+    FINITE_BY,
+    POOLED,
+    REQUIRED_DATASETS,
+    SCHEMA_VERSION,
+    SIZE_BEFORE_POOLED,
+    SUFFIX,  # noqa: F401
+    CacheAttrs,
+    FeatureSet,
+    StagedTrailers,
+    TrailerClips,
+    _check_finite,
+    _check_index,
+    _plain,
+    check_dtype,
+    feature_set,  # noqa: F401
+    list_caches,  # noqa: F401
+    pool_clips,
+    stream_path,  # noqa: F401
+)
 from trailers12k_feats.utils import T12kError, pid_alive
 
 log = logging.getLogger(__name__)
-
-SCHEMA_VERSION = 1
-SUFFIX = ".h5"
-REQUIRED_DATASETS = ("features", "offsets", "ids", "clip_start", "clip_end", "shot")
-DURATION_DATASETS = ("decoded_s", "declared_s")  # optional, per trailer; written by extraction
-DTYPES = ("float16", "float32")  # how features may be stored
-# Per-trailer summaries of the clips, (n, F) float32 each: reduction -> dataset. Written by
-# CacheWriter; added to older caches by pooling.load_pooled (see store_pooled).
-POOLED = {"mean": "pool_mean", "max": "pool_max"}
-# The record that every stored feature value was checked finite: `FINITE` is True and
-# `FINITE_BY` names the package version that checked. `load` trusts it and skips its scan.
-FINITE, FINITE_BY = "features_finite", "features_finite_by"
-SIZE_BEFORE_POOLED = "size_before_pooled"  # file size before store_pooled added the summaries
-
-
-def check_dtype(dtype: str) -> str:
-    """`dtype` if caches can store features in it (one of :data:`DTYPES`), else a T12kError."""
-    if dtype not in DTYPES:
-        raise T12kError(f"cache dtype must be one of {', '.join(DTYPES)}, got {dtype!r} "
-                        f"(float16 halves the size, float32 keeps full precision).")
-    return dtype
-
-
-@dataclass(frozen=True)
-class CacheAttrs:
-    """How a feature set was made; stored as HDF5 attributes of the cache."""
-
-    name: str
-    backbone: str
-    feature_dim: int
-    weights: str = "unknown"
-    pretraining: str = "unknown"
-    kind: str = "2d"  # "2d" (per-frame model, frames averaged) or "3d" (clip model)
-    fps: float = 24.0
-    fpc: int = 24
-    segmentation: str = "shots"
-    source: str = "unknown"
-    package_version: str = __version__
-    config: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("2d", "3d"):
-            raise T12kError(f"cache kind must be '2d' or '3d', got {self.kind!r}.")
-        if int(self.feature_dim) <= 0:
-            raise T12kError(f"cache feature_dim must be positive, got {self.feature_dim}.")
-
-    def to_h5(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["config"] = json.dumps(d["config"], sort_keys=True)
-        d["schema_version"] = SCHEMA_VERSION
-        return d
-
-    @classmethod
-    def from_h5(cls, attrs: Any) -> "CacheAttrs":
-        names = {f.name for f in dataclasses.fields(cls)}
-        d = {k: _plain(v) for k, v in attrs.items() if k in names}
-        d["config"] = json.loads(d.get("config") or "{}")
-        return cls(**d)
-
-
-def _plain(v: Any) -> Any:
-    """HDF5 attribute values as plain Python values."""
-    if isinstance(v, bytes):
-        return v.decode()
-    if isinstance(v, np.generic):
-        return v.item()
-    return v
-
-
-def pool_clips(x: np.ndarray | torch.Tensor, lengths: np.ndarray | torch.Tensor,
-               reductions: Iterable[str] = tuple(POOLED)) -> dict[str, np.ndarray]:
-    """The summaries `reductions` (keys of :data:`POOLED`) of consecutive trailers of `lengths[i]`
-    clips each, whose clips `x` (sum(lengths), F) are stacked: {"mean": (k, F), "max": (k, F)}
-    float32, reduced in float32 as the probe always pooled (torch's segment reductions are many
-    times faster than NumPy's reduceat down a column)."""
-    clips = torch.as_tensor(np.ascontiguousarray(x) if isinstance(x, np.ndarray) else x).float()  # (sum, F)
-    lengths = torch.as_tensor(np.asarray(lengths, np.int64))  # (k,)
-    return {r: torch.segment_reduce(clips, r, lengths=lengths, axis=0).numpy() for r in reductions}
 
 
 class CacheWriter:
@@ -159,16 +108,11 @@ class CacheWriter:
         prows = max(1, (1 << 20) // (4 * F))  # ~1 MB chunks
         self._pooled = {r: self._h5.create_dataset(name, (0, F), "float32", maxshape=(None, F), chunks=(prows, F))
                         for r, name in POOLED.items()}
-        self._buf: list[tuple[np.ndarray, ...]] = []  # trailers not yet written: (feats, start, end, shot)
-        self._buf_bytes = 0
-        self._ids: list[str] = []
-        self._seen: set[str] = set()
-        self._offsets = [0]
-        self._durations: list[tuple[float, float]] = []  # (decoded, declared) per trailer, NaN unknown
+        self._staged = StagedTrailers(self.path, F, self.dtype)  # checked trailers, not yet written
         self._closed = False
 
     def __len__(self) -> int:
-        return len(self._ids)
+        return len(self._staged.ids)
 
     def add(self, tid: str, feats: np.ndarray, clip_start: np.ndarray | None = None,
             clip_end: np.ndarray | None = None, shot: np.ndarray | None = None,
@@ -178,50 +122,17 @@ class CacheWriter:
         `decoded_s` and `declared_s` are the seconds of video decoded and declared by its file;
         the cache stores them (datasets decoded_s, declared_s) when any trailer has them.
         """
-        feats = np.asarray(feats)
-        F = self.attrs.feature_dim
-        if feats.ndim != 2 or feats.shape[1] != F or feats.shape[0] == 0:
-            raise T12kError(f"trailer {tid}: features must have shape (clips >= 1, {F}), got {feats.shape}.")
-        if tid in self._seen:
-            raise T12kError(f"trailer {tid} was added twice to cache {self.path}.")
-        if not np.isfinite(feats).all():
-            raise T12kError(f"trailer {tid}: features contain NaN or Inf; refusing to cache them.")
-        given = feats
-        with np.errstate(over="ignore"):  # overflow is reported below
-            feats = feats.astype(self.dtype, copy=False)  # (C, F) the values the cache will hold
-        if not np.isfinite(feats).all():  # finite values beyond float16's range become Inf
-            raise T12kError(f"trailer {tid}: features exceed the range of {self.dtype} (|x| > "
-                            f"{np.finfo(self.dtype).max:g}); write the cache as float32.")
-        C = feats.shape[0]
-        n0 = self._offsets[-1]
-
-        def col(x: np.ndarray | None, fill: float, dtype: str) -> np.ndarray:
-            if x is None:
-                return np.full(C, fill, dtype)
-            x = np.array(x, dtype)  # a copy: it is held until written
-            if x.shape != (C,):
-                raise T12kError(f"trailer {tid}: per-clip arrays must have shape ({C},), got {x.shape}.")
-            return x
-
-        # held until written, so a copy where the caller could still change the array
-        self._buf.append((feats.copy() if feats is given else feats, col(clip_start, np.nan, "float32"),
-                          col(clip_end, np.nan, "float32"), col(shot, -1, "int32")))
-        self._buf_bytes += feats.nbytes
-        self._ids.append(str(tid))
-        self._seen.add(str(tid))
-        self._offsets.append(n0 + C)
-        self._durations.append(tuple(np.nan if v is None else float(v) for v in (decoded_s, declared_s)))
-        if self._buf_bytes >= self.FLUSH_BYTES:
+        self._staged.add(tid, feats, clip_start, clip_end, shot, decoded_s, declared_s)
+        if self._staged.nbytes >= self.FLUSH_BYTES:
             self._flush()
 
     def _flush(self) -> None:
         """Write the buffered trailers' clips and their summaries, one block per dataset."""
-        if not self._buf:
+        block = self._staged.take()
+        if block is None:
             return
-        parts = list(zip(*self._buf))  # (feats...), (start...), (end...), (shot...)
-        lengths = np.array([len(f) for f in parts[0]])  # (k,)
-        feats = np.concatenate(parts[0])  # (sum(lengths), F) as stored
-        for ds, x in zip((self._feat, self._start, self._end, self._shot), (feats, *map(np.concatenate, parts[1:]))):
+        lengths, feats, *cols = block  # (k,), (sum(lengths), F) as stored, then per-clip start, end, shot
+        for ds, x in zip((self._feat, self._start, self._end, self._shot), (feats, *cols)):
             n0 = ds.shape[0]
             ds.resize(n0 + len(x), axis=0)
             ds[n0:] = x
@@ -229,8 +140,6 @@ class CacheWriter:
         for r, rows in pool_clips(feats, lengths).items():  # (k, F) each
             self._pooled[r].resize(n0 + len(rows), axis=0)
             self._pooled[r][n0:] = rows
-        self._buf.clear()
-        self._buf_bytes = 0
 
     def close(self) -> Path:
         """Write the index, summaries and attributes, then move the file into place."""
@@ -238,9 +147,9 @@ class CacheWriter:
             return self.path
         self._flush()
         h5 = self._h5
-        h5.create_dataset("offsets", data=np.asarray(self._offsets, np.int64))
-        h5.create_dataset("ids", data=np.asarray(self._ids, dtype=object), dtype=h5py.string_dtype())
-        durations = np.asarray(self._durations, np.float32).reshape(-1, 2)  # (n, 2)
+        h5.create_dataset("offsets", data=np.asarray(self._staged.offsets, np.int64))
+        h5.create_dataset("ids", data=np.asarray(self._staged.ids, dtype=object), dtype=h5py.string_dtype())
+        durations = np.asarray(self._staged.durations, np.float32).reshape(-1, 2)  # (n, 2)
         if np.isfinite(durations).any():  # caches without any (synthetic, imported) stay as they were
             for j, name in enumerate(DURATION_DATASETS):
                 h5.create_dataset(name, data=durations[:, j])
@@ -250,8 +159,8 @@ class CacheWriter:
         h5.close()
         self._closed = True
         os.replace(self._tmp, self.path)
-        log.info("wrote %s: %d trailers, %d clips, dim %d", self.path, len(self._ids),
-                 self._offsets[-1], self.attrs.feature_dim)
+        log.info("wrote %s: %d trailers, %d clips, dim %d", self.path, len(self._staged.ids),
+                 self._staged.offsets[-1], self.attrs.feature_dim)
         return self.path
 
     def abort(self) -> None:
@@ -278,68 +187,6 @@ def write_cache(path: str | os.PathLike, attrs: CacheAttrs, items: Iterable[tupl
             w.add(tid, feats)
     return Path(path)
 
-
-@dataclass(frozen=True)
-class TrailerClips:
-    """One trailer's clips as a cache stores them."""
-
-    id: str
-    features: np.ndarray  # (C, F) float16 or float32
-    clip_start: np.ndarray  # (C,) float32 seconds, NaN when unknown
-    clip_end: np.ndarray  # (C,) float32 seconds, NaN when unknown
-    shot: np.ndarray  # (C,) int32 shot index, -1 when unknown
-    decoded_s: float = float("nan")  # seconds of video decoded (NaN when the cache does not say)
-    declared_s: float = float("nan")  # seconds its file declared (NaN when the cache does not say)
-
-    def __post_init__(self) -> None:
-        C = self.features.shape[0] if self.features.ndim == 2 else 0
-        if C == 0 or any(x.shape != (C,) for x in (self.clip_start, self.clip_end, self.shot)):
-            raise T12kError(f"trailer {self.id}: features must be (clips >= 1, F) and clip_start, clip_end, shot "
-                            f"(clips,), got {self.features.shape}, {self.clip_start.shape}, "
-                            f"{self.clip_end.shape}, {self.shot.shape}.")
-
-    def __len__(self) -> int:
-        return int(self.features.shape[0])
-
-
-@dataclass
-class FeatureSet:
-    """A whole feature set in RAM: one stacked tensor plus per-trailer offsets."""
-
-    path: Path
-    attrs: CacheAttrs
-    ids: list[str]
-    features: torch.Tensor  # (num_clips, F), float16 or float32
-    offsets: torch.Tensor  # (n + 1,) int64
-    clip_start: np.ndarray  # (num_clips,)
-    clip_end: np.ndarray  # (num_clips,)
-    shot: np.ndarray  # (num_clips,)
-
-    def __post_init__(self) -> None:
-        self.index = {tid: i for i, tid in enumerate(self.ids)}
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    @property
-    def name(self) -> str:
-        return self.attrs.name
-
-    @property
-    def feature_dim(self) -> int:
-        return int(self.features.shape[1])
-
-    @property
-    def lengths(self) -> torch.Tensor:
-        return self.offsets[1:] - self.offsets[:-1]  # (n,)
-
-    def trailer(self, tid: str) -> torch.Tensor:
-        """The (C, F) clip embeddings of one trailer (a view, no copy)."""
-        try:
-            i = self.index[tid]
-        except KeyError:
-            raise T12kError(f"trailer {tid} is not in cache {self.path}.") from None
-        return self.features[self.offsets[i]:self.offsets[i + 1]]
 
 
 def _open(path: str | os.PathLike) -> h5py.File:
@@ -478,62 +325,6 @@ def iter_trailers(path: str | os.PathLike) -> Iterator[TrailerClips]:
     with CacheReader(path) as r:
         yield from r
 
-
-def feature_set(trailers: Sequence[TrailerClips], attrs: CacheAttrs, path: str | os.PathLike | None = None,
-                dtype: torch.dtype | None = None) -> FeatureSet:
-    """An in-RAM feature set of `trailers` (in that order), checked as :func:`load` checks a file.
-
-    `attrs` says how the features were made; `path` is only shown in messages (default: the
-    set's name).
-    """
-    path = Path(path if path is not None else attrs.name)
-    if not trailers:
-        raise T12kError(f"feature set {path}: no trailers given.")
-    ids = [t.id for t in trailers]
-    offsets = np.concatenate([[0], np.cumsum([len(t) for t in trailers])]).astype(np.int64)  # (n + 1,)
-    feats = np.concatenate([t.features for t in trailers])  # (num_clips, F)
-    _check_index(path, offsets, ids, feats.shape[0], feats.shape[1], attrs.feature_dim)
-    features = torch.from_numpy(feats)
-    if dtype is not None:
-        features = features.to(dtype)
-    _check_finite(path, features, offsets, ids)
-    cols = [np.concatenate([getattr(t, k) for t in trailers]) for k in ("clip_start", "clip_end", "shot")]
-    return FeatureSet(path, attrs, ids, features, torch.from_numpy(offsets), *cols)
-
-
-def _check_index(path: Path, offsets: np.ndarray, ids: list[str], num_clips: int, F: int, attr_F: int) -> None:
-    n = len(ids)
-    if F != attr_F:
-        raise T12kError(f"feature cache {path}: features have dim {F} but attribute feature_dim says {attr_F}.")
-    if offsets.shape != (n + 1,) or offsets[0] != 0 or offsets[-1] != num_clips:
-        raise T12kError(f"feature cache {path}: offsets do not span the {num_clips} clips of {n} trailers; "
-                        f"the file is corrupt, recreate it.")
-    lengths = np.diff(offsets)
-    if (lengths <= 0).any():
-        bad = ids[int(np.argmax(lengths <= 0))]
-        raise T12kError(f"feature cache {path}: trailer {bad} has no clips; the file is corrupt, recreate it.")
-    if len(set(ids)) != n:
-        seen: set[str] = set()
-        dup = next(t for t in ids if t in seen or seen.add(t))
-        raise T12kError(f"feature cache {path}: trailer id {dup} appears more than once; recreate it.")
-
-
-def _check_finite(path: Path, features: torch.Tensor | np.ndarray, offsets: np.ndarray, ids: list[str],
-                  rows: int = 1 << 15) -> None:
-    """Stop at the first clip of `features` (clips of `ids`, rows `offsets`) with NaN or Inf.
-
-    Scans blocks of `rows` rows with NumPy, several times faster than torch.isfinite on the CPU
-    (float16 above all) and with a small temporary mask."""
-    if isinstance(features, torch.Tensor):
-        features = features.float() if features.dtype == torch.bfloat16 else features  # NumPy has no bfloat16
-        features = features.numpy()
-    for r0 in range(0, features.shape[0], rows):
-        finite = np.isfinite(features[r0:r0 + rows]).all(axis=1)  # (rows,)
-        if not finite.all():
-            row = r0 + int(np.argmin(finite))
-            i = int(np.searchsorted(offsets, row, side="right") - 1)
-            raise T12kError(f"feature cache {path}: trailer {ids[i]} (clip {row - offsets[i]}) has NaN or Inf "
-                            f"features; re-extract that trailer or drop it from the cache.")
 
 
 def _finite_record(h5: h5py.File) -> str | None:
@@ -738,14 +529,3 @@ def fingerprint(path: str | os.PathLike, rows: int = 16) -> dict[str, Any]:
                 "sha256": digest.hexdigest()}
 
 
-def stream_path(cache_dir: str | os.PathLike, stream: str) -> Path:
-    """Where the cache of a named stream lives: `<cache_dir>/<stream>.h5`."""
-    return Path(cache_dir) / f"{stream}{SUFFIX}"
-
-
-def list_caches(root: str | os.PathLike) -> list[Path]:
-    """Cache files (``*.h5``) under a directory, sorted by name."""
-    root = Path(root)
-    if not root.is_dir():
-        raise T12kError(f"cache directory {root} does not exist.")
-    return sorted(p for p in root.glob(f"*{SUFFIX}") if not p.name.startswith("."))
