@@ -15,9 +15,7 @@ from typing import Any
 import click
 
 from trailers12k_feats.cli_options import (
-    AUTO_HELP,
     CLIP,
-    DATA_DIR,
     DEMO,
     DOWNLOAD,
     EXTRACT,
@@ -33,6 +31,7 @@ from trailers12k_feats.cli_options import (
     data_options,
     engine_options,
     errors,
+    extract_options,
     given,
     grid_train_options,
     ints,
@@ -135,34 +134,7 @@ def cache_merge(cache_dir: Path) -> None:
 
 @main.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("-b", "--backbone", "backbones", multiple=True, required=True,
-              help="Backbone to run (repeat for several); `t12k backbones` lists them, or timm:<model>.")
-@click.option("--cache", "cache_dir", type=click.Path(path_type=Path), default=DATA_DIR, show_default=True,
-              help="Folder of the <stream>.h5 caches to write or extend.")
-@option(CLIP, "--fps", type=float, help="Frames per second after resampling.")
-@option(CLIP, "--fpc", type=int, help="Frames per clip.")
-@option(CLIP, "--segmentation", type=LazyChoice("trailers12k_feats.extraction.video:SEGMENTATIONS"),
-        help="Clips within shots, or ignore cuts.")
-@option(CLIP, "--leftover", type=LazyChoice("trailers12k_feats.extraction.video:LEFTOVERS"),
-        help="Shot remainder shorter than a clip.")
-@shot_options
-@option(EXTRACT, "--frame-pool", type=LazyChoice("trailers12k_feats.extraction.extract:FRAME_POOLS"),
-        help="2D backbones: clip = mean of frames or centre frame.")
-@option(EXTRACT, "--image-frames", type=int, help="2D backbones: frames embedded per clip, evenly spaced; 0 = all.")
-@option(EXTRACT, "--precision", type=LazyChoice("trailers12k_feats.extraction.extract:EXTRACT_PRECISIONS"),
-        help=AUTO_HELP + " fp16 needs CUDA.")
-@option(EXTRACT, "--device", help="cpu or cuda[:N].")
-@option(EXTRACT, "--batch-size", type=int, help="Clips per forward pass.")
-@click.option("--workers", type=int, help="Decoding processes; 0 decodes in the main process  "
-              "[default: 0 on the CPU, the usable cores but one with CUDA]")
-@click.option("--shard", help="K/N: process every N-th video starting at the K-th (merge with `t12k cache merge`).")
-@click.option("--weights", "weights", multiple=True, help="NAME=PATH of a weight file, or NAME=random (repeatable).")
-@click.option("--random-weights", is_flag=True, default=None, help="Random weights for every backbone (smoke tests).")
-@option(EXTRACT, "--flush-every", "flush_trailers", field="flush_trailers", type=int,
-        help="Save finished trailers every N trailers.")
-@option(EXTRACT, "--partial", type=LazyChoice("trailers12k_feats.extraction.extract:PARTIALS"),
-        help="A video that decodes shorter than its file declares (by more than 1 s and 5%; truncated): keep "
-             "its clips in the cache or drop it; either way it is listed in failures.jsonl.")
+@extract_options
 @errors
 @engine_options("decode_cpus", "gpus_per_actor", "actors", "actor_cpus", "ordered")
 def extract(inputs, backbones, cache_dir, shard, weights, fps, fpc, segmentation, leftover, shots, shot_threshold,

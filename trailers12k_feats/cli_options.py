@@ -4,9 +4,9 @@ An option made with `option` is None unless given; `given` drops the Nones, so a
 built from the options keeps its own defaults, and help shows them. Configs and choice lists
 are named as `module:name` references and imported when help is printed or a value is checked,
 so `t12k` imports a command's modules only when that command runs. The parsers of option
-values (`ints`, `names`, `shard_spec`, `weight_pairs`) and the option groups several
-commands share (`data_options`, `train_options`, ...) live here too, so `cli.py` holds only
-the commands.
+values (`ints`, `names`, `shard_spec`, `weight_pairs`), the option groups several
+commands share (`data_options`, `train_options`, ...) and the long option lists of single
+commands (`extract_options`) live here too, so `cli.py` holds only the commands.
 """
 
 from __future__ import annotations
@@ -217,6 +217,48 @@ def shot_options(fn):
         option(CLIP, "--shot-threshold", type=float, shown="trailers12k_feats.extraction.shots:threshold_defaults",
                help="Threshold of the chosen --shots detector."),
         option(CLIP, "--min-shot-frames", type=int, help="content, adaptive: minimum frames between cuts."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def extract_options(fn):
+    """The options of `t12k extract` but --engine and its Ray options (`engine_options`): the backbones,
+    the cache folder, ClipSpec's and ExtractConfig's fields, decoding workers, shard and weights."""
+    opts = [
+        click.option("-b", "--backbone", "backbones", multiple=True, required=True,
+                     help="Backbone to run (repeat for several); `t12k backbones` lists them, or timm:<model>."),
+        click.option("--cache", "cache_dir", type=click.Path(path_type=Path), default=DATA_DIR, show_default=True,
+                     help="Folder of the <stream>.h5 caches to write or extend."),
+        option(CLIP, "--fps", type=float, help="Frames per second after resampling."),
+        option(CLIP, "--fpc", type=int, help="Frames per clip."),
+        option(CLIP, "--segmentation", type=LazyChoice("trailers12k_feats.extraction.video:SEGMENTATIONS"),
+               help="Clips within shots, or ignore cuts."),
+        option(CLIP, "--leftover", type=LazyChoice("trailers12k_feats.extraction.video:LEFTOVERS"),
+               help="Shot remainder shorter than a clip."),
+        shot_options,
+        option(EXTRACT, "--frame-pool", type=LazyChoice("trailers12k_feats.extraction.extract:FRAME_POOLS"),
+               help="2D backbones: clip = mean of frames or centre frame."),
+        option(EXTRACT, "--image-frames", type=int,
+               help="2D backbones: frames embedded per clip, evenly spaced; 0 = all."),
+        option(EXTRACT, "--precision", type=LazyChoice("trailers12k_feats.extraction.extract:EXTRACT_PRECISIONS"),
+               help=AUTO_HELP + " fp16 needs CUDA."),
+        option(EXTRACT, "--device", help="cpu or cuda[:N]."),
+        option(EXTRACT, "--batch-size", type=int, help="Clips per forward pass."),
+        click.option("--workers", type=int, help="Decoding processes; 0 decodes in the main process  "
+                     "[default: 0 on the CPU, the usable cores but one with CUDA]"),
+        click.option("--shard",
+                     help="K/N: process every N-th video starting at the K-th (merge with `t12k cache merge`)."),
+        click.option("--weights", "weights", multiple=True,
+                     help="NAME=PATH of a weight file, or NAME=random (repeatable)."),
+        click.option("--random-weights", is_flag=True, default=None,
+                     help="Random weights for every backbone (smoke tests)."),
+        option(EXTRACT, "--flush-every", "flush_trailers", field="flush_trailers", type=int,
+               help="Save finished trailers every N trailers."),
+        option(EXTRACT, "--partial", type=LazyChoice("trailers12k_feats.extraction.extract:PARTIALS"),
+               help="A video that decodes shorter than its file declares (by more than 1 s and 5%; truncated): "
+                    "keep its clips in the cache or drop it; either way it is listed in failures.jsonl."),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
