@@ -14,7 +14,7 @@ Ray core tasks and an actor pool rather than a Ray Data pipeline (docs/scaling.m
   the same clips in both engines and fp32 features on the CPU are bit-equal; otherwise (GPU
   actors) it takes each chunk as it comes, so no trailer's decoding waits for an earlier one's,
   and features equal the local engine's within the precision's tolerance.
-- The driver keeps the book-keeping of the local engine (`extract._Run`: trailers in flight,
+- The driver keeps the book-keeping of the local engine (`bookkeeping._Run`: trailers in flight,
   failures, partial videos, flushes) and writes the same crash-safe segments, then merges them.
   A decoding task or actor that dies is retried by Ray (a retried batch returns once), and a
   trailer is written once, when all its clips are embedded.
