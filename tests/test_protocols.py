@@ -12,12 +12,13 @@ from cli import main
 from trailers12k_feats import cache
 from trailers12k_feats.apps import report as report_mod
 from trailers12k_feats.apps.predict import load_head
-from trailers12k_feats.training import data
+from trailers12k_feats.training import data, protocols
 from trailers12k_feats.training import train as train_mod
 from trailers12k_feats.training.heads import build_divita
 from trailers12k_feats.training.protocols import (
     authors_loss,
     average_probs,
+    eval_rows,
     evaluate_snippets,
     masked_loss,
     snippet_logits,
@@ -116,6 +117,20 @@ def test_padded_snippet_leaks_in_authors_mode_only(swin):
     full = torch.ones(len(authors), dtype=torch.bool)
     full[last] = False  # snippets without padding are the same in both modes
     torch.testing.assert_close(authors[full], masked[full], atol=1e-5, rtol=1e-5)
+
+
+def test_evaluation_passes_are_sized_by_bytes_on_the_cpu(swin, monkeypatch):
+    meta, sets, rows = swin
+    val = data.TrailerData.from_metadata(meta, sets, meta.subset(0, "val"))
+    model = model_with_stats(768)
+    owner, whole = snippet_logits(model, val, 30, "authors", eval_batch_size=4096)
+    assert eval_rows(4096, val, 30) == protocols.EVAL_BLOCK_BYTES // (30 * 768 * 4)
+    assert eval_rows(8, val, 30) == 8 and eval_rows(4096, val, 30, runs=3) == eval_rows(4096, val, 30) // 3
+    monkeypatch.setattr(protocols, "EVAL_BLOCK_BYTES", 7 * 30 * 768 * 4)  # passes of 7 snippets
+    assert eval_rows(4096, val, 30) == 7 and eval_rows(4096, val, 30, runs=8) == 1
+    owner7, passes = snippet_logits(model, val, 30, "authors", eval_batch_size=4096)
+    assert torch.equal(owner7, owner) and len(owner) > 7
+    torch.testing.assert_close(passes, whole, atol=1e-5, rtol=1e-5)  # snippets are independent
 
 
 def test_authors_mode_leaves_short_training_trailers_out(swin, caplog):

@@ -36,7 +36,12 @@ from trailers12k_feats.runtime import PRECISIONS, PrecisionChoice, autocast
 from trailers12k_feats.training.batched import BATCHED_TEMPORAL, GroupedDivita
 from trailers12k_feats.training.data import Metadata, TrailerData, to_device
 from trailers12k_feats.training.heads import build_divita, count_params
-from trailers12k_feats.training.protocols import head_options, snippet_loss, training_set
+from trailers12k_feats.training.protocols import (
+    eval_rows,
+    head_options,
+    snippet_loss,
+    training_set,
+)
 from trailers12k_feats.training.train import (
     EpochLog,
     RunResult,
@@ -250,7 +255,8 @@ class GroupTrainer:
                                       owner.to(where, non_blocking=True), first.to(where, non_blocking=True))
             snips.append(r.snippets[subset])
         logits = [torch.empty(len(sn[0]), NUM_GENRES, device=self.device) for sn in snips]  # each (S_j, 10)
-        C = -(-E // len(self.runs))  # snippets of each run per call: eval_batch_size in all, as one run's batch
+        # snippets of each run per call: eval_batch_size in all, as one run's batch, within the CPU's block
+        C = eval_rows(-(-E // len(self.runs)), self.runs[0].on_device[subset], cfg.window, len(self.runs))
         for s in range(0, max(len(sn[0]) for sn in snips), C):
             js = [j for j, sn in enumerate(snips) if s < len(sn[0])]
             size = max(min(C, len(snips[j][0]) - s) for j in js)
