@@ -107,9 +107,7 @@ def reproduce_grid(cfg: ReproduceConfig, grid: Grid, engine: EngineConfig | None
                    progress: bool = True) -> str:
     """Reproduce every setting of `grid` (locally or as Ray tasks, per `engine`); finished runs are skipped.
     Returns the test table of a single setting, or the grid's comparison of several."""
-    from trailers12k_feats.training import (
-        reproduce as rep,  # looked up now, so tests can stand in for it
-    )
+    from trailers12k_feats.training import reproduce as rep  # looked up now, so tests can stand in for it
 
     configs = grid_configs(cfg, grid)
     if engine is not None and engine.ray:
