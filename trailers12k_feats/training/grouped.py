@@ -36,12 +36,7 @@ from trailers12k_feats.runtime import PRECISIONS, PrecisionChoice, autocast
 from trailers12k_feats.training.batched import BATCHED_TEMPORAL, GroupedDivita
 from trailers12k_feats.training.data import Metadata, TrailerData, to_device
 from trailers12k_feats.training.heads import build_divita, count_params
-from trailers12k_feats.training.protocols import (
-    eval_rows,
-    head_options,
-    snippet_loss,
-    training_set,
-)
+from trailers12k_feats.training.protocols import eval_rows, head_options, snippet_loss, training_set
 from trailers12k_feats.training.train import (
     EpochLog,
     RunResult,
