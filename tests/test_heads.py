@@ -8,6 +8,8 @@ from trailers12k_feats.training.heads import (
     TransformerBlock,
     build_divita,
     count_params,
+    keep_threshold,
+    random_lanes,
     register_temporal,
 )
 
@@ -223,6 +225,18 @@ def test_dropout_placement_changes_no_parameter():
         build_divita(16, None, temporal=temporal, dropout_at="after_norm")
     with pytest.raises(ValueError, match="unknown dropout_at 'middle'; valid: residual, after_norm"):
         build_divita(16, None, dropout_at="middle")
+
+
+def test_dropout_lanes_keep_at_the_rate_asked():
+    g = torch.Generator().manual_seed(0)
+    lanes = random_lanes((250_000, 4), g, "cpu")  # each row: the four 16-bit lanes of one 64-bit word
+    assert lanes.dtype == torch.int16 and lanes.shape == (250_000, 4)
+    for p in (0.1, 0.25, 0.5):
+        kept = (lanes >= keep_threshold(p)).float().mean(0)  # (4,) each lane alike, the top one too
+        assert ((kept - (1 - p)).abs() < 0.005).all(), (p, kept)
+    assert keep_threshold(0.0) == -32768  # p = 0 keeps every value
+    again = random_lanes((250_000, 4), torch.Generator().manual_seed(0), "cpu")
+    assert torch.equal(lanes, again)  # seeded: the same masks
 
 
 def test_short_trailer_trains():
