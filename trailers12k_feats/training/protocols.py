@@ -61,7 +61,7 @@ def batch_logits(model: torch.nn.Module, batch: Batch, dev: torch.device, dtype:
 
 # Clips one evaluation forward pass gathers on the CPU, in float32 bytes: a larger block is served
 # fresh pages by the OS at every pass (above glibc's mmap threshold), which made evaluating a
-# 2048-dim stream 1.9x slower than blocks of this size (same logits).
+# 2048-dim stream 1.5x slower than blocks of this size, with the same logits (bench/bench_epoch.py).
 EVAL_BLOCK_BYTES = 16 << 20
 
 

@@ -1,0 +1,81 @@
+"""Where an epoch of a Table 6 row goes: training and the validation pass, timed apart.
+
+    python bench/bench_epoch.py [--data cache/synth] [--rows i_swin,i_resnet] [--epochs 2] [--threads 1]
+                                [--eval-block-mb 16,128]
+
+For each row, builds the group `t12k reproduce` trains (the row's three splits, authors'
+protocol, the precision `auto` picks) on the corpus in `--data` (make one with `t12k synth`
+or bench_reproduce.py), then times `--epochs` epochs of GroupTrainer.train_epoch and of
+GroupTrainer.evaluate("val"), and the validation pass again with evaluation blocks of each
+`--eval-block-mb` (protocols.EVAL_BLOCK_BYTES; 16 is the default), with the page faults each
+took. `--threads 1` is what each row gets when reproduce trains one row per core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import resource
+import time
+from pathlib import Path
+
+import torch
+from machine import cpu_summary
+
+from trailers12k_feats.training import protocols
+from trailers12k_feats.training.data import load_metadata
+from trailers12k_feats.training.grouped import GroupTrainer
+from trailers12k_feats.training.reproduce import ReproduceConfig
+from trailers12k_feats.training.streams import resolve_streams
+from trailers12k_feats.training.train import _split_data, load_streams, train_precision
+from trailers12k_feats.utils import setup_logging
+
+
+def faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=Path("cache/synth"))
+    ap.add_argument("--rows", default="i_swin,i_resnet", help="comma-separated Table 6 rows")
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--eval-block-mb", default="16,128", help="evaluation block sizes to compare, in MB")
+    args = ap.parse_args()
+    setup_logging()
+    logging.getLogger("trailers12k_feats").setLevel(logging.ERROR)
+    torch.set_num_threads(args.threads)
+    cfg = ReproduceConfig(metadata=args.data / "mtgc.csv", cache_dir=args.data, out_dir=Path("unused"))
+    precision = train_precision(cfg.train)
+    print(cpu_summary())
+    print(f"torch {torch.__version__}, {args.threads} thread(s), precision {precision.precision}, "
+          f"protocol {cfg.protocol}")
+    meta = load_metadata(cfg.metadata)
+    for row in args.rows.split(","):
+        sets, rows = load_streams(meta, resolve_streams(args.data, row=row))
+        cfgs = [dataclasses.replace(cfg.train, split=s, precision=precision.precision) for s in cfg.splits]
+        group = GroupTrainer(cfgs, [_split_data(meta, sets, rows, c.split) for c in cfgs],
+                             [f"{row} split{c.split}" for c in cfgs])
+        dims = "+".join(str(d) for d in group.runs[0].data["train"].dims().values())
+        for epoch in range(1, args.epochs + 1):
+            t0 = time.perf_counter()
+            group.train_epoch(epoch)
+            t1 = time.perf_counter()
+            group.evaluate("val")
+            t2 = time.perf_counter()
+            print(f"{row} ({dims} dims, {len(cfgs)} runs) epoch {epoch}: train {t1 - t0:.2f} s, "
+                  f"validation {t2 - t1:.2f} s")
+        default = protocols.EVAL_BLOCK_BYTES
+        for mb in (int(m) for m in args.eval_block_mb.split(",")):
+            protocols.EVAL_BLOCK_BYTES = mb << 20
+            f0, t0 = faults(), time.perf_counter()
+            group.evaluate("val")
+            print(f"{row}: validation with {mb} MB evaluation blocks {time.perf_counter() - t0:.2f} s, "
+                  f"{faults() - f0} page faults")
+        protocols.EVAL_BLOCK_BYTES = default
+
+
+if __name__ == "__main__":
+    main()
