@@ -13,7 +13,7 @@ from trailers12k_feats import cache
 from trailers12k_feats.apps import report as report_mod
 from trailers12k_feats.apps.predict import load_head
 from trailers12k_feats.training import data, protocols
-from trailers12k_feats.training import train as train_mod
+from trailers12k_feats.training import evaluation as train_mod
 from trailers12k_feats.training.heads import build_divita
 from trailers12k_feats.training.protocols import (
     authors_loss,

@@ -231,7 +231,7 @@ def test_fps_0_means_unknown_and_is_not_refused(corpus, tmp_path, caplog):
 
 def test_interrupted_run_leaves_nothing(corpus, tmp_path, monkeypatch):
     meta, sets, rows = setup(corpus)
-    from trailers12k_feats.training import train as train_mod
+    from trailers12k_feats.training import rundir as train_mod
 
     def boom(*a, **k):
         raise KeyboardInterrupt

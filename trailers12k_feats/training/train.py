@@ -4,7 +4,7 @@ Random 30-clip windows for training; snippet-averaged sigmoid probabilities for 
 AdamW (amsgrad), ReduceLROnPlateau and early stopping on validation loss; the
 best-validation-loss weights are evaluated on val and test. What the padding of a snippet does,
 which validation loss is used and which trailers train follow `TrainConfig.protocol`
-(protocols.py). A run directory holds
+(protocols.py); the evaluation itself is in evaluation.py. A run directory (rundir.py) holds
 config.json, history.csv, best.pt, predictions.csv and metrics.json, and appears only
 when the run has finished.
 """
@@ -12,9 +12,7 @@ when the run has finished.
 from __future__ import annotations
 
 import copy
-import csv
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -27,7 +25,6 @@ import torch
 import torch.nn.functional as Fn
 from tqdm import tqdm
 
-from trailers12k_feats import GENRES, __version__
 from trailers12k_feats import cache as cache_mod
 from trailers12k_feats.runtime import (
     AUTO,
@@ -45,6 +42,11 @@ from trailers12k_feats.training.data import (
     load_metadata,
     to_device,
 )
+from trailers12k_feats.training.evaluation import (
+    evaluate_model,
+    scored,  # noqa: F401  (re-exported: grouped.py imports it from here)
+    snippet_probs,
+)
 from trailers12k_feats.training.heads import (
     FUSIONS,
     TEMPORAL,
@@ -52,30 +54,20 @@ from trailers12k_feats.training.heads import (
     count_params,
     set_dropout_generator,
 )
-from trailers12k_feats.training.metrics import (
-    AP_KEYS,
-    format_metrics,
-    metric_columns,
-    multilabel_metrics,
-)
+from trailers12k_feats.training.metrics import format_metrics
 from trailers12k_feats.training.protocols import (
-    average_probs,
     batch_logits,
     check_protocol,
-    evaluate_snippets,
     head_options,
-    snippet_logits,
     training_set,
 )
+from trailers12k_feats.training.rundir import save_run
 from trailers12k_feats.training.streams import check_caches, resolve_streams
 from trailers12k_feats.utils import (
     T12kError,
-    atomic_path,
     check_writable,
-    config_dict,
     seed_everything,
     tune_malloc,
-    write_json,
 )
 
 log = logging.getLogger(__name__)
@@ -189,29 +181,6 @@ def _split_data(meta: Metadata, sets: dict, rows: np.ndarray, split: int) -> dic
             raise T12kError(f"the {name} set of split{split} has no trailer present in the caches.")
         out[name] = TrailerData.from_metadata(meta, sets, sub)
     return out
-
-
-def snippet_probs(model: torch.nn.Module, d: TrailerData, cfg: TrainConfig) -> torch.Tensor:
-    """The evaluation of `cfg.protocol`: each trailer cut into `cfg.window`-clip snippets (the last
-    zero-padded), sigmoid probabilities averaged over its snippets. (n, 10)."""
-    owner, logits = snippet_logits(model, d, cfg.window, cfg.protocol, cfg.precision, cfg.eval_batch_size)
-    return average_probs(owner, logits, len(d), cfg.eval_batch_size)  # (n, 10)
-
-
-def evaluate_model(model: torch.nn.Module, d: TrailerData, cfg: TrainConfig) -> tuple[float, dict[str, float],
-                                                                                  torch.Tensor]:
-    """(validation loss of `cfg.protocol`, metrics, snippet-averaged probabilities (n, 10)) of a
-    model on labelled trailers; NaN loss and metrics for a diverged model."""
-    loss, p = evaluate_snippets(model, d, cfg.protocol, cfg.window, cfg.batch_size, cfg.precision,
-                                cfg.eval_batch_size)
-    return scored(d, loss, p)
-
-
-def scored(d: TrailerData, loss: float, p: torch.Tensor) -> tuple[float, dict[str, float], torch.Tensor]:
-    """(loss, metrics, p) of snippet-averaged probabilities p (n, 10) of labelled trailers `d`."""
-    if not bool(torch.isfinite(p).all()):  # a diverged model: NaN loss and metrics, for fit to report
-        return math.nan, dict.fromkeys((*metric_columns(), *AP_KEYS), math.nan), p
-    return loss, multilabel_metrics(d.labels.cpu().numpy(), p.numpy()), p
 
 
 def dropout_generator(device: torch.device) -> torch.Generator:
@@ -371,23 +340,6 @@ class Trainer:
                          time.perf_counter() - t0)
 
 
-def _write_history(path: Path, history: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(history[0]))
-        w.writeheader()
-        w.writerows(history)
-
-
-def _write_predictions(path: Path, data: dict[str, TrailerData], val_probs: torch.Tensor,
-                       test_probs: torch.Tensor) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["subset", "mid", *GENRES])
-        for subset, probs in (("val", val_probs), ("test", test_probs)):
-            for tid, p in zip(data[subset].ids, probs.tolist()):
-                w.writerow([subset, tid, *(f"{v:.6f}" for v in p)])
-
-
 def log_start(desc: str, cfg: TrainConfig, sets: dict[str, cache_mod.FeatureSet], data: dict[str, TrailerData],
               n_params: int) -> None:
     """The log line that opens a run: its streams, size, protocol and trailers."""
@@ -400,41 +352,6 @@ def log_end(desc: str, result: RunResult) -> None:
     """The log line that closes a run: best epoch, time and test metrics."""
     log.info("%s: best epoch %d of %d, %.0f s; test %s", desc, result.best_epoch, result.epochs, result.seconds,
              format_metrics(result.test))
-
-
-def save_run(out_dir: str | os.PathLike, cfg: TrainConfig, meta: Metadata, sets: dict[str, cache_mod.FeatureSet],
-             data: dict[str, TrailerData], left_out: int, model: torch.nn.Module, result: RunResult,
-             val_probs: torch.Tensor, test_probs: torch.Tensor, precision: PrecisionChoice) -> None:
-    """Write a finished run's directory (atomically): config.json, history.csv, best.pt (the
-    weights of `model`, the best epoch's), predictions.csv and metrics.json. `cfg` holds the
-    precision that ran; `precision` says what was asked for and why it was chosen."""
-    info = {
-        "config": config_dict(cfg),  # the precision that ran: `t12k predict` repeats it
-        "precision": precision.record(),
-        "streams": {r: {"name": fs.name, "path": str(fs.path), "feature_dim": fs.feature_dim,
-                        "backbone": fs.attrs.backbone, "kind": fs.attrs.kind, "fps": fs.attrs.fps,
-                        "fpc": fs.attrs.fpc, "segmentation": fs.attrs.segmentation,
-                        "weights": fs.attrs.weights,
-                        # how `t12k extract` made the features: what `t12k predict` repeats
-                        "features": fs.attrs.config.get("features"),
-                        "weights_path": dict(fs.attrs.config.get("extract", {}).get("weights", ())).get(
-                            fs.attrs.backbone)}
-                    for r, fs in sets.items()},
-        "metadata": str(meta.path),
-        "trailers": {k: len(v) for k, v in data.items()},
-        "short_train_trailers_left_out": left_out,  # authors protocol: fewer clips than the window
-        "params": count_params(model),
-        "package_version": __version__,
-    }
-    with atomic_path(out_dir) as tmp:
-        tmp.mkdir()
-        (tmp / "config.json").write_text(json.dumps(info, indent=2) + "\n")
-        _write_history(tmp / "history.csv", result.history)
-        torch.save({"model": model.state_dict(), "epoch": result.best_epoch, "info": info}, tmp / "best.pt")
-        _write_predictions(tmp / "predictions.csv", data, val_probs, test_probs)
-        write_json(tmp / "metrics.json", {"best_epoch": result.best_epoch, "epochs": result.epochs,
-                                          "seconds": round(result.seconds, 1), "val": result.val,
-                                          "test": result.test})
 
 
 def train_run(cfg: TrainConfig, meta: Metadata, sets: dict[str, cache_mod.FeatureSet], rows: np.ndarray,
