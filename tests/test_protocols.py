@@ -12,8 +12,8 @@ from cli import main
 from trailers12k_feats import cache
 from trailers12k_feats.apps import report as report_mod
 from trailers12k_feats.apps.predict import load_head
-from trailers12k_feats.training import data, protocols
-from trailers12k_feats.training import evaluation as train_mod
+from trailers12k_feats.training import data, evaluation, protocols
+from trailers12k_feats.training.evaluation import snippet_probs
 from trailers12k_feats.training.heads import build_divita
 from trailers12k_feats.training.protocols import (
     authors_loss,
@@ -26,12 +26,7 @@ from trailers12k_feats.training.protocols import (
 )
 from trailers12k_feats.training.reproduce import ReproduceConfig, reproduce
 from trailers12k_feats.training.tables import COLUMNS, format_table, summarise
-from trailers12k_feats.training.train import (
-    TrainConfig,
-    load_streams,
-    snippet_probs,
-    train_run,
-)
+from trailers12k_feats.training.train import TrainConfig, load_streams, train_run
 from trailers12k_feats.utils import T12kError
 
 L3 = math.log(3)
@@ -184,14 +179,14 @@ def test_protocols_differ(swin):
 @pytest.mark.parametrize("protocol", ["authors", "masked"])
 def test_non_finite_validation_loss(swin, monkeypatch, caplog, protocol):
     meta, sets, rows = swin
-    real, calls = train_mod.evaluate_snippets, []
+    real, calls = evaluation.evaluate_snippets, []
 
     def evaluate(*a, **k):
         loss, probs = real(*a, **k)
         calls.append(1)
         return (float("nan") if len(calls) == 2 else loss), probs
 
-    monkeypatch.setattr(train_mod, "evaluate_snippets", evaluate)
+    monkeypatch.setattr(evaluation, "evaluate_snippets", evaluate)
     cfg = TrainConfig(max_epochs=5, protocol=protocol)
     if protocol == "masked":
         with pytest.raises(T12kError, match="validation loss is nan at epoch 2; training diverged"):

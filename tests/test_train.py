@@ -231,12 +231,12 @@ def test_fps_0_means_unknown_and_is_not_refused(corpus, tmp_path, caplog):
 
 def test_interrupted_run_leaves_nothing(corpus, tmp_path, monkeypatch):
     meta, sets, rows = setup(corpus)
-    from trailers12k_feats.training import rundir as train_mod
+    from trailers12k_feats.training import rundir
 
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_mod, "_write_predictions", boom)
+    monkeypatch.setattr(rundir, "_write_predictions", boom)
     with pytest.raises(KeyboardInterrupt):
         train_run(TrainConfig(max_epochs=1), meta, sets, rows, tmp_path / "run", progress=False)
     assert list(tmp_path.iterdir()) == []

@@ -34,9 +34,10 @@ from trailers12k_feats.extraction.extract import ExtractConfig, extract
 from trailers12k_feats.extraction.inputs import resolve_inputs
 from trailers12k_feats.extraction.video import ClipSpec
 from trailers12k_feats.training.data import TrailerData
+from trailers12k_feats.training.evaluation import snippet_probs
 from trailers12k_feats.training.heads import build_divita
 from trailers12k_feats.training.protocols import head_options
-from trailers12k_feats.training.train import TrainConfig, snippet_probs
+from trailers12k_feats.training.train import TrainConfig
 from trailers12k_feats.utils import T12kError
 
 log = logging.getLogger(__name__)

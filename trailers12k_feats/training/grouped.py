@@ -35,8 +35,15 @@ from trailers12k_feats import cache as cache_mod
 from trailers12k_feats.runtime import PRECISIONS, PrecisionChoice, autocast
 from trailers12k_feats.training.batched import BATCHED_TEMPORAL, GroupedDivita
 from trailers12k_feats.training.data import Metadata, TrailerData, to_device
+from trailers12k_feats.training.evaluation import evaluate_model, scored
 from trailers12k_feats.training.heads import build_divita, count_params
-from trailers12k_feats.training.protocols import eval_rows, head_options, snippet_loss, training_set
+from trailers12k_feats.training.protocols import (
+    eval_rows,
+    head_options,
+    snippet_loss,
+    training_set,
+)
+from trailers12k_feats.training.rundir import save_run
 from trailers12k_feats.training.train import (
     EpochLog,
     RunResult,
@@ -44,11 +51,8 @@ from trailers12k_feats.training.train import (
     _split_data,
     diverged,
     dropout_generator,
-    evaluate_model,
     log_end,
     log_start,
-    save_run,
-    scored,
     train_precision,
     train_run,
 )

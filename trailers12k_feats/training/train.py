@@ -42,11 +42,7 @@ from trailers12k_feats.training.data import (
     load_metadata,
     to_device,
 )
-from trailers12k_feats.training.evaluation import (
-    evaluate_model,
-    scored,  # noqa: F401  (re-exported: grouped.py imports it from here)
-    snippet_probs,
-)
+from trailers12k_feats.training.evaluation import evaluate_model, snippet_probs
 from trailers12k_feats.training.heads import (
     FUSIONS,
     TEMPORAL,
