@@ -92,7 +92,7 @@ def random_lanes(shape: tuple[int, ...], generator: torch.Generator | None, devi
                  out: torch.Tensor | None = None) -> torch.Tensor:
     """Uniform random int16 values of `shape`, cut from 64-bit random words (into `out`, int64 words
     of at least a quarter of `shape`'s size, when given): four values per generator draw, where
-    `torch.rand` makes one (3x faster on the CPU)."""
+    `torch.rand` makes one."""
     n = math.prod(shape)
     words = torch.empty(-(-n // 4), dtype=torch.int64, device=device) if out is None else out
     words.random_(-2**63, 2**63 - 1, generator=generator)  # every bit uniform (random_() leaves the top one 0)

@@ -87,7 +87,7 @@ def snippet_logits(model: torch.nn.Module, d: TrailerData, window: int, protocol
     dtype = PRECISIONS[precision]
     owner, first = d.snippets(torch.arange(len(d), device=d.lengths.device), window)  # (S,), (S,)
     out = torch.empty(len(owner), NUM_GENRES, device=dev)  # (S, 10)
-    step = eval_rows(eval_batch_size, d, window)  # snippets are independent: the pass size changes no logit
+    step = eval_rows(eval_batch_size, d, window)  # each snippet is scored alone, whatever the pass size
     for s in range(0, len(owner), step):
         batch = d.gather(owner[s:s + step], first[s:s + step], window, torch.float32)
         out[s:s + step] = batch_logits(model, batch, dev, dtype, protocol == "masked")
