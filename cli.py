@@ -17,7 +17,6 @@ import click
 from trailers12k_feats.cli_options import (
     CLIP,
     DEMO,
-    DOWNLOAD,
     EXTRACT,
     IMPORT,
     PREDICT,
@@ -26,9 +25,11 @@ from trailers12k_feats.cli_options import (
     SYNTH,
     TRAIN,
     TRAIN_JOB,
+    WORKERS_DEFAULT,
     LazyChoice,
     clips_option,
     data_options,
+    download_options,
     engine_options,
     errors,
     extract_options,
@@ -189,8 +190,7 @@ def shots_cmd(videos, device, as_json, **clip) -> None:
 @click.option("--cache", "cache_dir", type=click.Path(path_type=Path),
               help="Keep the extracted features here and reuse them next time  [default: a temporary folder]")
 @option(PREDICT, "--device", help="cpu or cuda[:N].")
-@click.option("--workers", type=int, help="Decoding processes  [default: 0 on the CPU, the usable cores but one "
-              "with CUDA]")
+@click.option("--workers", type=int, help=f"Decoding processes  {WORKERS_DEFAULT}")
 @click.option("--weights", "weights", multiple=True, help="NAME=PATH of a backbone's weight file (repeatable).")
 @errors
 def predict(videos, run_dir, fmt, cache_dir, weights, **opts) -> None:
@@ -303,20 +303,7 @@ def probe(data_dir, metadata, cache_dir, on_missing, rows, splits, pool, alpha, 
 
 
 @main.command()
-@option(DOWNLOAD, "--data-dir", type=click.Path(path_type=Path),
-        help="Folder to fill: mtgc.csv, one <stream>.h5 cache per stream, downloads under released/.")
-@click.option("--only", multiple=True, metavar="NAME",
-              help="Fetch only these (repeat or comma-separate): mtgc, a stream name, or a file name  "
-                   "[default: every file of the release]")
-@option(DOWNLOAD, "--base-url", envvar="T12K_BASE_URL",
-        help="A mirror: a URL containing {file}, or a folder URL the file names are appended to (env T12K_BASE_URL).")
-@click.option("--no-import", is_flag=True, help="Download, verify and unpack the zarr stores; do not import them.")
-@click.option("--keep-zarr", is_flag=True, help="Keep the unpacked zarr stores after importing them.")
-@option(DOWNLOAD, "--dtype", type=click.Choice(["float16", "float32"]), help="Dtype of the imported caches.")
-@option(DOWNLOAD, "--timeout", type=float, help="Seconds without data before a connection counts as failed.")
-@option(DOWNLOAD, "--retries", type=int, help="Further attempts after a failed transfer, each resuming it.")
-@option(DOWNLOAD, "--max-size-factor", type=float,
-        help="Multiply the size bounds of each download and of unpacking (a mirror that repackages the files).")
+@download_options
 @errors
 def download(data_dir, only, base_url, no_import, keep_zarr, dtype, timeout, retries, max_size_factor) -> None:
     """Download the authors' released features (about 40 GB), verify their md5, unpack and import them."""

@@ -138,6 +138,17 @@ def errors(fn):
     return wrapper
 
 
+def stacked(opts: list, fn):
+    """`fn` under every decorator of `opts`, the first outermost: --help lists them in `opts`' order."""
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+# Decoding processes of extraction, as ExtractConfig and PredictConfig default them.
+WORKERS_DEFAULT = "[default: 0 on the CPU, the usable cores but one with CUDA]"
+
+
 def data_options(config: str):
     """--data-dir, or --metadata and --cache-dir separately; --on-missing of `config`."""
     def deco(fn):
@@ -189,16 +200,12 @@ def _train_opts(grid: bool) -> list:
 
 def train_options(fn):
     """Options of TrainConfig; unset ones keep the config's defaults (the paper's protocol)."""
-    for opt in reversed(_train_opts(grid=False)):
-        fn = opt(fn)
-    return fn
+    return stacked(_train_opts(grid=False), fn)
 
 
 def grid_train_options(fn):
     """train_options whose grid fields (training/grid.py) take comma lists, as strings."""
-    for opt in reversed(_train_opts(grid=True)):
-        fn = opt(fn)
-    return fn
+    return stacked(_train_opts(grid=True), fn)
 
 
 def protocol_option(config: str):
@@ -218,9 +225,7 @@ def shot_options(fn):
                help="Threshold of the chosen --shots detector."),
         option(CLIP, "--min-shot-frames", type=int, help="content, adaptive: minimum frames between cuts."),
     ]
-    for opt in reversed(opts):
-        fn = opt(fn)
-    return fn
+    return stacked(opts, fn)
 
 
 def extract_options(fn):
@@ -246,8 +251,7 @@ def extract_options(fn):
                help=AUTO_HELP + " fp16 needs CUDA."),
         option(EXTRACT, "--device", help="cpu or cuda[:N]."),
         option(EXTRACT, "--batch-size", type=int, help="Clips per forward pass."),
-        click.option("--workers", type=int, help="Decoding processes; 0 decodes in the main process  "
-                     "[default: 0 on the CPU, the usable cores but one with CUDA]"),
+        click.option("--workers", type=int, help=f"Decoding processes; 0 decodes in the main process  {WORKERS_DEFAULT}"),
         click.option("--shard",
                      help="K/N: process every N-th video starting at the K-th (merge with `t12k cache merge`)."),
         click.option("--weights", "weights", multiple=True,
@@ -260,9 +264,31 @@ def extract_options(fn):
                help="A video that decodes shorter than its file declares (by more than 1 s and 5%; truncated): "
                     "keep its clips in the cache or drop it; either way it is listed in failures.jsonl."),
     ]
-    for opt in reversed(opts):
-        fn = opt(fn)
-    return fn
+    return stacked(opts, fn)
+
+
+def download_options(fn):
+    """The options of `t12k download`: DownloadConfig's fields, what to fetch and whether to import it."""
+    opts = [
+        option(DOWNLOAD, "--data-dir", type=click.Path(path_type=Path),
+               help="Folder to fill: mtgc.csv, one <stream>.h5 cache per stream, downloads under released/."),
+        click.option("--only", multiple=True, metavar="NAME",
+                     help="Fetch only these (repeat or comma-separate): mtgc, a stream name, or a file name  "
+                          "[default: every file of the release]"),
+        option(DOWNLOAD, "--base-url", envvar="T12K_BASE_URL",
+               help="A mirror: a URL containing {file}, or a folder URL the file names are appended to (env "
+                    "T12K_BASE_URL)."),
+        click.option("--no-import", is_flag=True,
+                     help="Download, verify and unpack the zarr stores; do not import them."),
+        click.option("--keep-zarr", is_flag=True, help="Keep the unpacked zarr stores after importing them."),
+        option(DOWNLOAD, "--dtype", type=click.Choice(["float16", "float32"]), help="Dtype of the imported caches."),
+        option(DOWNLOAD, "--timeout", type=float, help="Seconds without data before a connection counts as failed."),
+        option(DOWNLOAD, "--retries", type=int, help="Further attempts after a failed transfer, each resuming it."),
+        option(DOWNLOAD, "--max-size-factor", type=float,
+               help="Multiply the size bounds of each download and of unpacking (a mirror that repackages the "
+                    "files)."),
+    ]
+    return stacked(opts, fn)
 
 
 def shard_spec(text: str | None) -> tuple[int, int] | None:
