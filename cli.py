@@ -46,7 +46,7 @@ from trailers12k_feats.cli_options import (
     train_options,
     weight_pairs,
 )
-from trailers12k_feats.utils import T12kError, setup_logging
+from trailers12k_feats.utils import setup_logging
 
 
 class _Main(click.Group):
@@ -126,10 +126,7 @@ def cache_merge(cache_dir: Path) -> None:
     """Merge extraction segments (from `t12k extract --shard`) into <stream>.h5 caches."""
     from trailers12k_feats.extraction.store import merge_all
 
-    merged = merge_all(cache_dir)
-    if not merged:
-        raise T12kError(f"{cache_dir} has no extraction segments to merge.")
-    for p in merged:
+    for p in merge_all(cache_dir):
         click.echo(f"merged {p}")
 
 

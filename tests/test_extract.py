@@ -371,6 +371,8 @@ def test_auto_precision_is_recorded_in_the_cache_and_kept_when_adding_to_it(vide
     with pytest.raises(T12kError, match="precision: 'fp32' there, 'bf16' now"):
         extract([videos], out, _cfg(**{**kw, "precision": "bf16"}), progress=False)
     assert [p.name for p in store.merge_all(out)] == ["k_shufflenet.h5"]
+    with pytest.raises(T12kError, match="has no extraction segments to merge"):
+        store.merge_all(tmp_path / "fresh")  # a folder extraction never wrote to
     extract([videos], tmp_path / "fresh", _cfg(**kw), progress=False)
     assert cache.read_attrs(tmp_path / "fresh" / "k_shufflenet.h5").config["features"]["precision"] == "bf16"
 

@@ -162,10 +162,12 @@ def _damaged_segments(damaged: list[tuple[Path, T12kError]]) -> T12kError:
 
 
 def merge_all(cache_dir: str | os.PathLike) -> list[Path]:
-    """Merge every stream that has segments under `cache_dir`."""
+    """Merge every stream that has segments under `cache_dir`; an error when none is merged."""
     root = Path(cache_dir) / SEGMENTS
     streams = sorted(d.name for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
     out = [p for s in streams if (p := merge(cache_dir, s)) is not None]
+    if not out:
+        raise T12kError(f"{cache_dir} has no extraction segments to merge.")
     return out
 
 
