@@ -16,11 +16,11 @@ from cli import main
 from trailers12k_feats.training import grouped as grouped_mod
 from trailers12k_feats.training import reproduce as rep_mod
 from trailers12k_feats.training.batched import GroupedDivita
-from trailers12k_feats.training.data import load_metadata
+from trailers12k_feats.training.data import centred_table, load_metadata
 from trailers12k_feats.training.grouped import group_problem, train_group
 from trailers12k_feats.training.heads import build_divita, set_dropout_generator
 from trailers12k_feats.training.reproduce import ReproduceConfig, reproduce
-from trailers12k_feats.training.train import TrainConfig, load_streams, train_run
+from trailers12k_feats.training.train import TrainConfig, _split_data, load_streams, train_run
 from trailers12k_feats.utils import T12kError
 
 TOL = 1e-4  # fp32: a grouped run's validation loss against the run alone
@@ -102,6 +102,65 @@ def test_grouped_model_under_bf16_autocast_is_each_model_up_to_rounding():
             torch.testing.assert_close(out[j], alone, rtol=0, atol=0.01)  # logits ~0.5: a bf16 rounding or two
     for k, v in models[2].state_dict().items():  # running statistics as the single head's
         torch.testing.assert_close(group.run_state(2)[k].to(v.dtype), v, rtol=1e-3, atol=1e-4, msg=k)
+
+
+@pytest.mark.parametrize("fusion", ["late", "early"])
+def test_clips_stored_less_an_offset_give_what_the_clips_give(fusion):
+    # fp32: the offset moves into the BatchNorm-folded bias, so only rounding separates the two
+    torch.manual_seed(0)
+    models = [build_divita(12, 8, fusion=fusion, dropout=0.0) for _ in range(3)]
+    plain, offset = GroupedDivita.from_models(models), GroupedDivita.from_models(models)
+    ix, vx = torch.randn(3, 4, 30, 12) + 5, torch.randn(3, 4, 30, 8) - 2  # features off zero
+    off = {"image": torch.linspace(3, 6, 12), "video": torch.full((8,), -2.0)}
+    mask = torch.ones(3, 4, 30, dtype=torch.bool)
+    mask[1, 2, 20:] = mask[0, 0, 3:] = False
+    for m in (mask, None):
+        a = plain(ix=ix, vx=vx, ix_mask=m, vx_mask=m)  # (3, 4, 10)
+        b = offset(ix=ix - off["image"], vx=vx - off["video"], ix_mask=m, vx_mask=m, offsets=off)
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+        a.sum().backward()
+        b.sum().backward()
+        for (name, p), q in zip(plain.named_parameters(), offset.parameters(), strict=True):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+    for k, v in plain.state_dict().items():  # running statistics in the clips' own coordinates
+        torch.testing.assert_close(offset.state_dict()[k], v, rtol=0, atol=1e-5, msg=k)
+    plain.eval(), offset.eval()
+    torch.testing.assert_close(offset(ix=ix - off["image"], vx=vx - off["video"], ix_mask=mask, vx_mask=mask,
+                                      offsets=off),
+                               plain(ix=ix, vx=vx, ix_mask=mask, vx_mask=mask), rtol=0, atol=1e-5)
+
+
+def test_centred_table():
+    features = torch.randn(1000, 6, dtype=torch.float64).half() + torch.arange(6).half() * 10  # (N, F)
+    table, offset = centred_table(features, torch.bfloat16, chunk_rows=64)
+    assert table.dtype == torch.bfloat16 and table.shape == features.shape
+    torch.testing.assert_close(offset, features.double().mean(0).float(), rtol=0, atol=1e-5)
+    err = (table.float() + offset - features.float()).abs()  # (N, F) one bf16 rounding of the centred clip
+    assert bool((err <= (features.float() - offset).abs() * 2**-8 + 1e-6).all())
+
+
+@pytest.mark.parametrize("protocol", ["authors", "masked"])
+def test_a_group_gathering_centred_clips_trains_as_one_gathering_the_clips(toy, protocol):
+    meta, sets, rows = load(toy)
+    for fs in sets.values():  # features off zero, as a backbone's are: a zero padding clip then shows
+        fs.features += 4
+    out = []
+    for precision, centred in (("fp32", False), ("bf16", True)):  # the clips in fp32; centred clips in bf16
+        cfgs = [TrainConfig(split=s, seed=s, max_epochs=2, protocol=protocol, **{**TOY, "precision": precision})
+                for s in (0, 1, 2)]
+        group = grouped_mod.GroupTrainer(cfgs, [_split_data(meta, sets, rows, c.split) for c in cfgs],
+                                         ["a", "b", "c"], centred=centred)
+        assert (group.offsets is not None) == centred
+        first = group.evaluate("val")  # before any step: the same head, the padding clips included
+        losses = group.train_epoch(1)
+        out.append((first, losses, group.evaluate("val"), group.model.state_dict()))
+    (first_a, loss_a, val_a, state_a), (first_b, loss_b, val_b, state_b) = out
+    for j in range(3):
+        torch.testing.assert_close(first_b[j][2], first_a[j][2], rtol=0, atol=1e-2)  # probabilities, bf16
+        assert loss_b[j] == pytest.approx(loss_a[j], abs=3e-3)
+        assert val_b[j][0] == pytest.approx(val_a[j][0], abs=3e-3)
+    for k in ("image.norm.running_mean", "image.norm.running_var", "video.norm.running_mean"):
+        torch.testing.assert_close(state_b[k], state_a[k], rtol=1e-2, atol=1e-2, msg=k)
 
 
 def test_group_problem():

@@ -310,12 +310,16 @@ def test_rows_at_once_follow_cores_memory_and_device(corpus, tmp_path, monkeypat
     biggest = max(rep_mod._row_cost(config(corpus, tmp_path), r) for r in rows)  # resnet_fusion: two caches
     monkeypatch.setattr(rep_mod, "usable_cores", lambda: 16)
     monkeypatch.setattr(rep_mod, "available_memory", lambda: 100 * biggest)
-    cpu = config(corpus, tmp_path, rows=rows, jobs=0)
+    cpu = config(corpus, tmp_path, rows=rows, jobs=0, train=dataclasses.replace(FAST, precision="fp32"))
     assert rep_mod.job_count(cpu, rows) == 3  # a process per core, no more than the rows
     monkeypatch.setattr(rep_mod, "usable_cores", lambda: 4)
     assert rep_mod.job_count(cpu, rows) == 3
     monkeypatch.setattr(rep_mod, "available_memory", lambda: int(2.5 * biggest / rep_mod.MEMORY_SHARE))
     assert rep_mod.job_count(cpu, rows) == 2  # as many of the largest row's caches as fit in RAM
+    for precision in ("bf16", "auto"):  # "auto" may pick bf16
+        bf16 = config(corpus, tmp_path, rows=rows, jobs=0, train=dataclasses.replace(FAST, precision=precision))
+        assert rep_mod.job_count(bf16, rows) == 1  # a group gathering centred clips holds its caches twice
+        assert rep_mod.job_count(dataclasses.replace(bf16, group=False), rows) == 2
     monkeypatch.setattr(rep_mod, "available_memory", lambda: 0)
     assert rep_mod.job_count(cpu, rows) == 1  # one at least
     assert rep_mod.job_count(config(corpus, tmp_path, rows=rows, jobs=8), rows) == 3  # asked for: up to the rows

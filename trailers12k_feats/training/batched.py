@@ -173,11 +173,55 @@ class RunBatchNorm(nn.Module):
             self._update("running_var", pick(self.running_var, idx).lerp(unbiased.squeeze(1), w), idx)
         return xc, var
 
-    def fold_into(self, linear: RunLinear, x: torch.Tensor, mask: torch.Tensor,
-                  idx: torch.Tensor | None) -> torch.Tensor:
-        """linear(self(x, mask)) per run with the BatchNorm scale folded into the weights, as
-        MaskedBatchNorm1d.fold_into: (R', B, S, F) -> (R', B, S, D)."""
+    def offset_stats(self, x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor | None,
+                     idx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean - offset (R', 1, F), var (R', 1, F)) of clips x + offset, x (R', B, S, F) being
+        clips stored less `offset` (F,): the batch statistics of the real clips in training
+        (updating the running ones in the clips' own coordinates), the running ones in eval.
+        x is never converted whole: each window's sums (over its S clips) are taken in x's dtype,
+        which accumulates in fp32 and rounds once, and the B windows' sums are added in fp32."""
         R, B, S, F_ = x.shape
+        if not self.training:
+            mean, var = pick(self.running_mean, idx), pick(self.running_var, idx)  # (R', F)
+            return (mean - offset).unsqueeze(1), var.unsqueeze(1)
+        if mask is None:  # every clip real
+            n = torch.full((R, 1, 1), float(B * S), device=x.device)  # (R', 1, 1)
+            real = x
+        else:
+            n = mask.sum((1, 2), dtype=torch.float32).view(R, 1, 1)  # (R', 1, 1) real clips of each run's batch
+            real = x * mask.unsqueeze(-1).to(x.dtype)  # (R', B, S, F) padding -> 0
+        # The clips are centred on the offset (their mean over the whole table), so the sum of
+        # squares less n mean^2 cancels no leading digits.
+        mean = real.sum(2).sum(1, keepdim=True, dtype=torch.float32) / n  # (R', 1, F)
+        sq = real.square().sum(2).sum(1, keepdim=True, dtype=torch.float32) / n  # (R', 1, F)
+        var = (sq - mean.square()).clamp_(min=0)  # (R', 1, F) biased
+        with torch.no_grad():
+            w = self.momentum
+            self._update("num_batches_tracked", pick(self.num_batches_tracked, idx) + 1, idx)
+            self._update("running_mean", pick(self.running_mean, idx).lerp(mean.squeeze(1) + offset, w), idx)
+            unbiased = var * n / (n - 1).clamp(min=1)  # (R', 1, F)
+            self._update("running_var", pick(self.running_var, idx).lerp(unbiased.squeeze(1), w), idx)
+        return mean, var
+
+    def fold_into(self, linear: RunLinear, x: torch.Tensor, mask: torch.Tensor,
+                  idx: torch.Tensor | None, offset: torch.Tensor | None = None) -> torch.Tensor:
+        """linear(self(x, mask)) per run with the BatchNorm scale folded into the weights, as
+        MaskedBatchNorm1d.fold_into: (R', B, S, F) -> (R', B, S, D).
+
+        With `offset` (F,), x holds clips less `offset`, already in the matmul's dtype: the
+        matmul reads x as it is and the centring moves into the bias, W s (x - mu) = W s x -
+        W s (mu - offset) + ..., so a step makes no pass over the clips besides their statistics."""
+        R, B, S, F_ = x.shape
+        if offset is not None:
+            with torch.autocast(x.device.type, enabled=False):
+                mean, var = self.offset_stats(x, offset, mask, idx)  # (R', 1, F) each, fp32
+                scale = torch.rsqrt(var + self.eps) * pick(self.weight, idx).unsqueeze(1)  # (R', 1, F)
+                weight = pick(linear.weight, idx) * scale  # (R', D, F)
+                shift = torch.bmm(pick(linear.weight, idx), pick(self.bias, idx).unsqueeze(2))  # (R', D, 1)
+                shift = shift - torch.bmm(weight, mean.transpose(1, 2))  # (R', D, 1)
+                bias = pick(linear.bias, idx) + shift.squeeze(2)  # (R', D)
+            y = run_matmul(x.reshape(R, B * S, F_), weight.transpose(1, 2), bias)  # (R', B*S, D)
+            return y.reshape(R, B, S, -1)  # (R', B, S, D)
         xc, var = self.centre(x, mask, idx)  # (R', B, S, F) in the matmul's dtype, (R', 1, F)
         scale = torch.rsqrt(var + self.eps) * pick(self.weight, idx).unsqueeze(1)  # (R', 1, F)
         weight = pick(linear.weight, idx)  # (R', D, F)
@@ -299,8 +343,8 @@ class RunStream(nn.Module):
         self.head = RunLinear(runs, like.num_features, like.head.out_features)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, idx: torch.Tensor | None,
-                gens: list[torch.Generator] | None) -> torch.Tensor:
-        x = self.norm.fold_into(self.embed, x, mask, idx)  # (R', B, S, 128)
+                gens: list[torch.Generator] | None, offset: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.norm.fold_into(self.embed, x, mask, idx, offset)  # (R', B, S, 128)
         return self.head(self.temporal(x, mask, idx, gens), idx)  # (R', B, C)
 
 
@@ -340,13 +384,17 @@ class GroupedDivita(nn.Module):
 
     def forward(self, ix: torch.Tensor | None = None, vx: torch.Tensor | None = None,
                 ix_mask: torch.Tensor | None = None, vx_mask: torch.Tensor | None = None,
-                idx: torch.Tensor | None = None, gens: list[torch.Generator] | None = None) -> torch.Tensor:
+                idx: torch.Tensor | None = None, gens: list[torch.Generator] | None = None,
+                offsets: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Logits (R', B, C) of runs `idx` (all when None) from ix (R', B, S, Fi) and/or vx
         (R', B, S', Fv) with their masks (None: every clip real); `gens` holds those runs'
-        dropout generators (training)."""
+        dropout generators (training). `offsets` ({"image": (Fi,), "video": (Fv,)}, see
+        RunBatchNorm.fold_into): the inputs are the clips less these, in the matmuls' dtype."""
+        off = offsets or {}
         if hasattr(self, "joint"):
             mask = ix_mask if vx_mask is None else vx_mask if ix_mask is None else ix_mask & vx_mask
-            return self.joint(torch.cat([ix, vx], -1), mask, idx, gens)  # (R', B, C)
+            offset = torch.cat([off["image"], off["video"]]) if off else None  # (Fi + Fv,)
+            return self.joint(torch.cat([ix, vx], -1), mask, idx, gens, offset)  # (R', B, C)
         inputs = {"image": (ix, ix_mask), "video": (vx, vx_mask)}
-        logits = [getattr(self, n)(*inputs[n], idx, gens) for n in self.streams]  # each (R', B, C)
+        logits = [getattr(self, n)(*inputs[n], idx, gens, off.get(n)) for n in self.streams]  # each (R', B, C)
         return logits[0] if len(logits) == 1 else 0.5 * (logits[0] + logits[1])  # (R', B, C)

@@ -34,7 +34,7 @@ from trailers12k_feats import NUM_GENRES
 from trailers12k_feats import cache as cache_mod
 from trailers12k_feats.runtime import PRECISIONS, PrecisionChoice, autocast
 from trailers12k_feats.training.batched import BATCHED_TEMPORAL, GroupedDivita
-from trailers12k_feats.training.data import Metadata, TrailerData, to_device
+from trailers12k_feats.training.data import Metadata, TrailerData, centred_table, to_device
 from trailers12k_feats.training.evaluation import evaluate_model, scored
 from trailers12k_feats.training.heads import build_divita, count_params
 from trailers12k_feats.training.protocols import (
@@ -76,6 +76,13 @@ def group_problem(cfgs: Sequence[TrainConfig]) -> str | None:
     return f"the runs differ in {', '.join(differ)}" if differ else None
 
 
+def centres_clips(device: torch.device | str, precision: str) -> bool:
+    """Whether a group on `device` in `precision` gathers its clips centred (GroupTrainer's
+    default): under autocast on the CPU, where a step is bound by moving the clips. "auto" counts
+    as autocast, as it is where the CPU is fast in bf16."""
+    return torch.device(device).type == "cpu" and precision != "fp32"
+
+
 @dataclass
 class _Run:
     """What a run of a group holds on its own."""
@@ -102,10 +109,15 @@ class _Run:
 
 class GroupTrainer:
     """Trains runs `cfgs` on their data (`datas[j]` is run j's {"train", "val", "test"}) as one
-    batched model; `fit()` runs each run's protocol. See `group_problem` for what may differ."""
+    batched model; `fit()` runs each run's protocol. See `group_problem` for what may differ.
+
+    `centred`: gather the clips from a copy of each stream's features centred on its mean clip,
+    in the autocast dtype (data.centred_table; the BatchNorm folds the offset into its bias), not
+    from the features themselves. None: where that pays, under autocast on the CPU, whose steps
+    are bound by moving the clips. It costs a second copy of the features in RAM."""
 
     def __init__(self, cfgs: Sequence[TrainConfig], datas: Sequence[dict[str, TrailerData]],
-                 descs: Sequence[str]) -> None:
+                 descs: Sequence[str], centred: bool | None = None) -> None:
         problem = group_problem(cfgs)
         if problem:
             raise T12kError(f"these runs cannot train as one group: {problem}.")
@@ -130,6 +142,15 @@ class GroupTrainer:
         for r, d in zip(self.runs, to_device([r.data for r in self.runs], self.device, "the group")):
             r.on_device = d  # one copy of the features for every run
         self.features = self.runs[0].on_device["train"].features
+        self.offsets: dict[str, torch.Tensor] | None = None  # {stream: (F,)} what the features are stored less
+        if centred is None:
+            centred = centres_clips(self.device, cfg.precision)
+        if centred:
+            tables = {k: centred_table(f, self.dtype) for k, f in self.features.items()}
+            self.features = {k: t for k, (t, _) in tables.items()}
+            self.offsets = {k: o for k, (_, o) in tables.items()}
+            log.debug("the group gathers its clips centred, in %s (%.2f GiB)", self.dtype,
+                      sum(t.numel() * t.element_size() for t in self.features.values()) / 2**30)
         self._idx: dict[tuple[int, ...], torch.Tensor | None] = {}
         self.n_params = count_params(models[0])
         self.model = GroupedDivita.from_models(models)
@@ -169,7 +190,8 @@ class GroupTrainer:
         x = {k: v.to(self.device, non_blocking=True) for k, v in x.items()}
         mask = None if mask is None else mask.to(self.device, non_blocking=True)
         with autocast(self.device.type, self.dtype):
-            logits = self.model(ix=x.get("image"), vx=x.get("video"), ix_mask=mask, vx_mask=mask, idx=idx, gens=gens)
+            logits = self.model(ix=x.get("image"), vx=x.get("video"), ix_mask=mask, vx_mask=mask, idx=idx, gens=gens,
+                                offsets=self.offsets)
         return logits.float()  # (R', B, 10)
 
     def _gather(self, views: list[tuple[TrailerData, torch.Tensor, torch.Tensor]],
@@ -177,16 +199,20 @@ class GroupTrainer:
         """Clips first..first+window-1 of trailers rows of each run's (data, rows, first), as
         TrailerData.gather does for each: ({stream: (R', B, W, F)}, mask (R', B, W)); the mask is
         None when the caller knows every clip is real (the model then skips all masking: the same
-        result, fewer passes)."""
+        result, fewer passes). Clips come in float32, or less self.offsets in the autocast dtype;
+        padding is a zero clip either way."""
         parts = [d.clip_index(rows, first, self.cfg.window) for d, rows, first in views]
         mask = None if all_real else torch.stack([m for _, m in parts])  # (R', B, W)
         x = {}
         for k, feats in self.features.items():
             where = torch.stack([ix[k] for ix, _ in parts])  # (R', B, W)
             # index_select copies whole rows: several times faster than indexing with a (R', B, W) tensor
-            x[k] = feats.index_select(0, where.reshape(-1)).view(*where.shape, -1).to(torch.float32)  # (R', B, W, F)
-            if mask is not None:
-                x[k].masked_fill_(~mask[..., None], 0.0)
+            x[k] = feats.index_select(0, where.reshape(-1)).view(*where.shape, -1)  # (R', B, W, F)
+            if self.offsets is None:
+                x[k] = x[k].to(torch.float32)
+            if mask is not None:  # a zero clip, less the offset where the clips are stored so
+                zero = 0.0 if self.offsets is None else -self.offsets[k].to(x[k].dtype)  # (F,)
+                x[k] = torch.where(mask[..., None], x[k], zero)
         return x, mask
 
     def step(self, js: list[int], rows: list[torch.Tensor], firsts: list[torch.Tensor],

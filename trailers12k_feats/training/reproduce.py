@@ -30,7 +30,7 @@ from trailers12k_feats import cache as cache_mod
 from trailers12k_feats.paper import TABLE6, get_row
 from trailers12k_feats.runtime import PrecisionChoice, available_memory, usable_cores
 from trailers12k_feats.training.data import SPLITS, check_splits, load_metadata
-from trailers12k_feats.training.grouped import group_problem, train_group
+from trailers12k_feats.training.grouped import centres_clips, group_problem, train_group
 from trailers12k_feats.training.protocols import check_protocol
 from trailers12k_feats.training.streams import check_clips, check_dim, resolve_streams
 from trailers12k_feats.training.tables import write_results
@@ -287,12 +287,15 @@ def job_count(cfg: ReproduceConfig, rows: Sequence[str]) -> int:
     """How many of Table 6 rows `rows` `cfg` trains at once: `cfg.jobs`, or for 0 a process
     per usable core on the CPU (one thread each: a run's small operations then never wait for a
     second thread, which pays most on a busy machine) and per two cores on a GPU, as many as
-    the rows' caches fit in MEMORY_SHARE of the available RAM, one at least."""
+    the rows' caches (twice, for groups that gather centred clips: grouped.centres_clips) fit in
+    MEMORY_SHARE of the available RAM, one at least."""
     if cfg.jobs:
         return max(1, min(cfg.jobs, len(rows)))
     cores = usable_cores()
     by_cores = cores // 2 if cfg.train.device.startswith("cuda") else cores
-    by_memory = int(MEMORY_SHARE * available_memory() // max((_row_cost(cfg, r) for r in rows), default=1))
+    # a group that gathers centred clips holds a second copy of its caches' features
+    copies = 2 if cfg.group and centres_clips(cfg.train.device, cfg.train.precision) else 1
+    by_memory = int(MEMORY_SHARE * available_memory() // max((copies * _row_cost(cfg, r) for r in rows), default=1))
     return max(1, min(len(rows), by_cores, by_memory))
 
 
