@@ -20,7 +20,12 @@ from trailers12k_feats.training.data import centred_table, load_metadata
 from trailers12k_feats.training.grouped import group_problem, train_group
 from trailers12k_feats.training.heads import build_divita, set_dropout_generator
 from trailers12k_feats.training.reproduce import ReproduceConfig, reproduce
-from trailers12k_feats.training.train import TrainConfig, _split_data, load_streams, train_run
+from trailers12k_feats.training.train import (
+    TrainConfig,
+    _split_data,
+    load_streams,
+    train_run,
+)
 from trailers12k_feats.utils import T12kError
 
 TOL = 1e-4  # fp32: a grouped run's validation loss against the run alone

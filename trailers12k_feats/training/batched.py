@@ -180,7 +180,7 @@ class RunBatchNorm(nn.Module):
         (updating the running ones in the clips' own coordinates), the running ones in eval.
         x is never converted whole: each window's sums (over its S clips) are taken in x's dtype,
         which accumulates in fp32 and rounds once, and the B windows' sums are added in fp32."""
-        R, B, S, F_ = x.shape
+        R, B, S, _ = x.shape
         if not self.training:
             mean, var = pick(self.running_mean, idx), pick(self.running_var, idx)  # (R', F)
             return (mean - offset).unsqueeze(1), var.unsqueeze(1)

@@ -34,7 +34,12 @@ from trailers12k_feats import NUM_GENRES
 from trailers12k_feats import cache as cache_mod
 from trailers12k_feats.runtime import PRECISIONS, PrecisionChoice, autocast
 from trailers12k_feats.training.batched import BATCHED_TEMPORAL, GroupedDivita
-from trailers12k_feats.training.data import Metadata, TrailerData, centred_table, to_device
+from trailers12k_feats.training.data import (
+    Metadata,
+    TrailerData,
+    centred_table,
+    to_device,
+)
 from trailers12k_feats.training.evaluation import evaluate_model, scored
 from trailers12k_feats.training.heads import build_divita, count_params
 from trailers12k_feats.training.protocols import (

@@ -40,7 +40,13 @@ from trailers12k_feats.training.train import (
     train_precision,
     train_run,
 )
-from trailers12k_feats.utils import T12kError, check_writable, config_dict, setup_logging, write_json
+from trailers12k_feats.utils import (
+    T12kError,
+    check_writable,
+    config_dict,
+    setup_logging,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
