@@ -8,6 +8,7 @@ from trailers12k_feats.training.heads import (
     TransformerBlock,
     build_divita,
     count_params,
+    keep_mask,
     keep_threshold,
     random_lanes,
     register_temporal,
@@ -237,6 +238,15 @@ def test_dropout_lanes_keep_at_the_rate_asked():
     assert keep_threshold(0.0) == -32768  # p = 0 keeps every value
     again = random_lanes((250_000, 4), torch.Generator().manual_seed(0), "cpu")
     assert torch.equal(lanes, again)  # seeded: the same masks
+
+
+def test_keep_mask_is_the_lanes_compared_with_the_threshold():
+    lanes = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)  # every int16 value
+    for p in (0.0, 1 / 65536, 0.1, 0.25, 0.5, 0.999):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            mask = keep_mask(lanes, p, dtype)
+            assert mask.dtype == dtype
+            assert torch.equal(mask, (lanes >= keep_threshold(p)).to(dtype)), (p, dtype)
 
 
 def test_short_trailer_trains():

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from trailers12k_feats.training.heads import (
     Divita,
     DivitaStream,
-    keep_threshold,
+    keep_mask,
     random_lanes,
 )
 
@@ -241,7 +241,7 @@ def run_dropout(x: torch.Tensor, p: float, gens: list[torch.Generator] | None) -
     for j, g in enumerate(gens):  # run j's words, drawn as FastDropout draws them alone
         random_lanes(x.shape[1:], g, x.device, out=words[j])
     lanes = words.view(torch.int16)[:, :n].reshape(x.shape)  # (R', ...) a view when 4 divides n
-    return x * (lanes >= keep_threshold(p)).to(x.dtype) * (1.0 / (1.0 - p))
+    return x * keep_mask(lanes, p, x.dtype) * (1.0 / (1.0 - p))
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
