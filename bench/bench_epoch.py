@@ -1,14 +1,17 @@
 """Where an epoch of a Table 6 row goes: training and the validation pass, timed apart.
 
     python bench/bench_epoch.py [--data cache/synth] [--rows i_swin,i_resnet] [--epochs 2] [--threads 1]
-                                [--eval-block-mb 16,128]
+                                [--eval-block-mb 16,128] [--gathers both]
 
 For each row, builds the group `t12k reproduce` trains (the row's three splits, authors'
 protocol, the precision `auto` picks) on the corpus in `--data` (make one with `t12k synth`
 or bench_reproduce.py), then times `--epochs` epochs of GroupTrainer.train_epoch and of
 GroupTrainer.evaluate("val"), and the validation pass again with evaluation blocks of each
 `--eval-block-mb` (protocols.EVAL_BLOCK_BYTES; 16 is the default), with the page faults each
-took. `--threads 1` is what each row gets when reproduce trains one row per core.
+took. `--gathers`: where the group gathers its clips from, `float` (the features, converted to
+float32 and centred at each step), `centred` (a copy centred once, in the autocast dtype: the
+default under autocast on the CPU) or `both`, timed one after the other, with their ratio.
+`--threads 1` is what each row gets when reproduce trains one row per core.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--eval-block-mb", default="16,128", help="evaluation block sizes to compare, in MB")
+    ap.add_argument("--gathers", choices=("both", "float", "centred"), default="both",
+                    help="gather clips from the features as float32, from a centred copy, or time both")
     args = ap.parse_args()
     setup_logging()
     logging.getLogger("trailers12k_feats").setLevel(logging.ERROR)
@@ -56,25 +61,46 @@ def main() -> None:
     for row in args.rows.split(","):
         sets, rows = load_streams(meta, resolve_streams(args.data, row=row))
         cfgs = [dataclasses.replace(cfg.train, split=s, precision=precision.precision) for s in cfg.splits]
-        group = GroupTrainer(cfgs, [_split_data(meta, sets, rows, c.split) for c in cfgs],
-                             [f"{row} split{c.split}" for c in cfgs])
-        dims = "+".join(str(d) for d in group.runs[0].data["train"].dims().values())
-        for epoch in range(1, args.epochs + 1):
+        modes = {"both": (False, True), "float": (False,), "centred": (True,)}[args.gathers]
+        if precision.precision == "fp32" and True in modes:
+            print(f"{row}: centred gathers are for autocast; precision is fp32, so float gathers only")
+            modes = (False,)
+        times = {}
+        for centred in modes:
             t0 = time.perf_counter()
-            group.train_epoch(epoch)
-            t1 = time.perf_counter()
-            group.evaluate("val")
-            t2 = time.perf_counter()
-            print(f"{row} ({dims} dims, {len(cfgs)} runs) epoch {epoch}: train {t1 - t0:.2f} s, "
-                  f"validation {t2 - t1:.2f} s")
-        default = protocols.EVAL_BLOCK_BYTES
-        for mb in (int(m) for m in args.eval_block_mb.split(",")):
-            protocols.EVAL_BLOCK_BYTES = mb << 20
-            f0, t0 = faults(), time.perf_counter()
-            group.evaluate("val")
-            print(f"{row}: validation with {mb} MB evaluation blocks {time.perf_counter() - t0:.2f} s, "
-                  f"{faults() - f0} page faults")
-        protocols.EVAL_BLOCK_BYTES = default
+            group = GroupTrainer(cfgs, [_split_data(meta, sets, rows, c.split) for c in cfgs],
+                                 [f"{row} split{c.split}" for c in cfgs], centred=centred)
+            print(f"{row}: group built in {time.perf_counter() - t0:.1f} s "
+                  f"({'the centred copy included' if centred else 'no copy'})")
+            times[centred] = time_group(group, row, args)
+            del group
+        if len(times) == 2:
+            (tf, vf), (tc, vc) = times[False], times[True]
+            print(f"{row}: centred / float gathers: training {tf / tc:.2f}x, validation {vf / vc:.2f}x faster\n")
+
+
+def time_group(group: GroupTrainer, row: str, args: argparse.Namespace) -> tuple[float, float]:
+    """Time `args.epochs` epochs of `group` and its validation pass by block size; the last
+    epoch's (training, validation) seconds."""
+    gathers = "centred" if group.offsets is not None else "float"
+    dims = "+".join(str(d) for d in group.runs[0].data["train"].dims().values())
+    for epoch in range(1, args.epochs + 1):
+        t0 = time.perf_counter()
+        group.train_epoch(epoch)
+        t1 = time.perf_counter()
+        group.evaluate("val")
+        t2 = time.perf_counter()
+        print(f"{row} ({dims} dims, {len(group.runs)} runs, {gathers} gathers) epoch {epoch}: "
+              f"train {t1 - t0:.2f} s, validation {t2 - t1:.2f} s")
+    default = protocols.EVAL_BLOCK_BYTES
+    for mb in (int(m) for m in args.eval_block_mb.split(",") if m):
+        protocols.EVAL_BLOCK_BYTES = mb << 20
+        f0, t3 = faults(), time.perf_counter()
+        group.evaluate("val")
+        print(f"{row} ({gathers} gathers): validation with {mb} MB evaluation blocks "
+              f"{time.perf_counter() - t3:.2f} s, {faults() - f0} page faults")
+    protocols.EVAL_BLOCK_BYTES = default
+    return t1 - t0, t2 - t1
 
 
 if __name__ == "__main__":

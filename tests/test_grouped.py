@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from cli import main
 from trailers12k_feats.training import grouped as grouped_mod
 from trailers12k_feats.training import reproduce as rep_mod
-from trailers12k_feats.training.batched import GroupedDivita
+from trailers12k_feats.training.batched import GroupedDivita, RunBatchNorm
 from trailers12k_feats.training.data import centred_table, load_metadata
 from trailers12k_feats.training.grouped import group_problem, train_group
 from trailers12k_feats.training.heads import build_divita, set_dropout_generator
@@ -133,6 +133,25 @@ def test_clips_stored_less_an_offset_give_what_the_clips_give(fusion):
     torch.testing.assert_close(offset(ix=ix - off["image"], vx=vx - off["video"], ix_mask=mask, vx_mask=mask,
                                       offsets=off),
                                plain(ix=ix, vx=vx, ix_mask=mask, vx_mask=mask), rtol=0, atol=1e-5)
+
+
+def test_centred_batch_statistics_are_the_float32_ones_to_a_rounding():
+    torch.manual_seed(0)
+    raw = torch.relu(torch.randn(3, 32, 30, 256) * 1.5 + torch.randn(256))  # (R, B, S, F) ReLU-like features
+    offset = raw.mean((0, 1, 2))  # (F,)
+    x = (raw - offset).bfloat16()  # the stored clips
+    mask = torch.rand(3, 32, 30) > 0.2
+    for m in (None, mask):
+        bn = RunBatchNorm(3, 256)
+        mean, var = bn.offset_stats(x, offset, m, None)  # (R, 1, F) each
+        w = torch.ones(3, 32, 30) if m is None else m.float()  # (R, B, S)
+        n = w.sum((1, 2))[:, None]  # (R, 1)
+        exact_mean = torch.einsum("rbs,rbsf->rf", w.double(), x.double()) / n  # (R, F)
+        exact_var = torch.einsum("rbs,rbsf->rf", w.double(), (x.double() - exact_mean[:, None, None]) ** 2) / n
+        sd = exact_var.sqrt()
+        assert float(((mean.squeeze(1) - exact_mean).abs() / sd).max()) < 1e-3
+        assert float(((var.squeeze(1) - exact_var).abs() / exact_var).max()) < 5e-3
+        torch.testing.assert_close(bn.running_mean, 0.9 * 0 + 0.1 * (exact_mean + offset).float(), rtol=0, atol=1e-3)
 
 
 def test_centred_table():
