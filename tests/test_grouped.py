@@ -235,14 +235,15 @@ def test_a_stopped_run_leaves_the_group_as_it_would_end_alone(toy, tmp_path, mon
     real = grouped_mod.GroupTrainer.train_epoch
     monkeypatch.setattr(grouped_mod.GroupTrainer, "train_epoch",
                         lambda self, *a, **k: sizes.append(self.model.runs) or real(self, *a, **k))
-    finished = []
+    finished, started = [], []
     train_group(cfgs, meta, sets, rows, [tmp_path / f"g{j}" for j in range(3)], progress=False,
-                on_finish=lambda j, res: finished.append((j, res.epochs)))
+                on_finish=lambda j, res: finished.append((j, res.epochs)), on_epoch=started.append)
     assert finished[0] == (0, 2) and (tmp_path / "g0" / "metrics.json").exists()
     epochs = {j: n for j, n in finished}
     # after each epoch the runs that stopped leave: the model computes only the others
     assert sizes == [sum(n >= e for n in epochs.values()) for e in range(1, len(sizes) + 1)]
     assert sizes[2] < 3
+    assert started == list(range(1, len(sizes) + 1))  # on_epoch as each epoch starts
     for j, cfg in enumerate(cfgs):
         alone = train_run(cfg, meta, sets, rows, tmp_path / f"a{j}", progress=False)
         g = json.loads((tmp_path / f"g{j}" / "metrics.json").read_text())
@@ -255,8 +256,10 @@ def test_a_stopped_run_leaves_the_group_as_it_would_end_alone(toy, tmp_path, mon
 def test_a_temporal_module_that_is_not_batched_trains_alone(toy, caplog):
     meta, sets, rows = load(toy, fusion=False)
     cfgs = [TrainConfig(split=s, temporal="gru", max_epochs=1, **TOY) for s in (0, 1)]
+    started = []
     with caplog.at_level(logging.INFO, logger="trailers12k_feats.training.grouped"):
-        results = train_group(cfgs, meta, sets, rows, progress=False)
+        results = train_group(cfgs, meta, sets, rows, progress=False, on_epoch=started.append)
+    assert started == [1, 1]  # each run's epoch, the runs one at a time
     assert "temporal module gru is not batched" in caplog.text and "one at a time" in caplog.text
     assert results[1].history[0]["val_loss"] == train_run(cfgs[1], meta, sets, rows, progress=False).history[0][
         "val_loss"]

@@ -303,6 +303,14 @@ def test_rows_in_parallel_processes_give_the_same_tables(corpus, tmp_path):
         "k_r2plus1d", *get_row("resnet_fusion").streams}
 
 
+def test_rows_that_end_leave_their_cores_to_the_rows_still_training():
+    from trailers12k_feats.training.reproduce import share_threads
+
+    assert [share_threads(2, 2, left) for left in (8, 3, 2, 1)] == [1, 1, 1, 2]  # queued rows: a core each
+    assert [share_threads(16, 3, left) for left in (5, 3, 2, 1)] == [5, 5, 8, 16]
+    assert share_threads(1, 2, 2) == 1 and share_threads(4, 2, 0) == 4  # one at least; none left: all
+
+
 def test_rows_at_once_follow_cores_memory_and_device(corpus, tmp_path, monkeypatch):
     from trailers12k_feats.training import reproduce as rep_mod
 

@@ -323,15 +323,19 @@ class GroupTrainer:
         return result, model, val_p, test_p
 
     def fit(self, progress: bool = True, desc: str = "group",
-            on_finish: Callable[[int, _Run, tuple], None] | None = None) -> list[RunResult]:
+            on_finish: Callable[[int, _Run, tuple], None] | None = None,
+            on_epoch: Callable[[int], None] | None = None) -> list[RunResult]:
         """Train until every run has stopped; `on_finish(j, run, (result, model, val_probs,
-        test_probs))` is called as run j (its position in `cfgs`) leaves the group."""
+        test_probs))` is called as run j (its position in `cfgs`) leaves the group, `on_epoch(epoch)`
+        as each epoch starts."""
         t0 = time.perf_counter()
         positions = list(range(len(self.runs)))  # each remaining run's position in cfgs
         results: list[RunResult | None] = [None] * len(self.runs)
         bar = tqdm(range(1, max(r.cfg.max_epochs for r in self.runs) + 1), desc=desc, unit="epoch",
                    disable=not progress, leave=False)
         for epoch in bar:
+            if on_epoch is not None:
+                on_epoch(epoch)
             train_losses = self.train_epoch(epoch)
             stop = []
             for j, (r, tl, (val_loss, val_m, _)) in enumerate(zip(self.runs, train_losses, self.evaluate("val"))):
@@ -367,12 +371,14 @@ def train_group(cfgs: Sequence[TrainConfig], meta: Metadata, sets: dict[str, cac
                 rows: np.ndarray, out_dirs: Sequence[str | os.PathLike | None] | None = None,
                 progress: bool = True, descs: Sequence[str] | None = None,
                 on_finish: Callable[[int, RunResult], None] | None = None,
-                precision: PrecisionChoice | None = None) -> list[RunResult]:
+                precision: PrecisionChoice | None = None,
+                on_epoch: Callable[[int], None] | None = None) -> list[RunResult]:
     """train_run for each of `cfgs` (each on its own split), trained as one group; each run's
     directory (out_dirs[j], None for none) is written as the run finishes, then
     `on_finish(j, result)` is called. Falls back to one run at a time, with a log line saying
     why, where the runs cannot form a group (group_problem). `precision`: the runs' shared
-    `precision` resolved (here when None), as train_run takes it."""
+    `precision` resolved (here when None), as train_run takes it. `on_epoch(epoch)` is called as
+    each epoch starts (each run's, where they train one at a time)."""
     out_dirs = list(out_dirs) if out_dirs is not None else [None] * len(cfgs)
     descs = list(descs) if descs is not None else [f"split{c.split} seed{c.seed}" for c in cfgs]
     problem = group_problem(cfgs)
@@ -382,7 +388,7 @@ def train_group(cfgs: Sequence[TrainConfig], meta: Metadata, sets: dict[str, cac
         results = []
         for j, c in enumerate(cfgs):
             results.append(train_run(c, meta, sets, rows, out_dirs[j], progress=progress, desc=descs[j],
-                                     precision=precision))
+                                     precision=precision, on_epoch=on_epoch))
             if on_finish is not None:
                 on_finish(j, results[-1])
         return results
@@ -405,4 +411,4 @@ def train_group(cfgs: Sequence[TrainConfig], meta: Metadata, sets: dict[str, cac
         if on_finish is not None:
             on_finish(j, result)
 
-    return trainer.fit(progress=progress, desc=" + ".join(descs), on_finish=finished)
+    return trainer.fit(progress=progress, desc=" + ".join(descs), on_finish=finished, on_epoch=on_epoch)

@@ -250,9 +250,10 @@ def units(cfg: ReproduceConfig, todo: list[tuple[str, int]], spread: bool = Fals
 
 
 def train_unit(cfg: ReproduceConfig, row: str, splits: tuple[int, ...], precision: PrecisionChoice,
-               progress: bool = True, on_finish: Callable[[], None] | None = None) -> None:
+               progress: bool = True, on_finish: Callable[[], None] | None = None,
+               on_epoch: Callable[[int], None] | None = None) -> None:
     """Train the runs of `row` on `splits` (as one group where they can be) into their run directories;
-    `on_finish()` after each run."""
+    `on_finish()` after each run, `on_epoch(epoch)` as each epoch starts."""
     meta = load_metadata(cfg.metadata)
     caches = resolve_streams(cfg.cache_dir, row=row)
     sets, rows = load_streams(meta, caches, cfg.on_missing, cfg.allow_mismatched_clips)
@@ -266,13 +267,13 @@ def train_unit(cfg: ReproduceConfig, row: str, splits: tuple[int, ...], precisio
     problem = group_problem(cfgs) if len(cfgs) > 1 else None
     if cfg.group and len(cfgs) > 1 and problem is None:
         train_group(cfgs, meta, sets, rows, [_run_dir(cfg, row, s) for s in splits], progress=progress,
-                    descs=descs, on_finish=finished, precision=precision)
+                    descs=descs, on_finish=finished, precision=precision, on_epoch=on_epoch)
     else:
         if cfg.group and problem:
             log.info("%s: %s; training its %d runs one at a time", row, problem, len(cfgs))
         for j, train_cfg in enumerate(cfgs):
             finished(j, train_run(train_cfg, meta, sets, rows, _run_dir(cfg, row, train_cfg.split),
-                                  progress=progress, desc=descs[j], precision=precision))
+                                  progress=progress, desc=descs[j], precision=precision, on_epoch=on_epoch))
 
 
 def record_finished(cfg: ReproduceConfig, plan: Plan, row: str) -> str:
@@ -305,13 +306,42 @@ def job_count(cfg: ReproduceConfig, rows: Sequence[str]) -> int:
     return max(1, min(len(rows), by_cores, by_memory))
 
 
-def _unit_job(cfg: ReproduceConfig, row: str, splits: tuple[int, ...], precision: PrecisionChoice, threads: int,
-              level: int) -> str:
-    """train_unit in a worker process of `reproduce` (its log lines at `level`, `threads` CPU threads)."""
+def share_threads(cores: int, jobs: int, left: int) -> int:
+    """CPU threads for each process of `reproduce` still training when `left` of its units (queued
+    or training) are unfinished: the cores shared among min(jobs, left) processes. Once the queue
+    is empty, a process that ends leaves its cores to the others, which run each epoch's many
+    small operations faster with more threads (docs/speed.md)."""
+    return max(1, cores // max(1, min(jobs, left)))
+
+
+_LEFT = None  # in a worker of `reproduce`: its shared count of unfinished units (multiprocessing.Value)
+
+
+def _init_worker(left) -> None:
+    global _LEFT
+    _LEFT = left
+
+
+def _unit_job(cfg: ReproduceConfig, row: str, splits: tuple[int, ...], precision: PrecisionChoice, cores: int,
+              jobs: int, level: int) -> str:
+    """train_unit in a worker process of `reproduce` (its log lines at `level`), with the threads
+    share_threads gives it, looked at again as each epoch starts."""
     setup_logging(level <= logging.DEBUG)
     logging.getLogger().setLevel(level)
-    torch.set_num_threads(threads)
-    train_unit(cfg, row, splits, precision, progress=False)
+
+    def rethread(epoch: int) -> None:
+        threads = share_threads(cores, jobs, _LEFT.value)
+        if threads != torch.get_num_threads():
+            log.info("%s: %d rows left to train, so %d CPU threads for this one from epoch %d", row, _LEFT.value,
+                     threads, epoch)
+            torch.set_num_threads(threads)
+
+    torch.set_num_threads(share_threads(cores, jobs, _LEFT.value))
+    try:
+        train_unit(cfg, row, splits, precision, progress=False, on_epoch=rethread)
+    finally:
+        with _LEFT.get_lock():
+            _LEFT.value -= 1
     return row
 
 
@@ -326,12 +356,16 @@ def reproduce(cfg: ReproduceConfig, progress: bool = True) -> str:
         return write_results(cfg.out_dir, cfg.protocol)
     # Several rows at once, a process each (spawned: CUDA cannot be forked). Each writes its runs'
     # directories as they finish; this process records their data and tables as each row ends.
-    threads = max(1, usable_cores() // jobs)
-    log.info("training %d rows at once, a process each with %d CPU threads", jobs, threads)
+    cores = usable_cores()
+    log.info("training %d rows at once, a process each with %d CPU threads (more for the last rows, as the "
+             "others end)", jobs, share_threads(cores, jobs, len(work)))
     level = logging.getLogger().getEffectiveLevel()
     work.sort(key=lambda unit: -_row_cost(cfg, unit[0]))  # the longest first: the last to end ends soonest
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(_unit_job, cfg, row, splits, plan.precision, threads, level) for row, splits in work]
+    ctx = multiprocessing.get_context("spawn")
+    left = ctx.Value("i", len(work))  # units not finished, shared with the workers
+    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(left,)) as pool:
+        futures = [pool.submit(_unit_job, cfg, row, splits, plan.precision, cores, jobs, level)
+                   for row, splits in work]
         try:
             for fut in tqdm(as_completed(futures), total=len(futures), desc="rows", unit="row", disable=not progress):
                 record_finished(cfg, plan, fut.result())

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -309,12 +310,16 @@ class Trainer:
         """(validation loss of the protocol, metrics, snippet-averaged probabilities (n, 10))."""
         return evaluate_model(self.model, d, self.cfg)
 
-    def fit(self, progress: bool = True, desc: str = "epochs") -> RunResult:
+    def fit(self, progress: bool = True, desc: str = "epochs",
+            on_epoch: Callable[[int], None] | None = None) -> RunResult:
+        """Train until the protocol stops; `on_epoch(epoch)` is called as each epoch starts."""
         cfg = self.cfg
         t0 = time.perf_counter()
         epochs, best_state = EpochLog(desc, cfg.protocol, cfg.early_stop_patience), None
         bar = tqdm(range(1, cfg.max_epochs + 1), desc=desc, unit="epoch", disable=not progress, leave=False)
         for epoch in bar:
+            if on_epoch is not None:
+                on_epoch(epoch)
             train_loss = self.train_epoch(epoch=epoch, desc=desc)
             val_loss, val_m, _ = self.evaluate(self.on_device["val"])
             lr = self.opt.param_groups[0]["lr"]
@@ -352,15 +357,17 @@ def log_end(desc: str, result: RunResult) -> None:
 
 def train_run(cfg: TrainConfig, meta: Metadata, sets: dict[str, cache_mod.FeatureSet], rows: np.ndarray,
               out_dir: str | os.PathLike | None = None, progress: bool = True, desc: str = "epochs",
-              precision: PrecisionChoice | None = None) -> RunResult:
+              precision: PrecisionChoice | None = None,
+              on_epoch: Callable[[int], None] | None = None) -> RunResult:
     """Train one configuration on split `cfg.split`; write a run directory if `out_dir` is given.
 
     `precision`: the resolved `cfg.precision` (resolved here when None); config.json records the
     config with it resolved and, under "precision", what was asked for and why this was chosen.
+    `on_epoch(epoch)` is called as each epoch starts.
     """
     trainer = Trainer(cfg, _split_data(meta, sets, rows, cfg.split), precision)
     log_start(desc, trainer.cfg, sets, trainer.data, count_params(trainer.model))  # the training set of the protocol
-    result = trainer.fit(progress=progress, desc=desc)
+    result = trainer.fit(progress=progress, desc=desc, on_epoch=on_epoch)
     log_end(desc, result)
     if out_dir is not None:
         save_run(out_dir, trainer.cfg, meta, sets, trainer.data, trainer.left_out, trainer.model, result,
