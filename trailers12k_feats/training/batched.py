@@ -209,8 +209,8 @@ class RunBatchNorm(nn.Module):
         MaskedBatchNorm1d.fold_into: (R', B, S, F) -> (R', B, S, D).
 
         With `offset` (F,), x holds clips less `offset`, already in the matmul's dtype: the
-        matmul reads x as it is and the centring moves into the bias, W s (x - mu) = W s x -
-        W s (mu - offset) + ..., so a step makes no pass over the clips besides their statistics."""
+        matmul reads x as it is and the centring moves into the bias, W s (x + offset - mu) =
+        W s x - W s (mu - offset), so a step makes no pass over the clips but their statistics."""
         R, B, S, F_ = x.shape
         if offset is not None:
             with torch.autocast(x.device.type, enabled=False):

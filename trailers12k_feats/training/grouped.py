@@ -215,9 +215,10 @@ class GroupTrainer:
             x[k] = feats.index_select(0, where.reshape(-1)).view(*where.shape, -1)  # (R', B, W, F)
             if self.offsets is None:
                 x[k] = x[k].to(torch.float32)
-            if mask is not None:  # a zero clip, less the offset where the clips are stored so
-                zero = 0.0 if self.offsets is None else -self.offsets[k].to(x[k].dtype)  # (F,)
-                x[k] = torch.where(mask[..., None], x[k], zero)
+                if mask is not None:
+                    x[k].masked_fill_(~mask[..., None], 0.0)
+            elif mask is not None:  # a zero clip, stored less the offset as the clips are
+                x[k] = torch.where(mask[..., None], x[k], -self.offsets[k].to(x[k].dtype))
         return x, mask
 
     def step(self, js: list[int], rows: list[torch.Tensor], firsts: list[torch.Tensor],
