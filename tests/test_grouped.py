@@ -156,11 +156,15 @@ def test_centred_batch_statistics_are_the_float32_ones_to_a_rounding():
 
 def test_centred_table():
     features = torch.randn(1000, 6, dtype=torch.float64).half() + torch.arange(6).half() * 10  # (N, F)
-    table, offset = centred_table(features, torch.bfloat16, chunk_rows=64)
+    table, offset = centred_table(features, torch.bfloat16, chunk_rows=64)  # 1000 clips: every one in the mean
     assert table.dtype == torch.bfloat16 and table.shape == features.shape
     torch.testing.assert_close(offset, features.double().mean(0).float(), rtol=0, atol=1e-5)
     err = (table.float() + offset - features.float()).abs()  # (N, F) one bf16 rounding of the centred clip
     assert bool((err <= (features.float() - offset).abs() * 2**-8 + 1e-6).all())
+    table, offset = centred_table(features, torch.bfloat16, sample=100)  # every 10th clip in the mean
+    torch.testing.assert_close(offset, features[::10].double().mean(0).float(), rtol=0, atol=1e-5)
+    assert float((offset - features.double().mean(0)).abs().max()) < 0.25  # near the mean of unit-variance clips
+    torch.testing.assert_close(table.float(), features.float() - offset, rtol=2**-8, atol=1e-6)
 
 
 @pytest.mark.parametrize("protocol", ["authors", "masked"])

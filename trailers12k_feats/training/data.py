@@ -326,19 +326,19 @@ def to_device(datas: Sequence[dict[str, TrailerData]], device: torch.device | st
     return out
 
 
-def centred_table(features: torch.Tensor, dtype: torch.dtype,
-                  chunk_rows: int = 1 << 14) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features - offset in `dtype` (N, F), offset (F,) float32), the offset being the mean clip.
+def centred_table(features: torch.Tensor, dtype: torch.dtype, chunk_rows: int = 1024,
+                  sample: int = 1 << 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features - offset in `dtype` (N, F), offset (F,) float32), the offset being the mean of
+    an even sample of about `sample` clips (all of them when fewer): the mean clip, near enough.
 
     A head in bf16 reads its clips centred (BatchNorm subtracts their mean first): kept so, a
     batch is gathered straight into the matmul's dtype with no pass to convert and centre it,
     and rounding to bf16 loses no more than rounding the batch-centred clips does. Made chunk
-    by chunk, so the extra memory is the table itself."""
-    total = torch.zeros(features.shape[1], dtype=torch.float64, device=features.device)  # (F,)
-    for s in range(0, len(features), chunk_rows):
-        total += features[s:s + chunk_rows].sum(0, dtype=torch.float32)
-    offset = (total / max(1, len(features))).float()  # (F,)
+    by chunk (small enough to stay in cache), so the extra memory is the table itself."""
+    every = max(1, len(features) // sample)
+    picked = features[::every]  # (n, F) a view: every `every`-th clip
+    offset = (picked.sum(0, dtype=torch.float32) / max(1, len(picked))).float()  # (F,)
     table = torch.empty(features.shape, dtype=dtype, device=features.device)  # (N, F)
     for s in range(0, len(features), chunk_rows):
-        torch.sub(features[s:s + chunk_rows], offset, out=table[s:s + chunk_rows])
+        table[s:s + chunk_rows].copy_(features[s:s + chunk_rows].float().sub_(offset))
     return table, offset
