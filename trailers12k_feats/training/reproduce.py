@@ -332,7 +332,7 @@ def _unit_job(cfg: ReproduceConfig, row: str, splits: tuple[int, ...], precision
     def rethread(epoch: int) -> None:
         threads = share_threads(cores, jobs, _LEFT.value)
         if threads != torch.get_num_threads():
-            log.info("%s: %d rows left to train, so %d CPU threads for this one from epoch %d", row, _LEFT.value,
+            log.info("%s: rows still training: %d; %d CPU threads for this one from epoch %d", row, _LEFT.value,
                      threads, epoch)
             torch.set_num_threads(threads)
 
