@@ -83,9 +83,9 @@ def group_problem(cfgs: Sequence[TrainConfig]) -> str | None:
 
 def centres_clips(device: torch.device | str, precision: str) -> bool:
     """Whether a group on `device` in `precision` gathers its clips centred (GroupTrainer's
-    default): under autocast on the CPU, where a step is bound by moving the clips. "auto" counts
-    as autocast, as it is where the CPU is fast in bf16."""
-    return torch.device(device).type == "cpu" and precision != "fp32"
+    default): in bf16 on the CPU, where a step is bound by moving the clips. "auto" counts, as it
+    picks bf16 where the CPU is fast in it; fp16 does not (a clip's square could overflow it)."""
+    return torch.device(device).type == "cpu" and precision in ("bf16", "auto")
 
 
 @dataclass
@@ -118,8 +118,8 @@ class GroupTrainer:
 
     `centred`: gather the clips from a copy of each stream's features centred on its mean clip,
     in the autocast dtype (data.centred_table; the BatchNorm folds the offset into its bias), not
-    from the features themselves. None: where that pays, under autocast on the CPU, whose steps
-    are bound by moving the clips. It costs a second copy of the features in RAM."""
+    from the features themselves. None: where that pays, in bf16 on the CPU (centres_clips),
+    whose steps are bound by moving the clips. It costs a second copy of the features in RAM."""
 
     def __init__(self, cfgs: Sequence[TrainConfig], datas: Sequence[dict[str, TrailerData]],
                  descs: Sequence[str], centred: bool | None = None) -> None:
