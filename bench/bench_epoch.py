@@ -9,8 +9,8 @@ or bench_reproduce.py), then times `--epochs` epochs of GroupTrainer.train_epoch
 GroupTrainer.evaluate("val"), and the validation pass again with evaluation blocks of each
 `--eval-block-mb` (protocols.EVAL_BLOCK_BYTES; 16 is the default), with the page faults each
 took. `--gathers`: where the group gathers its clips from, `float` (the features, converted to
-float32 and centred at each step), `centred` (a copy centred once, in the autocast dtype: the
-default under autocast on the CPU) or `both`, timed one after the other, with their ratio.
+float32 and centred at each step), `centred` (a copy centred once, in bf16: the default
+in bf16 on the CPU) or `both`, timed one after the other, with their ratio.
 `--threads 1` is what each row gets when reproduce trains one row per core.
 """
 
@@ -62,8 +62,8 @@ def main() -> None:
         sets, rows = load_streams(meta, resolve_streams(args.data, row=row))
         cfgs = [dataclasses.replace(cfg.train, split=s, precision=precision.precision) for s in cfg.splits]
         modes = {"both": (False, True), "float": (False,), "centred": (True,)}[args.gathers]
-        if precision.precision == "fp32" and True in modes:
-            print(f"{row}: centred gathers are for autocast; precision is fp32, so float gathers only")
+        if precision.precision != "bf16" and True in modes:
+            print(f"{row}: centred gathers are for bf16; precision is {precision.precision}, so float gathers only")
             modes = (False,)
         times = {}
         for centred in modes:
