@@ -141,6 +141,16 @@ class RunBatchNorm(nn.Module):
         else:
             buf.index_copy_(0, idx, value)
 
+    @torch.no_grad()
+    def _track(self, mean: torch.Tensor, var: torch.Tensor, n: torch.Tensor, idx: torch.Tensor | None) -> None:
+        """Fold a batch's mean (R', 1, F), biased var (R', 1, F) of n (R', 1, 1) clips into the
+        running statistics, as BatchNorm1d does (momentum, unbiased variance)."""
+        w = self.momentum
+        self._update("num_batches_tracked", pick(self.num_batches_tracked, idx) + 1, idx)
+        self._update("running_mean", pick(self.running_mean, idx).lerp(mean.squeeze(1), w), idx)
+        unbiased = var * n / (n - 1).clamp(min=1)  # (R', 1, F)
+        self._update("running_var", pick(self.running_var, idx).lerp(unbiased.squeeze(1), w), idx)
+
     def centre(self, x: torch.Tensor, mask: torch.Tensor | None,
                idx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(x - mean (R', B, S, F), var (R', 1, F)), as MaskedBatchNorm1d.centre for each run.
@@ -165,12 +175,7 @@ class RunBatchNorm(nn.Module):
             else:  # the cast first, then d squared in place: one (R', B*S, F) buffer less to write and read
                 xc, sq = d.view(R, B, S, F_).to(out), d.square_()
             var = torch.bmm(m, sq) / n  # (R', 1, F) biased
-        with torch.no_grad():
-            w = self.momentum
-            self._update("num_batches_tracked", pick(self.num_batches_tracked, idx) + 1, idx)
-            self._update("running_mean", pick(self.running_mean, idx).lerp(mean.detach().squeeze(1), w), idx)
-            unbiased = var.detach() * n / (n - 1).clamp(min=1)  # (R', 1, F)
-            self._update("running_var", pick(self.running_var, idx).lerp(unbiased.squeeze(1), w), idx)
+        self._track(mean.detach(), var.detach(), n, idx)
         return xc, var
 
     def offset_stats(self, x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor | None,
@@ -195,12 +200,7 @@ class RunBatchNorm(nn.Module):
         mean = real.sum(2).sum(1, keepdim=True, dtype=torch.float32) / n  # (R', 1, F)
         sq = real.square().sum(2).sum(1, keepdim=True, dtype=torch.float32) / n  # (R', 1, F)
         var = (sq - mean.square()).clamp_(min=0)  # (R', 1, F) biased
-        with torch.no_grad():
-            w = self.momentum
-            self._update("num_batches_tracked", pick(self.num_batches_tracked, idx) + 1, idx)
-            self._update("running_mean", pick(self.running_mean, idx).lerp(mean.squeeze(1) + offset, w), idx)
-            unbiased = var * n / (n - 1).clamp(min=1)  # (R', 1, F)
-            self._update("running_var", pick(self.running_var, idx).lerp(unbiased.squeeze(1), w), idx)
+        self._track(mean + offset, var, n, idx)
         return mean, var
 
     def fold_into(self, linear: RunLinear, x: torch.Tensor, mask: torch.Tensor,
