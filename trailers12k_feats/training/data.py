@@ -340,5 +340,5 @@ def centred_table(features: torch.Tensor, dtype: torch.dtype, chunk_rows: int = 
     offset = (picked.sum(0, dtype=torch.float32) / max(1, len(picked))).float()  # (F,)
     table = torch.empty(features.shape, dtype=dtype, device=features.device)  # (N, F)
     for s in range(0, len(features), chunk_rows):
-        table[s:s + chunk_rows].copy_(features[s:s + chunk_rows].float().sub_(offset))
+        table[s:s + chunk_rows].copy_(features[s:s + chunk_rows].float() - offset)  # not in place: float32 features are the caller's
     return table, offset
