@@ -15,7 +15,8 @@ from click.testing import CliRunner
 from cli import main
 from trailers12k_feats.training import grouped as grouped_mod
 from trailers12k_feats.training import reproduce as rep_mod
-from trailers12k_feats.training.batched import GroupedDivita, RunBatchNorm
+from trailers12k_feats.training.batched import GroupedDivita
+from trailers12k_feats.training.run_layers import RunBatchNorm
 from trailers12k_feats.training.data import centred_table, load_metadata
 from trailers12k_feats.training.grouped import group_problem, train_group
 from trailers12k_feats.training.heads import build_divita, set_dropout_generator
@@ -165,6 +166,9 @@ def test_centred_table():
     torch.testing.assert_close(offset, features[::10].double().mean(0).float(), rtol=0, atol=1e-5)
     assert float((offset - features.double().mean(0)).abs().max()) < 0.25  # near the mean of unit-variance clips
     torch.testing.assert_close(table.float(), features.float() - offset, rtol=2**-8, atol=1e-6)
+    kept = features.float()  # float32 features are left as they are
+    table, offset = centred_table(kept, torch.bfloat16, chunk_rows=64)
+    assert torch.equal(kept, features.float()) and float(offset.abs().max()) > 1
 
 
 @pytest.mark.parametrize("protocol", ["authors", "masked"])
@@ -173,22 +177,24 @@ def test_a_group_gathering_centred_clips_trains_as_one_gathering_the_clips(toy, 
     for fs in sets.values():  # features off zero, as a backbone's are: a zero padding clip then shows
         fs.features += 4
     out = []
-    for precision, centred in (("fp32", False), ("bf16", True)):  # the clips in fp32; centred clips in bf16
+    # the clips in fp32; centred clips in bf16, with eager code and with the fused chains
+    for precision, centred, fused in (("fp32", False, False), ("bf16", True, False), ("bf16", True, True)):
         cfgs = [TrainConfig(split=s, seed=s, max_epochs=2, protocol=protocol, **{**TOY, "precision": precision})
                 for s in (0, 1, 2)]
         group = grouped_mod.GroupTrainer(cfgs, [_split_data(meta, sets, rows, c.split) for c in cfgs],
-                                         ["a", "b", "c"], centred=centred)
-        assert (group.offsets is not None) == centred
+                                         ["a", "b", "c"], centred=centred, fused=fused)
+        assert (group.offsets is not None) == centred and group.fused == fused
         first = group.evaluate("val")  # before any step: the same head, the padding clips included
         losses = group.train_epoch(1)
         out.append((first, losses, group.evaluate("val"), group.model.state_dict()))
-    (first_a, loss_a, val_a, state_a), (first_b, loss_b, val_b, state_b) = out
-    for j in range(3):
-        torch.testing.assert_close(first_b[j][2], first_a[j][2], rtol=0, atol=1e-2)  # probabilities, bf16
-        assert loss_b[j] == pytest.approx(loss_a[j], abs=3e-3)
-        assert val_b[j][0] == pytest.approx(val_a[j][0], abs=3e-3)
-    for k in ("image.norm.running_mean", "image.norm.running_var", "video.norm.running_mean"):
-        torch.testing.assert_close(state_b[k], state_a[k], rtol=1e-2, atol=1e-2, msg=k)
+    first_a, loss_a, val_a, state_a = out[0]
+    for first_b, loss_b, val_b, state_b in out[1:]:
+        for j in range(3):
+            torch.testing.assert_close(first_b[j][2], first_a[j][2], rtol=0, atol=1e-2)  # probabilities, bf16
+            assert loss_b[j] == pytest.approx(loss_a[j], abs=3e-3)
+            assert val_b[j][0] == pytest.approx(val_a[j][0], abs=3e-3)
+        for k in ("image.norm.running_mean", "image.norm.running_var", "video.norm.running_mean"):
+            torch.testing.assert_close(state_b[k], state_a[k], rtol=1e-2, atol=1e-2, msg=k)
 
 
 def test_group_problem():

@@ -33,6 +33,7 @@ from tqdm import tqdm
 from trailers12k_feats import NUM_GENRES
 from trailers12k_feats import cache as cache_mod
 from trailers12k_feats.runtime import PRECISIONS, PrecisionChoice, autocast
+from trailers12k_feats.training import fused
 from trailers12k_feats.training.batched import BATCHED_TEMPORAL, GroupedDivita
 from trailers12k_feats.training.data import (
     Metadata,
@@ -41,7 +42,7 @@ from trailers12k_feats.training.data import (
     to_device,
 )
 from trailers12k_feats.training.evaluation import evaluate_model, scored
-from trailers12k_feats.training.heads import build_divita, count_params
+from trailers12k_feats.training.heads import DivitaStream, build_divita, count_params
 from trailers12k_feats.training.protocols import (
     eval_rows,
     head_options,
@@ -119,10 +120,15 @@ class GroupTrainer:
     `centred`: gather the clips from a copy of each stream's features centred on its mean clip,
     in the autocast dtype (data.centred_table; the BatchNorm folds the offset into its bias), not
     from the features themselves. None: where that pays, in bf16 on the CPU (centres_clips),
-    whose steps are bound by moving the clips. It costs a second copy of the features in RAM."""
+    whose steps are bound by moving the clips. It costs a second copy of the features in RAM.
+
+    `fused`: compute the chains of elementwise operations around the BatchNorm and in each
+    transformer block as compiled code (training/fused.py), one pass each. None: where that
+    pays, as `centred`. Where compiling fails (no C++ compiler) the group says why and trains with
+    the eager code."""
 
     def __init__(self, cfgs: Sequence[TrainConfig], datas: Sequence[dict[str, TrailerData]],
-                 descs: Sequence[str], centred: bool | None = None) -> None:
+                 descs: Sequence[str], centred: bool | None = None, fused: bool | None = None) -> None:
         problem = group_problem(cfgs)
         if problem:
             raise T12kError(f"these runs cannot train as one group: {problem}.")
@@ -159,6 +165,10 @@ class GroupTrainer:
         self._idx: dict[tuple[int, ...], torch.Tensor | None] = {}
         self.n_params = count_params(models[0])
         self.model = GroupedDivita.from_models(models)
+        self.fused = centres_clips(self.device, cfg.precision) if fused is None else fused
+        if self.fused:
+            self.fused = self._warm_up(models[0], cfg.protocol)
+        self.model.use_fused(self.fused)
         # Each run's own optimiser and schedule, as Trainer's, over views of its slice of the batched
         # parameters: the update is torch's AdamW itself, in place in the batched tensors.
         for j, r in enumerate(self.runs):
@@ -167,6 +177,21 @@ class GroupTrainer:
             r.opt = torch.optim.AdamW(r.views, lr=c.lr, weight_decay=c.weight_decay, fused=True, amsgrad=c.amsgrad)
             r.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(r.opt, mode="min", factor=c.plateau_factor,
                                                                  patience=c.plateau_patience)
+
+    def _warm_up(self, like: torch.nn.Module, protocol: str) -> bool:
+        """Compile the fused chains for this group's streams (fused.warm_up); False, with a warning
+        saying why, where they cannot be."""
+        t0 = time.perf_counter()
+        streams = [m for m in like.modules() if isinstance(m, DivitaStream)]
+        dims = [s.norm.num_features for s in streams]
+        block = getattr(streams[0].temporal, "block", None)
+        after = None if block is None else block.dropout_at == "after_norm"
+        why = fused.warm_up(self.device, self.dtype, dims, after, masked=protocol != "authors")
+        if why:
+            log.warning("the group trains with eager elementwise code: its fused chains do not compile here (%s)", why)
+            return False
+        log.debug("fused chains compiled in %.1f s", time.perf_counter() - t0)
+        return True
 
     def _opt_step(self, js: list[int]) -> None:
         """Each of runs `js` steps its own optimiser on its slice of the batched gradients."""

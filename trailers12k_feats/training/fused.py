@@ -1,0 +1,144 @@
+"""Elementwise chains of a group's training step, each compiled into one pass (docs/speed.md).
+
+On the CPU a group's step in bf16 is bound by passes over its activations, not by its matmuls:
+in eager PyTorch every operation of a chain such as LayerNorm(x + y) * w + b followed by dropout
+reads and writes the whole (R, B, S, D) tensor, and converts bf16 to fp32 and back. Here three
+such chains are written once as plain functions and compiled by torch.compile (inductor), which
+turns each into one C++ loop over the elements for the forward and one or two for the backward:
+
+- `norm_chain`: residual add, LayerNorm, per-run affine and dropout, in either placement;
+- `moments`: a batch's per-feature sums and sums of squares, for the BatchNorm statistics;
+- `fold`: the BatchNorm scale and shift folded into the input projection's weight and bias.
+
+Inside a chain everything is computed in fp32 and rounded once at its end, where the eager code
+rounds after every operation. Compiling needs a C++ compiler; `warm_up` compiles every chain a
+group will call before its first step, and says why not where that fails, so that the group
+trains with the eager code instead. Shapes are dynamic: one compiled graph serves any number of
+runs, windows, clips and features (inductor keeps them on disk, so later processes load them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+
+def _norm_chain(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                keep: torch.Tensor | None, scale: float, after: bool) -> torch.Tensor:
+    R, D = x.shape[0], x.shape[-1]
+    w = weight.float().view(R, *([1] * (x.dim() - 2)), D)  # (R', 1, 1, D)
+    b = bias.float().view(R, *([1] * (x.dim() - 2)), D)  # (R', 1, 1, D)
+    y = y.float()  # (R', B, S, D)
+    if keep is not None and not after:  # "residual": dropout on the branch
+        y = y * keep.float() * scale
+    h = F.layer_norm(x.float() + y, (D,)) * w + b  # (R', B, S, D)
+    if keep is not None and after:  # "after_norm": dropout on the block's output
+        h = h * keep.float() * scale
+    return h.to(x.dtype)
+
+
+def _moments(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    xf = x.float()  # (R', B, S, F)
+    if mask is not None:
+        xf = xf * mask.unsqueeze(-1).float()  # padding -> 0
+    return xf.sum((1, 2)), (xf * xf).sum((1, 2))  # (R', F) each
+
+
+def _fold(weight: torch.Tensor, bias: torch.Tensor, bn_weight: torch.Tensor, bn_bias: torch.Tensor,
+          mean: torch.Tensor, var: torch.Tensor, eps: float,
+          dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = torch.rsqrt(var + eps) * bn_weight.unsqueeze(1)  # (R', 1, F)
+    folded = weight * scale  # (R', D, F)
+    shift = (weight * bn_bias.unsqueeze(1)).sum(2) - (folded * mean).sum(2)  # (R', D)
+    return folded.transpose(1, 2).to(dtype), bias + shift  # (R', F, D), (R', D)
+
+
+_compiled: dict[str, object] = {}
+
+
+def _chain(name: str):
+    if name not in _compiled:
+        _compiled[name] = torch.compile({"norm": _norm_chain, "moments": _moments, "fold": _fold}[name],
+                                        dynamic=True)
+    return _compiled[name]
+
+
+def norm_chain(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+               keep: torch.Tensor | None, scale: float, after: bool) -> torch.Tensor:
+    """LayerNorm over the last dim of x + y (R', B, S, D), times `weight` plus `bias` (R', D) of
+    each run, with dropout: `keep` (R', B, S, D) 1 or 0 (None: no dropout), kept units times
+    `scale`, on the block's output when `after` ("after_norm") else on y ("residual"). In x's dtype."""
+    return _chain("norm")(x, y, weight, bias, keep, scale, after)
+
+
+def moments(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum, sum of squares) over the clips of x (R', B, S, F) whose mask (R', B, S) is True (all
+    when None), each (R', F) in fp32."""
+    return _chain("moments")(x, mask)
+
+
+def fold(weight: torch.Tensor, bias: torch.Tensor, bn_weight: torch.Tensor, bn_bias: torch.Tensor,
+         mean: torch.Tensor, var: torch.Tensor, eps: float,
+         dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Linear (weight (R', D, F), bias (R', D)) after a BatchNorm (bn_weight, bn_bias (R', F);
+    batch or running mean and var (R', 1, F)) as one Linear: its weight transposed (R', F, D) in
+    `dtype` and its bias (R', D) in fp32. W s (x - mean) + W beta + b with s = bn_weight /
+    sqrt(var + eps) is (W s) x + (W beta - (W s) mean + b)."""
+    return _chain("fold")(weight, bias, bn_weight, bn_bias, mean, var, eps, dtype)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Torch's C++ toolchain logs that it found no CUDA runtime on a CPU machine; nothing is wrong."""
+    noisy = logging.getLogger("torch.utils.cpp_extension")
+    level = noisy.level
+    noisy.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        noisy.setLevel(level)
+
+
+def warm_up(device: torch.device, dtype: torch.dtype, dims: list[int], after: bool | None,
+            masked: bool) -> str | None:
+    """Compile every chain a group calls (training with gradients and evaluation without) on small
+    tensors of `dtype`: the BatchNorm+projection of streams of `dims` features, and the blocks'
+    norm chain with dropout after the norm (`after`) or on the branch (None: no block), with
+    masked batches or not. So no step waits for a compile or fails in one. None when all compiled
+    and ran, else why not (the group then trains with the eager code)."""
+    R, B, S, D = 2, 2, 3, 4
+    try:
+        with _quiet():
+            for train in (True, False):
+                with torch.set_grad_enabled(train):
+                    x = torch.randn(R, B, S, D, device=device, dtype=dtype)
+                    y = torch.randn(R, B, S, D, device=device, dtype=dtype, requires_grad=train)
+                    w = torch.ones(R, D, device=device, requires_grad=train)
+                    keep = torch.ones(R, B, S, D, device=device, dtype=dtype) if train else None
+                    out = y.float().sum()
+                    if after is not None:
+                        out = out + norm_chain(x, y, w, w, keep, 2.0, after).float().sum()
+                    for f in sorted(set(dims)):
+                        clips = torch.randn(R, B, S, f, device=device, dtype=dtype)
+                        if train:
+                            mask = torch.ones(R, B, S, dtype=torch.bool, device=device) if masked else None
+                            s, sq = moments(clips, mask)
+                            out = out + s.sum() + sq.sum()
+                        lin = torch.randn(R, D, f, device=device, requires_grad=train)
+                        bn = torch.ones(R, f, device=device, requires_grad=train)
+                        stats = torch.zeros(R, 1, f, device=device)
+                        wt, b = fold(lin, w, bn, bn, stats, stats + 1, 1e-5, dtype)
+                        out = out + wt.float().sum() + b.sum()
+                    if train:
+                        out.backward()
+                    if not math.isfinite(float(out.detach())):
+                        return "a compiled chain gave a non-finite result on finite inputs"
+    except Exception as e:  # noqa: BLE001 (no C++ compiler, or inductor cannot compile here: the eager code trains)
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else 'no message'}"
+    return None
