@@ -60,13 +60,26 @@ def _fold(weight: torch.Tensor, bias: torch.Tensor, bn_weight: torch.Tensor, bn_
 
 
 _compiled: dict[str, object] = {}
+# Graphs a chain may need: training and evaluation, one run or more, one window or more, with
+# dropout or mask or not. Past torch's default of 8, dynamo would run the chain uncompiled.
+RECOMPILE_LIMIT = 32
 
 
 def _chain(name: str):
     if name not in _compiled:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         _compiled[name] = torch.compile({"norm": _norm_chain, "moments": _moments, "fold": _fold}[name],
                                         dynamic=True)
     return _compiled[name]
+
+
+def _call(name: str, *args):
+    """The compiled chain `name` on `args`, outside autocast (a chain sets its own dtypes) and with
+    parameters passed as plain tensors, so that neither makes dynamo compile another graph."""
+    args = tuple(a.view(a.shape) if isinstance(a, torch.nn.Parameter) else a for a in args)
+    device = next(a for a in args if isinstance(a, torch.Tensor)).device.type
+    with torch.autocast(device, enabled=False):
+        return _chain(name)(*args)
 
 
 def norm_chain(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -74,13 +87,13 @@ def norm_chain(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: tor
     """LayerNorm over the last dim of x + y (R', B, S, D), times `weight` plus `bias` (R', D) of
     each run, with dropout: `keep` (R', B, S, D) 1 or 0 (None: no dropout), kept units times
     `scale`, on the block's output when `after` ("after_norm") else on y ("residual"). In x's dtype."""
-    return _chain("norm")(x, y, weight, bias, keep, scale, after)
+    return _call("norm", x, y, weight, bias, keep, scale, after)
 
 
 def moments(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum, sum of squares) over the clips of x (R', B, S, F) whose mask (R', B, S) is True (all
     when None), each (R', F) in fp32."""
-    return _chain("moments")(x, mask)
+    return _call("moments", x, mask)
 
 
 def fold(weight: torch.Tensor, bias: torch.Tensor, bn_weight: torch.Tensor, bn_bias: torch.Tensor,
@@ -90,7 +103,7 @@ def fold(weight: torch.Tensor, bias: torch.Tensor, bn_weight: torch.Tensor, bn_b
     batch or running mean and var (R', 1, F)) as one Linear: its weight transposed (R', F, D) in
     `dtype` and its bias (R', D) in fp32. W s (x - mean) + W beta + b with s = bn_weight /
     sqrt(var + eps) is (W s) x + (W beta - (W s) mean + b)."""
-    return _chain("fold")(weight, bias, bn_weight, bn_bias, mean, var, eps, dtype)
+    return _call("fold", weight, bias, bn_weight, bn_bias, mean, var, eps, dtype)
 
 
 @contextlib.contextmanager
@@ -112,28 +125,29 @@ def warm_up(device: torch.device, dtype: torch.dtype, dims: list[int], after: bo
     norm chain with dropout after the norm (`after`) or on the branch (None: no block), with
     masked batches or not. So no step waits for a compile or fails in one. None when all compiled
     and ran, else why not (the group then trains with the eager code)."""
-    R, B, S, D = 2, 2, 3, 4
+    R, B, S, D = 2, 3, 5, 7  # sizes all different and above 1: dynamo assumes nothing of the real ones
+
+    def param(*shape: int) -> torch.Tensor:
+        return torch.nn.Parameter(torch.randn(*shape, device=device), requires_grad=train)
+
     try:
         with _quiet():
             for train in (True, False):
                 with torch.set_grad_enabled(train):
-                    x = torch.randn(R, B, S, D, device=device, dtype=dtype)
+                    x = torch.randn(R, B, S, D, device=device, dtype=dtype, requires_grad=train)
                     y = torch.randn(R, B, S, D, device=device, dtype=dtype, requires_grad=train)
-                    w = torch.ones(R, D, device=device, requires_grad=train)
                     keep = torch.ones(R, B, S, D, device=device, dtype=dtype) if train else None
                     out = y.float().sum()
                     if after is not None:
-                        out = out + norm_chain(x, y, w, w, keep, 2.0, after).float().sum()
+                        out = out + norm_chain(x, y, param(R, D), param(R, D), keep, 2.0, after).float().sum()
                     for f in sorted(set(dims)):
                         clips = torch.randn(R, B, S, f, device=device, dtype=dtype)
                         if train:
                             mask = torch.ones(R, B, S, dtype=torch.bool, device=device) if masked else None
                             s, sq = moments(clips, mask)
                             out = out + s.sum() + sq.sum()
-                        lin = torch.randn(R, D, f, device=device, requires_grad=train)
-                        bn = torch.ones(R, f, device=device, requires_grad=train)
-                        stats = torch.zeros(R, 1, f, device=device)
-                        wt, b = fold(lin, w, bn, bn, stats, stats + 1, 1e-5, dtype)
+                        mean, var = torch.zeros(R, 1, f, device=device), torch.ones(R, 1, f, device=device)
+                        wt, b = fold(param(R, D, f), param(R, D), param(R, f), param(R, f), mean, var, 1e-5, dtype)
                         out = out + wt.float().sum() + b.sum()
                     if train:
                         out.backward()
