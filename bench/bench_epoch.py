@@ -1,7 +1,7 @@
 """Where an epoch of a Table 6 row goes: training and the validation pass, timed apart.
 
     python bench/bench_epoch.py [--data cache/synth] [--rows i_swin,i_resnet] [--epochs 2] [--threads 1]
-                                [--eval-block-mb 16,128] [--gathers both]
+                                [--eval-block-mb 16,128] [--gathers both] [--chains fused]
 
 For each row, builds the group `t12k reproduce` trains (the row's three splits, authors'
 protocol, the precision `auto` picks) on the corpus in `--data` (make one with `t12k synth`
@@ -10,7 +10,9 @@ GroupTrainer.evaluate("val"), and the validation pass again with evaluation bloc
 `--eval-block-mb` (protocols.EVAL_BLOCK_BYTES; 16 is the default), with the page faults each
 took. `--gathers`: where the group gathers its clips from, `float` (the features, converted to
 float32 and centred at each step), `centred` (a copy centred once, in bf16: the default
-in bf16 on the CPU) or `both`, timed one after the other, with their ratio.
+in bf16 on the CPU) or `both`, timed one after the other, with their ratio. `--chains`: the
+group's elementwise chains compiled (`fused`, training/fused.py: the default in bf16 on the
+CPU), run as eager code (`eager`), or `both`, with their ratio.
 `--threads 1` is what each row gets when reproduce trains one row per core.
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import logging
 import resource
 import time
@@ -48,6 +51,8 @@ def main() -> None:
     ap.add_argument("--eval-block-mb", default="16,128", help="evaluation block sizes to compare, in MB")
     ap.add_argument("--gathers", choices=("both", "float", "centred"), default="both",
                     help="gather clips from the features as float32, from a centred copy, or time both")
+    ap.add_argument("--chains", choices=("both", "fused", "eager"), default="fused",
+                    help="elementwise chains compiled, eager, or time both")
     args = ap.parse_args()
     setup_logging()
     logging.getLogger("trailers12k_feats").setLevel(logging.ERROR)
@@ -65,24 +70,35 @@ def main() -> None:
         if precision.precision != "bf16" and True in modes:
             print(f"{row}: centred gathers are for bf16; precision is {precision.precision}, so float gathers only")
             modes = (False,)
+        chains = {"both": (False, True), "eager": (False,), "fused": (True,)}[args.chains]
         times = {}
-        for centred in modes:
+        for centred, fused in itertools.product(modes, chains):
             t0 = time.perf_counter()
             group = GroupTrainer(cfgs, [_split_data(meta, sets, rows, c.split) for c in cfgs],
-                                 [f"{row} split{c.split}" for c in cfgs], centred=centred)
+                                 [f"{row} split{c.split}" for c in cfgs], centred=centred, fused=fused)
             print(f"{row}: group built in {time.perf_counter() - t0:.1f} s "
-                  f"({'the centred copy included' if centred else 'no copy'})")
-            times[centred] = time_group(group, row, args)
+                  f"({'the centred copy included' if centred else 'no copy'}"
+                  f"{', its chains compiled' if group.fused else ''})")
+            times[centred, group.fused] = time_group(group, row, args)
             del group
-        if len(times) == 2:
-            (tf, vf), (tc, vc) = times[False], times[True]
-            print(f"{row}: centred / float gathers: training {tf / tc:.2f}x, validation {vf / vc:.2f}x faster\n")
+        for fused in chains:
+            if (False, fused) in times and (True, fused) in times:
+                (tf, vf), (tc, vc) = times[False, fused], times[True, fused]
+                print(f"{row}: centred / float gathers ({'fused' if fused else 'eager'} chains): "
+                      f"training {tf / tc:.2f}x, validation {vf / vc:.2f}x faster")
+        for centred in modes:
+            if (centred, False) in times and (centred, True) in times:
+                (te, ve), (tc, vc) = times[centred, False], times[centred, True]
+                print(f"{row}: fused / eager chains ({'centred' if centred else 'float'} gathers): "
+                      f"training {te / tc:.2f}x, validation {ve / vc:.2f}x faster")
+        print()
 
 
 def time_group(group: GroupTrainer, row: str, args: argparse.Namespace) -> tuple[float, float]:
     """Time `args.epochs` epochs of `group` and its validation pass by block size; the last
     epoch's (training, validation) seconds."""
-    gathers = "centred" if group.offsets is not None else "float"
+    what = (f"{'centred' if group.offsets is not None else 'float'} gathers, "
+            f"{'fused' if group.fused else 'eager'} chains")
     dims = "+".join(str(d) for d in group.runs[0].data["train"].dims().values())
     for epoch in range(1, args.epochs + 1):
         t0 = time.perf_counter()
@@ -90,14 +106,14 @@ def time_group(group: GroupTrainer, row: str, args: argparse.Namespace) -> tuple
         t1 = time.perf_counter()
         group.evaluate("val")
         t2 = time.perf_counter()
-        print(f"{row} ({dims} dims, {len(group.runs)} runs, {gathers} gathers) epoch {epoch}: "
+        print(f"{row} ({dims} dims, {len(group.runs)} runs, {what}) epoch {epoch}: "
               f"train {t1 - t0:.2f} s, validation {t2 - t1:.2f} s")
     default = protocols.EVAL_BLOCK_BYTES
     for mb in (int(m) for m in args.eval_block_mb.split(",") if m):
         protocols.EVAL_BLOCK_BYTES = mb << 20
         f0, t3 = faults(), time.perf_counter()
         group.evaluate("val")
-        print(f"{row} ({gathers} gathers): validation with {mb} MB evaluation blocks "
+        print(f"{row} ({what}): validation with {mb} MB evaluation blocks "
               f"{time.perf_counter() - t3:.2f} s, {faults() - f0} page faults")
     protocols.EVAL_BLOCK_BYTES = default
     return t1 - t0, t2 - t1

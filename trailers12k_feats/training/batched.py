@@ -77,8 +77,8 @@ class RunTransformerBlock(nn.Module):
                  gens: list[torch.Generator] | None) -> torch.Tensor:
         """ln(x + y) with the block's dropout, after the norm or on y: (R', B, S, D)."""
         after = self.dropout_at == "after_norm"
-        if self.fused:
-            keep = run_keep(x, self.p, gens)  # (R', B, S, D), None in evaluation
+        if self.fused and self.training:
+            keep = run_keep(x, self.p, gens)  # (R', B, S, D)
             return fused.norm_chain(x, y, pick(ln.weight, idx), pick(ln.bias, idx), keep, 1.0 / (1.0 - self.p), after)
         if after:
             return run_dropout(ln(x + y, idx), self.p, gens)
@@ -172,8 +172,10 @@ class GroupedDivita(nn.Module):
         return {k: v[j].clone() for k, v in self.state_dict().items()}
 
     def use_fused(self, on: bool) -> None:
-        """Compute the BatchNorm statistics and fold, and each block's add, LayerNorm and dropout, as
-        compiled chains (training/fused.py; fused.warm_up compiles them first) or as eager code."""
+        """In training, compute the BatchNorm statistics and fold, and each block's add, LayerNorm
+        and dropout, as compiled chains (training/fused.py; fused.warm_up compiles them first) or
+        as eager code. Evaluation runs the eager code either way: measured, the chains did not
+        speed it up."""
         for m in self.modules():
             if isinstance(m, (RunBatchNorm, RunTransformerBlock)):
                 m.fused = on

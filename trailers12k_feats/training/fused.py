@@ -11,10 +11,12 @@ turns each into one C++ loop over the elements for the forward and one or two fo
 - `fold`: the BatchNorm scale and shift folded into the input projection's weight and bias.
 
 Inside a chain everything is computed in fp32 and rounded once at its end, where the eager code
-rounds after every operation. Compiling needs a C++ compiler; `warm_up` compiles every chain a
-group will call before its first step, and says why not where that fails, so that the group
-trains with the eager code instead. Shapes are dynamic: one compiled graph serves any number of
-runs, windows, clips and features (inductor keeps them on disk, so later processes load them).
+rounds after every operation. Only training steps use them (evaluation, without a backward
+pass, measured no faster). Compiling needs a C++ compiler; `warm_up` compiles the chains before a
+group's first step, and says why not where that fails, so that the group trains with the eager
+code instead. Shapes are dynamic: a compiled graph serves any number of runs, windows, clips and
+features above one (a step of one run, or of one window, gets a graph of its own when first met);
+inductor keeps the graphs on disk, so later processes load them instead of compiling.
 """
 
 from __future__ import annotations
@@ -60,8 +62,7 @@ def _fold(weight: torch.Tensor, bias: torch.Tensor, bn_weight: torch.Tensor, bn_
 
 
 _compiled: dict[str, object] = {}
-# Graphs a chain may need: training and evaluation, one run or more, one window or more, with
-# dropout or mask or not. Past torch's default of 8, dynamo would run the chain uncompiled.
+# Graphs a chain may need: one run or more, one window or more, with a mask or not. Past torch's default of 8, dynamo would run the chain uncompiled.
 RECOMPILE_LIMIT = 32
 
 
@@ -120,39 +121,34 @@ def _quiet():
 
 def warm_up(device: torch.device, dtype: torch.dtype, dims: list[int], after: bool | None,
             masked: bool) -> str | None:
-    """Compile every chain a group calls (training with gradients and evaluation without) on small
-    tensors of `dtype`: the BatchNorm+projection of streams of `dims` features, and the blocks'
-    norm chain with dropout after the norm (`after`) or on the branch (None: no block), with
-    masked batches or not. So no step waits for a compile or fails in one. None when all compiled
-    and ran, else why not (the group then trains with the eager code)."""
+    """Compile every chain a group's training steps call, forward and backward, on small tensors
+    of `dtype`: the BatchNorm and projection of streams of `dims` features, with masked batches
+    or not, and the blocks' norm chain with dropout after the norm (`after`) or on the branch
+    (None: no block). So the first step waits for no compile and fails in none. None when all
+    compiled and ran, else why not (the group then trains with the eager code)."""
     R, B, S, D = 2, 3, 5, 7  # sizes all different and above 1: dynamo assumes nothing of the real ones
 
     def param(*shape: int) -> torch.Tensor:
-        return torch.nn.Parameter(torch.randn(*shape, device=device), requires_grad=train)
+        return torch.nn.Parameter(torch.randn(*shape, device=device))
 
     try:
         with _quiet():
-            for train in (True, False):
-                with torch.set_grad_enabled(train):
-                    x = torch.randn(R, B, S, D, device=device, dtype=dtype, requires_grad=train)
-                    y = torch.randn(R, B, S, D, device=device, dtype=dtype, requires_grad=train)
-                    keep = torch.ones(R, B, S, D, device=device, dtype=dtype) if train else None
-                    out = y.float().sum()
-                    if after is not None:
-                        out = out + norm_chain(x, y, param(R, D), param(R, D), keep, 2.0, after).float().sum()
-                    for f in sorted(set(dims)):
-                        clips = torch.randn(R, B, S, f, device=device, dtype=dtype)
-                        if train:
-                            mask = torch.ones(R, B, S, dtype=torch.bool, device=device) if masked else None
-                            s, sq = moments(clips, mask)
-                            out = out + s.sum() + sq.sum()
-                        mean, var = torch.zeros(R, 1, f, device=device), torch.ones(R, 1, f, device=device)
-                        wt, b = fold(param(R, D, f), param(R, D), param(R, f), param(R, f), mean, var, 1e-5, dtype)
-                        out = out + wt.float().sum() + b.sum()
-                    if train:
-                        out.backward()
-                    if not math.isfinite(float(out.detach())):
-                        return "a compiled chain gave a non-finite result on finite inputs"
+            x = torch.randn(R, B, S, D, device=device, dtype=dtype, requires_grad=True)
+            y = torch.randn(R, B, S, D, device=device, dtype=dtype, requires_grad=True)
+            keep = torch.ones(R, B, S, D, device=device, dtype=dtype)
+            out = y.float().sum()
+            if after is not None:
+                out = out + norm_chain(x, y, param(R, D), param(R, D), keep, 2.0, after).float().sum()
+            for f in sorted(set(dims)):
+                clips = torch.randn(R, B, S, f, device=device, dtype=dtype)
+                mask = torch.ones(R, B, S, dtype=torch.bool, device=device) if masked else None
+                total, squares = moments(clips, mask)
+                mean, var = torch.zeros(R, 1, f, device=device), torch.ones(R, 1, f, device=device)
+                wt, b = fold(param(R, D, f), param(R, D), param(R, f), param(R, f), mean, var, 1e-5, dtype)
+                out = out + total.sum() + squares.sum() + wt.float().sum() + b.sum()
+            out.backward()
+            if not math.isfinite(float(out.detach())):
+                return "a compiled chain gave a non-finite result on finite inputs"
     except Exception as e:  # noqa: BLE001 (no C++ compiler, or inductor cannot compile here: the eager code trains)
         return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else 'no message'}"
     return None

@@ -108,8 +108,8 @@ class RunLayerNorm(nn.Module):
 class RunBatchNorm(nn.Module):
     """R heads.MaskedBatchNorm1d layers: per-run batch statistics of real clips, running statistics
     (R, F) and num_batches_tracked (R,); parameter and buffer names are BatchNorm1d's own.
-    `fused` (set by GroupedDivita.use_fused): offset clips' statistics and the fold into the
-    projection as compiled chains (fused.moments, fused.fold)."""
+    `fused` (set by GroupedDivita.use_fused): in training, offset clips' statistics and the fold
+    into the projection as compiled chains (fused.moments, fused.fold)."""
 
     fused = False
 
@@ -203,7 +203,7 @@ class RunBatchNorm(nn.Module):
         matmul reads x as it is and the centring moves into the bias, W s (x + offset - mu) =
         W s x - W s (mu - offset), so a step makes no pass over the clips but their statistics."""
         R, B, S, F_ = x.shape
-        if offset is not None and self.fused:
+        if offset is not None and self.fused and self.training:
             with torch.autocast(x.device.type, enabled=False):
                 mean, var = self.offset_stats(x, offset, mask, idx)  # (R', 1, F) each, fp32
                 weight, bias = fused.fold(pick(linear.weight, idx), pick(linear.bias, idx), pick(self.weight, idx),
