@@ -93,8 +93,8 @@ def test_a_fused_group_computes_what_the_eager_group_does(fusion, dropout_at):
         torch.testing.assert_close(comp.state_dict()[k], v, rtol=0, atol=1e-5, msg=k)
     eager.eval(), comp.eval()
     idx = torch.tensor([2, 0])
-    args = dict(ix=(ix - off["image"])[idx], vx=(vx - off["video"])[idx], ix_mask=mask[idx], vx_mask=mask[idx],
-                idx=idx, offsets=off)
+    args = {"ix": (ix - off["image"])[idx], "vx": (vx - off["video"])[idx], "ix_mask": mask[idx],
+            "vx_mask": mask[idx], "idx": idx, "offsets": off}
     torch.testing.assert_close(comp(**args), eager(**args), rtol=0, atol=1e-5)
 
 
@@ -115,5 +115,6 @@ def test_a_group_whose_chains_do_not_compile_says_so_and_trains_eager(tmp_path, 
     with caplog.at_level(logging.WARNING):
         group = grouped_mod.GroupTrainer(cfgs, [_split_data(meta, sets, rows, c.split) for c in cfgs], ["a", "b"])
     assert group.fused is False
-    assert "eager elementwise code" in caplog.text and "RuntimeError: Compiler: g++ not found" in caplog.text
+    assert "a: the group's elementwise chains do not compile here (RuntimeError: Compiler: g++ not found)" in caplog.text
+    assert "trains with the eager elementwise code" in caplog.text
     assert all(np.isfinite(group.train_epoch(1)))  # trains without calling a chain

@@ -3,7 +3,7 @@
 `GroupedDivita.from_models` stacks R `heads.Divita` models (same streams, dims, temporal
 module, fusion, dropout placement) into one module whose state_dict keys are Divita's own,
 each tensor with a leading (R, ...) dim, so `run_state(j)` is a Divita state_dict again.
-Every layer is one batched matmul over the runs (`run_matmul`: torch.bmm / baddbmm; one
+Every layer is one batched matmul over the runs (run_layers.run_matmul: torch.bmm / baddbmm; one
 matmul per run in fp32 on the CPU), so R runs cost one set of kernel launches instead of R
 and each kernel has R times the work to share among threads. Inputs are (R', B, S, F) with
 masks (R', B, S), or mask None where every clip is real (the authors' protocol trains only

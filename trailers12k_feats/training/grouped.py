@@ -188,7 +188,9 @@ class GroupTrainer:
         after = None if block is None else block.dropout_at == "after_norm"
         why = fused.warm_up(self.device, self.dtype, dims, after, masked=protocol != "authors")
         if why:
-            log.warning("the group trains with eager elementwise code: its fused chains do not compile here (%s)", why)
+            log.warning("%s: the group's elementwise chains do not compile here (%s), so it trains with the "
+                        "eager elementwise code, slower; torch.compile needs a C++ compiler (g++) to build them",
+                        self.runs[0].desc, why)
             return False
         log.debug("fused chains compiled in %.1f s", time.perf_counter() - t0)
         return True

@@ -172,7 +172,8 @@ class RunBatchNorm(nn.Module):
         clips stored less `offset` (F,): the batch statistics of the real clips in training
         (updating the running ones in the clips' own coordinates), the running ones in eval.
         x is never converted whole: each window's sums (over its S clips) are taken in x's dtype,
-        which accumulates in fp32 and rounds once, and the B windows' sums are added in fp32."""
+        which accumulates in fp32 and rounds once, and the B windows' sums are added in fp32; with
+        `fused`, one compiled pass sums every clip in fp32 (fused.moments)."""
         R, B, S, _ = x.shape
         if not self.training:
             mean, var = pick(self.running_mean, idx), pick(self.running_var, idx)  # (R', F)
