@@ -79,7 +79,8 @@ class RunTransformerBlock(nn.Module):
         after = self.dropout_at == "after_norm"
         if self.fused and self.training:
             keep = run_keep(x, self.p, gens)  # (R', B, S, D)
-            return fused.norm_chain(x, y, pick(ln.weight, idx), pick(ln.bias, idx), keep, 1.0 / (1.0 - self.p), after)
+            return fused.norm_chain(x, y, pick(ln.weight, idx), pick(ln.bias, idx), keep, 1.0 / (1.0 - self.p), after,
+                                    ln.eps)
         if after:
             return run_dropout(ln(x + y, idx), self.p, gens)
         return ln(x + run_dropout(y, self.p, gens), idx)

@@ -28,18 +28,16 @@ import math
 import torch
 import torch.nn.functional as F
 
-log = logging.getLogger(__name__)
-
 
 def _norm_chain(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                keep: torch.Tensor | None, scale: float, after: bool) -> torch.Tensor:
+                keep: torch.Tensor | None, scale: float, after: bool, eps: float = 1e-5) -> torch.Tensor:
     R, D = x.shape[0], x.shape[-1]
     w = weight.float().view(R, *([1] * (x.dim() - 2)), D)  # (R', 1, 1, D)
     b = bias.float().view(R, *([1] * (x.dim() - 2)), D)  # (R', 1, 1, D)
     y = y.float()  # (R', B, S, D)
     if keep is not None and not after:  # "residual": dropout on the branch
         y = y * keep.float() * scale
-    h = F.layer_norm(x.float() + y, (D,)) * w + b  # (R', B, S, D)
+    h = F.layer_norm(x.float() + y, (D,), eps=eps) * w + b  # (R', B, S, D)
     if keep is not None and after:  # "after_norm": dropout on the block's output
         h = h * keep.float() * scale
     return h.to(x.dtype)
@@ -62,7 +60,8 @@ def _fold(weight: torch.Tensor, bias: torch.Tensor, bn_weight: torch.Tensor, bn_
 
 
 _compiled: dict[str, object] = {}
-# Graphs a chain may need: one run or more, one window or more, with a mask or not. Past torch's default of 8, dynamo would run the chain uncompiled.
+# Graphs a chain may need: one run or more, one window or more, with a mask or not. Past
+# torch's default of 8, dynamo would run the chain uncompiled.
 RECOMPILE_LIMIT = 32
 
 
@@ -84,11 +83,11 @@ def _call(name: str, *args):
 
 
 def norm_chain(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-               keep: torch.Tensor | None, scale: float, after: bool) -> torch.Tensor:
-    """LayerNorm over the last dim of x + y (R', B, S, D), times `weight` plus `bias` (R', D) of
+               keep: torch.Tensor | None, scale: float, after: bool, eps: float = 1e-5) -> torch.Tensor:
+    """LayerNorm (`eps`) over the last dim of x + y (R', B, S, D), times `weight` plus `bias` (R', D) of
     each run, with dropout: `keep` (R', B, S, D) 1 or 0 (None: no dropout), kept units times
     `scale`, on the block's output when `after` ("after_norm") else on y ("residual"). In x's dtype."""
-    return _call("norm", x, y, weight, bias, keep, scale, after)
+    return _call("norm", x, y, weight, bias, keep, scale, after, eps)
 
 
 def moments(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
