@@ -204,22 +204,19 @@ class RunBatchNorm(nn.Module):
         matmul reads x as it is and the centring moves into the bias, W s (x + offset - mu) =
         W s x - W s (mu - offset), so a step makes no pass over the clips but their statistics."""
         R, B, S, F_ = x.shape
-        if offset is not None and self.fused and self.training:
-            with torch.autocast(x.device.type, enabled=False):
-                mean, var = self.offset_stats(x, offset, mask, idx)  # (R', 1, F) each, fp32
-                weight, bias = fused.fold(pick(linear.weight, idx), pick(linear.bias, idx), pick(self.weight, idx),
-                                          pick(self.bias, idx), mean, var, self.eps, x.dtype)  # (R', F, D), (R', D)
-            y = run_matmul(x.reshape(R, B * S, F_), weight, bias)  # (R', B*S, D)
-            return y.reshape(R, B, S, -1)  # (R', B, S, D)
         if offset is not None:
             with torch.autocast(x.device.type, enabled=False):
                 mean, var = self.offset_stats(x, offset, mask, idx)  # (R', 1, F) each, fp32
-                scale = torch.rsqrt(var + self.eps) * pick(self.weight, idx).unsqueeze(1)  # (R', 1, F)
-                weight = pick(linear.weight, idx) * scale  # (R', D, F)
-                shift = torch.bmm(pick(linear.weight, idx), pick(self.bias, idx).unsqueeze(2))  # (R', D, 1)
-                shift = shift - torch.bmm(weight, mean.transpose(1, 2))  # (R', D, 1)
-                bias = pick(linear.bias, idx) + shift.squeeze(2)  # (R', D)
-            y = run_matmul(x.reshape(R, B * S, F_), weight.transpose(1, 2), bias)  # (R', B*S, D)
+                if self.fused and self.training:  # one compiled pass (fused.fold)
+                    weight, bias = fused.fold(pick(linear.weight, idx), pick(linear.bias, idx), pick(self.weight, idx),
+                                              pick(self.bias, idx), mean, var, self.eps, x.dtype)  # (R', F, D), (R', D)
+                else:
+                    scale = torch.rsqrt(var + self.eps) * pick(self.weight, idx).unsqueeze(1)  # (R', 1, F)
+                    folded = pick(linear.weight, idx) * scale  # (R', D, F)
+                    shift = torch.bmm(pick(linear.weight, idx), pick(self.bias, idx).unsqueeze(2))  # (R', D, 1)
+                    shift = shift - torch.bmm(folded, mean.transpose(1, 2))  # (R', D, 1)
+                    weight, bias = folded.transpose(1, 2), pick(linear.bias, idx) + shift.squeeze(2)  # (R', F, D), (R', D)
+            y = run_matmul(x.reshape(R, B * S, F_), weight, bias)  # (R', B*S, D)
             return y.reshape(R, B, S, -1)  # (R', B, S, D)
         xc, var = self.centre(x, mask, idx)  # (R', B, S, F) in the matmul's dtype, (R', 1, F)
         scale = torch.rsqrt(var + self.eps) * pick(self.weight, idx).unsqueeze(1)  # (R', 1, F)
