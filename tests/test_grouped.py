@@ -16,11 +16,11 @@ from cli import main
 from trailers12k_feats.training import grouped as grouped_mod
 from trailers12k_feats.training import reproduce as rep_mod
 from trailers12k_feats.training.batched import GroupedDivita
-from trailers12k_feats.training.run_layers import RunBatchNorm
 from trailers12k_feats.training.data import centred_table, load_metadata
 from trailers12k_feats.training.grouped import group_problem, train_group
 from trailers12k_feats.training.heads import build_divita, set_dropout_generator
 from trailers12k_feats.training.reproduce import ReproduceConfig, reproduce
+from trailers12k_feats.training.run_layers import RunBatchNorm
 from trailers12k_feats.training.train import (
     TrainConfig,
     _split_data,
@@ -195,6 +195,37 @@ def test_a_group_gathering_centred_clips_trains_as_one_gathering_the_clips(toy, 
             assert val_b[j][0] == pytest.approx(val_a[j][0], abs=3e-3)
         for k in ("image.norm.running_mean", "image.norm.running_var", "video.norm.running_mean"):
             torch.testing.assert_close(state_b[k], state_a[k], rtol=1e-2, atol=1e-2, msg=k)
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_the_group_steps_each_run_as_its_own_adamw_does(toy, amsgrad):
+    meta, sets, rows = load(toy)
+    cfgs = [TrainConfig(split=s, seed=s, amsgrad=amsgrad, weight_decay=0.01 * (s + 1), **TOY) for s in (0, 1, 2)]
+    group = grouped_mod.GroupTrainer(cfgs, [_split_data(meta, sets, rows, c.split) for c in cfgs], ["a", "b", "c"])
+    params = list(group.model.parameters())
+    refs = [[p.detach()[j].clone().requires_grad_() for p in params] for j in range(3)]
+    opts = [torch.optim.AdamW(ref, lr=c.lr, weight_decay=c.weight_decay, fused=True, amsgrad=amsgrad)
+            for ref, c in zip(refs, cfgs)]
+    gen = torch.Generator().manual_seed(0)
+    for step in range(4):
+        if step == 2:  # runs 0 and 2 share a learning rate, run 1 has its own: two calls
+            group.runs[1].opt.param_groups[0]["lr"] = opts[1].param_groups[0]["lr"] = 1e-2
+        js = [0, 1, 2] if step != 3 else [2, 0]  # a step of some of the runs
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        for j in js:
+            for ref, p in zip(refs[j], params):
+                ref.grad = p.grad[j].clone()
+            opts[j].step()
+        group._opt_step(js)
+        assert all(p.grad is None for p in params)
+        for j in range(3):
+            for ref, p in zip(refs[j], params):
+                assert torch.equal(p.detach()[j], ref.detach())  # bit for bit
+    for j in range(3):  # and the state a run carries on with
+        for v, ref in zip(group.runs[j].views, refs[j]):
+            for k, t in opts[j].state[ref].items():
+                assert torch.equal(group.runs[j].opt.state[v][k], t), k
 
 
 def test_group_problem():

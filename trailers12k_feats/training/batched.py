@@ -41,8 +41,8 @@ BATCHED_TEMPORAL = ("tsfm", "savg", "conv")
 
 class RunTransformerBlock(nn.Module):
     """R heads.TransformerBlock layers (either dropout placement). `fused` (set by
-    GroupedDivita.use_fused): each residual add, LayerNorm and dropout as one compiled chain
-    (fused.norm_chain), the dropout masks drawn as run_dropout draws them."""
+    GroupedDivita.use_fused): in training, the whole block as one compiled graph (fused.block),
+    its dropout masks drawn as run_dropout draws them."""
 
     fused = False
 
@@ -57,6 +57,14 @@ class RunTransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, idx: torch.Tensor | None,
                 gens: list[torch.Generator] | None) -> torch.Tensor:
+        if self.fused and self.training:
+            # both masks drawn first: nothing else draws from the runs' generators in between
+            keep1, keep2 = run_keep(x, self.p, gens), run_keep(x, self.p, gens)  # (R', B, S, D) each
+            weights = [pick(w, idx) for w in (self.qkv.weight, self.proj.weight, self.ff[0].weight, self.ff[0].bias,
+                                              self.ff[2].weight, self.ff[2].bias, self.ln1.weight, self.ln1.bias,
+                                              self.ln2.weight, self.ln2.bias)]
+            return fused.block(x, weights, keep1, keep2, mask, self.heads, 1.0 / (1.0 - self.p),
+                               self.dropout_at == "after_norm", self.ln1.eps)  # (R', B, S, D)
         R, B, S, D = x.shape
         hd = D // self.heads
         qkv = self.qkv(x, idx).view(R * B, S, 3, self.heads, hd)  # runs and batch as one batch dim
@@ -76,12 +84,7 @@ class RunTransformerBlock(nn.Module):
     def add_norm(self, x: torch.Tensor, y: torch.Tensor, ln: RunLayerNorm, idx: torch.Tensor | None,
                  gens: list[torch.Generator] | None) -> torch.Tensor:
         """ln(x + y) with the block's dropout, after the norm or on y: (R', B, S, D)."""
-        after = self.dropout_at == "after_norm"
-        if self.fused and self.training:
-            keep = run_keep(x, self.p, gens)  # (R', B, S, D)
-            return fused.norm_chain(x, y, pick(ln.weight, idx), pick(ln.bias, idx), keep, 1.0 / (1.0 - self.p), after,
-                                    ln.eps)
-        if after:
+        if self.dropout_at == "after_norm":
             return run_dropout(ln(x + y, idx), self.p, gens)
         return ln(x + run_dropout(y, self.p, gens), idx)
 
@@ -173,10 +176,9 @@ class GroupedDivita(nn.Module):
         return {k: v[j].clone() for k, v in self.state_dict().items()}
 
     def use_fused(self, on: bool) -> None:
-        """In training, compute the BatchNorm statistics and fold, and each block's add, LayerNorm
-        and dropout, as compiled chains (training/fused.py; fused.warm_up compiles them first) or
-        as eager code. Evaluation runs the eager code either way: measured, the chains did not
-        speed it up."""
+        """In training, compute the BatchNorm statistics and fold, and each transformer block, as
+        compiled code (training/fused.py; fused.warm_up compiles it first) or as eager code.
+        Evaluation runs the eager code either way: measured, the chains did not speed it up."""
         for m in self.modules():
             if isinstance(m, (RunBatchNorm, RunTransformerBlock)):
                 m.fused = on

@@ -1,22 +1,26 @@
-"""Elementwise chains of a group's training step, each compiled into one pass (docs/speed.md).
+"""Compiled parts of a group's training step, each one C++ loop per chain (docs/speed.md).
 
 On the CPU a group's step in bf16 is bound by passes over its activations, not by its matmuls:
 in eager PyTorch every operation of a chain such as LayerNorm(x + y) * w + b followed by dropout
 reads and writes the whole (R, B, S, D) tensor, and converts bf16 to fp32 and back. Here three
-such chains are written once as plain functions and compiled by torch.compile (inductor), which
-turns each into one C++ loop over the elements for the forward and one or two for the backward:
+parts are written once as plain functions and compiled by torch.compile (inductor), which fuses
+each chain of elementwise operations into one loop for the forward and one or two for the
+backward, and leaves the matmuls to the same batched kernels as the eager code:
 
-- `norm_chain`: residual add, LayerNorm, per-run affine and dropout, in either placement;
+- `block`: a transformer block of each run (heads.TransformerBlock), attention, feed-forward,
+  residual adds, LayerNorms and dropout in either placement (`_norm_chain`);
 - `moments`: a batch's per-feature sums and sums of squares, for the BatchNorm statistics;
 - `fold`: the BatchNorm scale and shift folded into the input projection's weight and bias.
 
 Inside a chain everything is computed in fp32 and rounded once at its end, where the eager code
 rounds after every operation. Only training steps use them (evaluation, without a backward
-pass, measured no faster). Compiling needs a C++ compiler; `warm_up` compiles the chains before a
+pass, measured no faster). Compiling needs a C++ compiler; `warm_up` compiles the parts before a
 group's first step, and says why not where that fails, so that the group trains with the eager
-code instead. Shapes are dynamic: a compiled graph serves any number of runs, windows, clips and
-features above one (a step of one run, or of one window, gets a graph of its own when first met);
-inductor keeps the graphs on disk, so later processes load them instead of compiling.
+code instead. The block's graph is compiled for its width, heads and window, and serves any
+number of runs and windows above one (a step of one run, or of one window, gets a graph of its
+own when first met): its inner loops then run over sizes known when compiling, which measured
+twice as fast as loops over sizes that are not. `moments` and `fold` serve any shape. Inductor
+keeps the graphs on disk, so later processes load them instead of compiling.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +46,27 @@ def _norm_chain(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: to
     if keep is not None and after:  # "after_norm": dropout on the block's output
         h = h * keep.float() * scale
     return h.to(x.dtype)
+
+
+def _block(x: torch.Tensor, qkv: torch.Tensor, proj: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
+           w2: torch.Tensor, b2: torch.Tensor, ln1_w: torch.Tensor, ln1_b: torch.Tensor, ln2_w: torch.Tensor,
+           ln2_b: torch.Tensor, keep1: torch.Tensor | None, keep2: torch.Tensor | None, mask: torch.Tensor | None,
+           heads: int, scale: float, after: bool, eps: float) -> torch.Tensor:
+    R, B, S, D = x.shape
+    hd = D // heads
+
+    def linear(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        w = w.to(x.dtype).transpose(1, 2)  # (R', in, out): each run's nn.Linear weight, as autocast casts it
+        return torch.bmm(h, w) if b is None else torch.baddbmm(b.to(x.dtype).unsqueeze(1), h, w)  # (R', N, out)
+
+    q, k, v = linear(x.reshape(R, B * S, D), qkv).view(R * B, S, 3, heads, hd).permute(2, 0, 3, 1, 4)  # 3x (R'B, H, S, hd)
+    scores = (q @ k.transpose(-1, -2)).float() * hd**-0.5  # (R'B, H, S, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask.reshape(R * B, 1, 1, S), float("-inf"))
+    att = (scores.softmax(-1).to(x.dtype) @ v).transpose(1, 2).reshape(R, B * S, D)  # (R', B*S, D)
+    x = _norm_chain(x, linear(att, proj).view(R, B, S, D), ln1_w, ln1_b, keep1, scale, after, eps)  # (R', B, S, D)
+    h = F.relu(linear(x.reshape(R, B * S, D), w1, b1))  # (R', B*S, FF)
+    return _norm_chain(x, linear(h, w2, b2).view(R, B, S, D), ln2_w, ln2_b, keep2, scale, after, eps)
 
 
 def _moments(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,26 +94,42 @@ RECOMPILE_LIMIT = 32
 def _chain(name: str):
     if name not in _compiled:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-        _compiled[name] = torch.compile({"norm": _norm_chain, "moments": _moments, "fold": _fold}[name],
-                                        dynamic=True)
+        # the block's sizes are static but for the dims block() marks: see the module's docstring
+        _compiled[name] = torch.compile({"block": _block, "moments": _moments, "fold": _fold}[name],
+                                        dynamic=name != "block")
     return _compiled[name]
+
+
+def _plain(args: tuple) -> tuple:
+    """Parameters as plain tensors (views), others as they are."""
+    return tuple(a.view(a.shape) if isinstance(a, torch.nn.Parameter) else a for a in args)
 
 
 def _call(name: str, *args):
     """The compiled chain `name` on `args`, outside autocast (a chain sets its own dtypes) and with
     parameters passed as plain tensors, so that neither makes dynamo compile another graph."""
-    args = tuple(a.view(a.shape) if isinstance(a, torch.nn.Parameter) else a for a in args)
+    args = _plain(args)
     device = next(a for a in args if isinstance(a, torch.Tensor)).device.type
     with torch.autocast(device, enabled=False):
         return _chain(name)(*args)
 
 
-def norm_chain(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-               keep: torch.Tensor | None, scale: float, after: bool, eps: float = 1e-5) -> torch.Tensor:
-    """LayerNorm (`eps`) over the last dim of x + y (R', B, S, D), times `weight` plus `bias` (R', D) of
-    each run, with dropout: `keep` (R', B, S, D) 1 or 0 (None: no dropout), kept units times
-    `scale`, on the block's output when `after` ("after_norm") else on y ("residual"). In x's dtype."""
-    return _call("norm", x, y, weight, bias, keep, scale, after, eps)
+def block(x: torch.Tensor, weights: Sequence[torch.Tensor], keep1: torch.Tensor | None, keep2: torch.Tensor | None,
+          mask: torch.Tensor | None, heads: int, scale: float, after: bool, eps: float) -> torch.Tensor:
+    """A heads.TransformerBlock of each run on x (R', B, S, D), its matmuls in x's dtype: `weights`
+    are the runs' qkv, proj, ff.0 weight and bias, ff.2 weight and bias, ln1 weight and bias, ln2
+    weight and bias, each (R', ...); `mask` (R', B, S) hides padded keys (None: every clip real);
+    each LayerNorm (`eps`) output, or with `after` False each sub-layer's branch, is dropped where
+    keep1 (first) or keep2 (second) is 0 (R', B, S, D; None: no dropout), kept units times `scale`."""
+    x, *weights, keep1, keep2, mask = _plain((x, *weights, keep1, keep2, mask))
+    # the number of runs and of windows as sizes of any value above one; every other size static
+    for t in (x, keep1, keep2, mask):
+        if t is not None:
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+            torch._dynamo.maybe_mark_dynamic(t, 1)
+    for w in weights:
+        torch._dynamo.maybe_mark_dynamic(w, 0)
+    return _call("block", x, *weights, keep1, keep2, mask, heads, scale, after, eps)
 
 
 def moments(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,12 +160,12 @@ def _quiet():
         noisy.setLevel(level)
 
 
-def warm_up(device: torch.device, dtype: torch.dtype, dims: list[int], after: bool | None,
+def warm_up(device: torch.device, dtype: torch.dtype, dims: list[int], like: torch.nn.Module | None, window: int,
             masked: bool) -> str | None:
-    """Compile every chain a group's training steps call, forward and backward, on small tensors
+    """Compile every part a group's training steps call, forward and backward, on small tensors
     of `dtype`: the BatchNorm and projection of streams of `dims` features, with masked batches
-    or not, and the blocks' norm chain with dropout after the norm (`after`) or on the branch
-    (None: no block). So the first step waits for no compile and fails in none. None when all
+    or not, and the block shaped as `like` (a heads.TransformerBlock; None: no block) on windows of
+    `window` clips. So the first step waits for no compile and fails in none. None when all
     compiled and ran, else why not (the group then trains with the eager code)."""
     R, B, S, D = 2, 3, 5, 7  # sizes all different and above 1: dynamo assumes nothing of the real ones
 
@@ -132,16 +174,20 @@ def warm_up(device: torch.device, dtype: torch.dtype, dims: list[int], after: bo
 
     try:
         with _quiet():
-            x = torch.randn(R, B, S, D, device=device, dtype=dtype, requires_grad=True)
-            y = torch.randn(R, B, S, D, device=device, dtype=dtype, requires_grad=True)
-            keep = torch.ones(R, B, S, D, device=device, dtype=dtype)
-            out = y.float().sum()
-            if after is not None:
-                out = out + norm_chain(x, y, param(R, D), param(R, D), keep, 2.0, after).float().sum()
+            out = torch.zeros((), device=device)
+            mask = torch.ones(R, B, window, dtype=torch.bool, device=device) if masked else None
+            if like is not None:
+                d, ff = like.ln1.normalized_shape[0], like.ff[0].out_features
+                x = torch.randn(R, B, window, d, device=device, dtype=dtype, requires_grad=True)
+                keep = torch.ones(R, B, window, d, device=device, dtype=dtype)
+                weights = [param(R, 3 * d, d), param(R, d, d), param(R, ff, d), param(R, ff), param(R, d, ff), param(R, d),
+                           param(R, d), param(R, d), param(R, d), param(R, d)]
+                y = block(x, weights, keep, keep, mask, like.heads, 2.0, like.dropout_at == "after_norm", 1e-5)
+                out = out + y.float().sum()
             for f in sorted(set(dims)):
                 clips = torch.randn(R, B, S, f, device=device, dtype=dtype)
-                mask = torch.ones(R, B, S, dtype=torch.bool, device=device) if masked else None
-                total, squares = moments(clips, mask)
+                m = torch.ones(R, B, S, dtype=torch.bool, device=device) if masked else None
+                total, squares = moments(clips, m)
                 mean, var = torch.zeros(R, 1, f, device=device), torch.ones(R, 1, f, device=device)
                 wt, b = fold(param(R, D, f), param(R, D), param(R, f), param(R, f), mean, var, 1e-5, dtype)
                 out = out + total.sum() + squares.sum() + wt.float().sum() + b.sum()
