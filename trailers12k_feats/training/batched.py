@@ -41,8 +41,8 @@ BATCHED_TEMPORAL = ("tsfm", "savg", "conv")
 
 class RunTransformerBlock(nn.Module):
     """R heads.TransformerBlock layers (either dropout placement). `fused` (set by
-    GroupedDivita.use_fused): in training, the whole block as one compiled graph (fused.block),
-    its dropout masks drawn as run_dropout draws them."""
+    GroupedDivita.use_fused): the whole block as one compiled graph (fused.block), its dropout
+    masks in training drawn as run_dropout draws them."""
 
     fused = False
 
@@ -57,9 +57,9 @@ class RunTransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, idx: torch.Tensor | None,
                 gens: list[torch.Generator] | None) -> torch.Tensor:
-        if self.fused and self.training:
+        if self.fused:
             # both masks drawn first: nothing else draws from the runs' generators in between
-            keep1, keep2 = run_keep(x, self.p, gens), run_keep(x, self.p, gens)  # (R', B, S, D) each
+            keep1, keep2 = run_keep(x, self.p, gens), run_keep(x, self.p, gens)  # (R', B, S, D) each, None in eval
             weights = [pick(w, idx) for w in (self.qkv.weight, self.proj.weight, self.ff[0].weight, self.ff[0].bias,
                                               self.ff[2].weight, self.ff[2].bias, self.ln1.weight, self.ln1.bias,
                                               self.ln2.weight, self.ln2.bias)]
@@ -176,9 +176,8 @@ class GroupedDivita(nn.Module):
         return {k: v[j].clone() for k, v in self.state_dict().items()}
 
     def use_fused(self, on: bool) -> None:
-        """In training, compute the BatchNorm statistics and fold, and each transformer block, as
-        compiled code (training/fused.py; fused.warm_up compiles it first) or as eager code.
-        Evaluation runs the eager code either way: measured, the chains did not speed it up."""
+        """Compute each transformer block, and in training the BatchNorm statistics and fold, as
+        compiled code (training/fused.py; fused.warm_up compiles it first) or as eager code."""
         for m in self.modules():
             if isinstance(m, (RunBatchNorm, RunTransformerBlock)):
                 m.fused = on

@@ -13,8 +13,8 @@ backward, and leaves the matmuls to the same batched kernels as the eager code:
 - `fold`: the BatchNorm scale and shift folded into the input projection's weight and bias.
 
 Inside a chain everything is computed in fp32 and rounded once at its end, where the eager code
-rounds after every operation. Only training steps use them (evaluation, without a backward
-pass, measured no faster). Compiling needs a C++ compiler; `warm_up` compiles the parts before a
+rounds after every operation. Training steps use all three, evaluation the block (the other two
+compute batch statistics). Compiling needs a C++ compiler; `warm_up` compiles the parts before a
 group's first step, and says why not where that fails, so that the group trains with the eager
 code instead. The block's graph is compiled for its width, heads and window, and serves any
 number of runs and windows above one (a step of one run, or of one window, gets a graph of its
@@ -162,8 +162,8 @@ def _quiet():
 
 def warm_up(device: torch.device, dtype: torch.dtype, dims: list[int], like: torch.nn.Module | None, window: int,
             masked: bool) -> str | None:
-    """Compile every part a group's training steps call, forward and backward, on small tensors
-    of `dtype`: the BatchNorm and projection of streams of `dims` features, with masked batches
+    """Compile every part a group's training steps and evaluation call, forward and backward, on
+    small tensors of `dtype`: the BatchNorm and projection of streams of `dims` features, with masked batches
     or not, and the block shaped as `like` (a heads.TransformerBlock; None: no block) on windows of
     `window` clips. So the first step waits for no compile and fails in none. None when all
     compiled and ran, else why not (the group then trains with the eager code)."""
@@ -182,8 +182,10 @@ def warm_up(device: torch.device, dtype: torch.dtype, dims: list[int], like: tor
                 keep = torch.ones(R, B, window, d, device=device, dtype=dtype)
                 weights = [param(R, 3 * d, d), param(R, d, d), param(R, ff, d), param(R, ff), param(R, d, ff), param(R, d),
                            param(R, d), param(R, d), param(R, d), param(R, d)]
-                y = block(x, weights, keep, keep, mask, like.heads, 2.0, like.dropout_at == "after_norm", 1e-5)
-                out = out + y.float().sum()
+                after = like.dropout_at == "after_norm"
+                out = out + block(x, weights, keep, keep, mask, like.heads, 2.0, after, 1e-5).float().sum()
+                with torch.no_grad():  # evaluation's graph: no dropout, no backward
+                    out = out + block(x, weights, None, None, mask, like.heads, 2.0, after, 1e-5).float().sum()
             for f in sorted(set(dims)):
                 clips = torch.randn(R, B, S, f, device=device, dtype=dtype)
                 m = torch.ones(R, B, S, dtype=torch.bool, device=device) if masked else None

@@ -123,8 +123,8 @@ class GroupTrainer:
     from the features themselves. None: where that pays, in bf16 on the CPU (centres_clips),
     whose steps are bound by moving the clips. It costs a second copy of the features in RAM.
 
-    `fused`: compute the chains of elementwise operations around the BatchNorm and in each
-    transformer block as compiled code (training/fused.py), one pass each. None: where that
+    `fused`: compute each transformer block, and the BatchNorm statistics and fold, as compiled
+    code (training/fused.py), each chain of elementwise operations in one pass. None: where that
     pays, as `centred`. Where compiling fails (no C++ compiler) the group says why and trains with
     the eager code."""
 
