@@ -176,16 +176,17 @@ def warm_up(device: torch.device, dtype: torch.dtype, dims: list[int], like: tor
         with _quiet():
             out = torch.zeros((), device=device)
             mask = torch.ones(R, B, window, dtype=torch.bool, device=device) if masked else None
-            if like is not None:
-                d, ff = like.ln1.normalized_shape[0], like.ff[0].out_features
+            if like is not None:  # the block's graphs for its real sizes and constants: dynamo specialises on them
+                d, ff, p = like.ln1.normalized_shape[0], like.ff[0].out_features, like.drop.p
                 x = torch.randn(R, B, window, d, device=device, dtype=dtype, requires_grad=True)
-                keep = torch.ones(R, B, window, d, device=device, dtype=dtype)
+                # two tensors: dynamo guards on whether arguments alias
+                keep = [torch.ones(R, B, window, d, device=device, dtype=dtype) if p > 0 else None for _ in range(2)]
                 weights = [param(R, 3 * d, d), param(R, d, d), param(R, ff, d), param(R, ff), param(R, d, ff), param(R, d),
                            param(R, d), param(R, d), param(R, d), param(R, d)]
-                after = like.dropout_at == "after_norm"
-                out = out + block(x, weights, keep, keep, mask, like.heads, 2.0, after, 1e-5).float().sum()
+                args = (mask, like.heads, 1.0 / (1.0 - p), like.dropout_at == "after_norm", like.ln1.eps)
+                out = out + block(x, weights, *keep, *args).float().sum()
                 with torch.no_grad():  # evaluation's graph: no dropout, no backward
-                    out = out + block(x, weights, None, None, mask, like.heads, 2.0, after, 1e-5).float().sum()
+                    out = out + block(x, weights, None, None, *args).float().sum()
             for f in sorted(set(dims)):
                 clips = torch.randn(R, B, S, f, device=device, dtype=dtype)
                 m = torch.ones(R, B, S, dtype=torch.bool, device=device) if masked else None
