@@ -122,6 +122,8 @@ def block(x: torch.Tensor, weights: Sequence[torch.Tensor], keep1: torch.Tensor 
     each LayerNorm (`eps`) output, or with `after` False each sub-layer's branch, is dropped where
     keep1 (first) or keep2 (second) is 0 (R', B, S, D; None: no dropout), kept units times `scale`."""
     x, *weights, keep1, keep2, mask = _plain((x, *weights, keep1, keep2, mask))
+    if not torch.is_grad_enabled():  # evaluation: one graph, whatever asks for gradients outside it
+        x, weights = x.detach(), [w.detach() for w in weights]
     # the number of runs and of windows as sizes of any value above one; every other size static
     for t in (x, keep1, keep2, mask):
         if t is not None:
@@ -160,41 +162,50 @@ def _quiet():
         noisy.setLevel(level)
 
 
-def warm_up(device: torch.device, dtype: torch.dtype, dims: list[int], like: torch.nn.Module | None, window: int,
-            masked: bool) -> str | None:
-    """Compile every part a group's training steps and evaluation call, forward and backward, on
-    small tensors of `dtype`: the BatchNorm and projection of streams of `dims` features, with masked batches
-    or not, and the block shaped as `like` (a heads.TransformerBlock; None: no block) on windows of
-    `window` clips. So the first step waits for no compile and fails in none. None when all
-    compiled and ran, else why not (the group then trains with the eager code)."""
-    R, B, S, D = 2, 3, 5, 7  # sizes all different and above 1: dynamo assumes nothing of the real ones
+def _warm_up_runs(R: int, device: torch.device, dtype: torch.dtype, dims: list[int], like: torch.nn.Module | None,
+                  window: int, masked: bool) -> torch.Tensor:
+    """warm_up's calls for R runs, the backward included: the sum of their outputs."""
+    B, S, D = 3, 5, 7  # sizes all different and above 1: dynamo assumes nothing of the real ones
 
     def param(*shape: int) -> torch.Tensor:
         return torch.nn.Parameter(torch.randn(*shape, device=device))
 
+    out = torch.zeros((), device=device)
+    mask = torch.ones(R, B, window, dtype=torch.bool, device=device) if masked else None
+    if like is not None:  # the block's graphs for its real sizes and constants: dynamo specialises on them
+        d, ff, p = like.ln1.normalized_shape[0], like.ff[0].out_features, like.drop.p
+        x = torch.randn(R, B, window, d, device=device, dtype=dtype, requires_grad=True)
+        # two tensors: dynamo guards on whether arguments alias
+        keep = [torch.ones(R, B, window, d, device=device, dtype=dtype) if p > 0 else None for _ in range(2)]
+        weights = [param(R, 3 * d, d), param(R, d, d), param(R, ff, d), param(R, ff), param(R, d, ff), param(R, d),
+                   param(R, d), param(R, d), param(R, d), param(R, d)]
+        args = (mask, like.heads, 1.0 / (1.0 - p), like.dropout_at == "after_norm", like.ln1.eps)
+        out = out + block(x, weights, *keep, *args).float().sum()
+        with torch.no_grad():  # evaluation's graph: no dropout, no backward
+            out = out + block(x, weights, None, None, *args).float().sum()
+    for f in sorted(set(dims)):
+        clips = torch.randn(R, B, S, f, device=device, dtype=dtype)
+        m = torch.ones(R, B, S, dtype=torch.bool, device=device) if masked else None
+        total, squares = moments(clips, m)
+        mean, var = torch.zeros(R, 1, f, device=device), torch.ones(R, 1, f, device=device)
+        wt, b = fold(param(R, D, f), param(R, D), param(R, f), param(R, f), mean, var, 1e-5, dtype)
+        out = out + total.sum() + squares.sum() + wt.float().sum() + b.sum()
+    out.backward()
+    return out.detach()
+
+
+def warm_up(device: torch.device, dtype: torch.dtype, dims: list[int], like: torch.nn.Module | None, window: int,
+            masked: bool) -> str | None:
+    """Compile every part a group's training steps and evaluation call, forward and backward, on
+    small tensors of `dtype`: the BatchNorm and projection of streams of `dims` features, with
+    masked batches or not, and the block shaped as `like` (a heads.TransformerBlock; None: no
+    block) on windows of `window` clips, for several runs and for one (the last run left in a
+    group). So the first steps wait for no compile and fail in none; a step of some of the runs
+    (each run's last batch of an epoch) compiles its graphs when first met. None when all
+    compiled and ran, else why not (the group then trains with the eager code)."""
     try:
         with _quiet():
-            out = torch.zeros((), device=device)
-            mask = torch.ones(R, B, window, dtype=torch.bool, device=device) if masked else None
-            if like is not None:  # the block's graphs for its real sizes and constants: dynamo specialises on them
-                d, ff, p = like.ln1.normalized_shape[0], like.ff[0].out_features, like.drop.p
-                x = torch.randn(R, B, window, d, device=device, dtype=dtype, requires_grad=True)
-                # two tensors: dynamo guards on whether arguments alias
-                keep = [torch.ones(R, B, window, d, device=device, dtype=dtype) if p > 0 else None for _ in range(2)]
-                weights = [param(R, 3 * d, d), param(R, d, d), param(R, ff, d), param(R, ff), param(R, d, ff), param(R, d),
-                           param(R, d), param(R, d), param(R, d), param(R, d)]
-                args = (mask, like.heads, 1.0 / (1.0 - p), like.dropout_at == "after_norm", like.ln1.eps)
-                out = out + block(x, weights, *keep, *args).float().sum()
-                with torch.no_grad():  # evaluation's graph: no dropout, no backward
-                    out = out + block(x, weights, None, None, *args).float().sum()
-            for f in sorted(set(dims)):
-                clips = torch.randn(R, B, S, f, device=device, dtype=dtype)
-                m = torch.ones(R, B, S, dtype=torch.bool, device=device) if masked else None
-                total, squares = moments(clips, m)
-                mean, var = torch.zeros(R, 1, f, device=device), torch.ones(R, 1, f, device=device)
-                wt, b = fold(param(R, D, f), param(R, D), param(R, f), param(R, f), mean, var, 1e-5, dtype)
-                out = out + total.sum() + squares.sum() + wt.float().sum() + b.sum()
-            out.backward()
+            out = sum(_warm_up_runs(R, device, dtype, dims, like, window, masked) for R in (2, 1))  # more runs, one
             if not math.isfinite(float(out.detach())):
                 return "a compiled chain gave a non-finite result on finite inputs"
     except Exception as e:  # noqa: BLE001 (no C++ compiler, or inductor cannot compile here: the eager code trains)
