@@ -1,6 +1,6 @@
-"""Fused chains (training/fused.py): each compiled chain computes what its eager function does, a
-group using them computes what the group without them does, and a group whose chains cannot
-compile says so and trains with the eager code."""
+"""Fused parts (training/fused.py): the compiled block computes what the eager block does, each
+compiled chain what its plain function does, a group using them what the group without them
+does, and a group whose parts cannot compile says so and trains with the eager code."""
 
 import logging
 
@@ -25,14 +25,18 @@ def test_norm_chain_is_a_layer_norm_with_affine_and_dropout():
     x, y = torch.randn(3, 4, 30, 16), torch.randn(3, 4, 30, 16)
     w, b = torch.randn(3, 16), torch.randn(3, 16)
     keep = (torch.rand(3, 4, 30, 16) > 0.25).float()
+
+    def affine(h):
+        return h * w[:, None, None] + b[:, None, None]
+
+    no_dropout = affine(torch.nn.functional.layer_norm(x + y, (16,)))
     for after in (True, False):
-        h = torch.nn.functional.layer_norm(x + (y if after else y * keep * 4 / 3), (16,))
-        h = h * w[:, None, None] + b[:, None, None]
-        expect = h * keep * 4 / 3 if after else h
+        if after:  # dropout on the LayerNorm's output
+            expect = no_dropout * keep * 4 / 3
+        else:  # dropout on the branch y
+            expect = affine(torch.nn.functional.layer_norm(x + y * keep * 4 / 3, (16,)))
         torch.testing.assert_close(fused._norm_chain(x, y, w, b, keep, 4 / 3, after), expect)
-        torch.testing.assert_close(fused._norm_chain(x, y, w, b, None, 4 / 3, after),
-                                   (h * 3 / 4 * 4 / 3 if after else torch.nn.functional.layer_norm(x + y, (16,))
-                                    * w[:, None, None] + b[:, None, None]), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fused._norm_chain(x, y, w, b, None, 4 / 3, after), no_dropout)
 
 
 @pytest.mark.parametrize("dropout_at", ["after_norm", "residual"])
@@ -138,6 +142,6 @@ def test_a_group_whose_chains_do_not_compile_says_so_and_trains_eager(tmp_path, 
     with caplog.at_level(logging.WARNING):
         group = grouped_mod.GroupTrainer(cfgs, [_split_data(meta, sets, rows, c.split) for c in cfgs], ["a", "b"])
     assert group.fused is False
-    assert "a: the group's elementwise chains do not compile here (RuntimeError: Compiler: g++ not found)" in caplog.text
-    assert "trains with the eager elementwise code" in caplog.text
+    assert "a: the group's fused block and chains do not compile here (RuntimeError: Compiler: g++ not found)" in caplog.text
+    assert "trains with the eager code, slower" in caplog.text
     assert all(np.isfinite(group.train_epoch(1)))  # trains without calling a chain

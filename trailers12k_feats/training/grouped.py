@@ -184,7 +184,7 @@ class GroupTrainer:
                                                                  patience=c.plateau_patience)
 
     def _warm_up(self, like: torch.nn.Module, protocol: str) -> bool:
-        """Compile the fused chains for this group's streams (fused.warm_up); False, with a warning
+        """Compile the fused block and chains for this group (fused.warm_up); False, with a warning
         saying why, where they cannot be."""
         t0 = time.perf_counter()
         streams = [m for m in like.modules() if isinstance(m, DivitaStream)]
@@ -192,11 +192,11 @@ class GroupTrainer:
         block = getattr(streams[0].temporal, "block", None)
         why = fused.warm_up(self.device, self.dtype, dims, block, self.cfg.window, masked=protocol != "authors")
         if why:
-            log.warning("%s: the group's elementwise chains do not compile here (%s), so it trains with the "
-                        "eager elementwise code, slower; torch.compile needs a C++ compiler (g++) to build them",
+            log.warning("%s: the group's fused block and chains do not compile here (%s), so it trains with the "
+                        "eager code, slower; torch.compile needs a C++ compiler (g++) to build them",
                         self.runs[0].desc, why)
             return False
-        log.debug("fused chains compiled in %.1f s", time.perf_counter() - t0)
+        log.debug("fused block and chains compiled in %.1f s", time.perf_counter() - t0)
         return True
 
     def _opt_step(self, js: list[int]) -> None:
