@@ -39,18 +39,19 @@ def test_norm_chain_is_a_layer_norm_with_affine_and_dropout():
         torch.testing.assert_close(fused._norm_chain(x, y, w, b, None, 4 / 3, after), no_dropout)
 
 
-# each case compiles a graph: both placements, both dtypes, masked clips and a subset of the runs, in four
+# each case compiles a graph: both placements, both dtypes, masked clips and a subset of the runs, in four;
+# the head's own sizes (128 wide, 4 heads, feed-forward 768, windows of 30), so the group tests reuse them
 @pytest.mark.parametrize("dropout_at,masked,dtype", [("after_norm", False, torch.bfloat16),
                                                      ("after_norm", True, torch.float32),
                                                      ("residual", True, torch.bfloat16),
                                                      ("residual", False, torch.float32)])
 def test_block_is_the_eager_block(dropout_at, masked, dtype):
     torch.manual_seed(0)
-    blk = RunTransformerBlock(3, 16, 4, 24, 0.25, dropout_at)
+    blk = RunTransformerBlock(3, 128, 4, 768, 0.25, dropout_at)
     with torch.no_grad():
         for p in blk.parameters():
             p.normal_(0, 0.3)
-    x0 = torch.randn(3, 5, 30, 16) * 2
+    x0 = torch.randn(3, 5, 30, 128) * 2
     mask = torch.ones(3, 5, 30, dtype=torch.bool)
     mask[1, 2, 20:] = mask[0, 0, 3:] = False
     m, idx = (mask, torch.tensor([2, 0, 1])) if masked else (None, None)
@@ -65,11 +66,11 @@ def test_block_is_the_eager_block(dropout_at, masked, dtype):
         res[name] = [t.detach().float() for t in (out, *grads(out, x, *blk.parameters()))]
     names = ["output", "x grad"] + [f"{n} grad" for n, _ in blk.named_parameters()]
     for name, c, e, ref in zip(names, res["compiled"], res["eager"], res["fp32"]):
-        if dtype == torch.float32:  # the same function
-            torch.testing.assert_close(c, ref, rtol=1e-4, atol=1e-5, msg=name)
+        err, eager_err = float((c - ref).norm() / ref.norm()), float((e - ref).norm() / ref.norm())
+        if dtype == torch.float32:  # the same function, to fp32 rounding
+            assert err <= 1e-5, (name, err)
         else:  # rounded once per chain where the eager code rounds after each operation, so no farther
             # from fp32 than the eager bf16 block is
-            err, eager_err = float((c - ref).norm() / ref.norm()), float((e - ref).norm() / ref.norm())
             assert err <= 1.5 * eager_err + 1e-3, (name, err, eager_err)
 
 
