@@ -1,4 +1,4 @@
-"""Compiled parts of a group's training step, each one C++ loop per chain (docs/speed.md).
+"""Compiled parts of a group's steps, each chain of elementwise operations one C++ loop (docs/speed.md).
 
 On the CPU a group's step in bf16 is bound by passes over its activations, not by its matmuls:
 in eager PyTorch every operation of a chain such as LayerNorm(x + y) * w + b followed by dropout
@@ -17,10 +17,11 @@ rounds after every operation. Training steps use all three, evaluation the block
 compute batch statistics). Compiling needs a C++ compiler; `warm_up` compiles the parts before a
 group's first step, and says why not where that fails, so that the group trains with the eager
 code instead. The block's graph is compiled for its width, heads and window, and serves any
-number of runs and windows above one (a step of one run, or of one window, gets a graph of its
-own when first met): its inner loops then run over sizes known when compiling, which measured
-twice as fast as loops over sizes that are not. `moments` and `fold` serve any shape. Inductor
-keeps the graphs on disk, so later processes load them instead of compiling.
+number of runs and windows above one (warm_up also compiles the graphs of one run; a batch of
+one window runs the eager code): its inner loops then run over sizes known when compiling,
+which inductor vectorises fully, where loops compiled for any size ran markedly slower.
+`moments` and `fold` serve any shape. Inductor keeps the graphs on disk, so later processes
+load them instead of compiling.
 """
 
 from __future__ import annotations
