@@ -57,7 +57,7 @@ class RunTransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, idx: torch.Tensor | None,
                 gens: list[torch.Generator] | None) -> torch.Tensor:
-        if self.fused and x.shape[1] > 1:  # a batch of one window (rare) runs eagerly: no graph compiled for it
+        if self.fused and fused.serves(x):
             # both masks drawn first: nothing else draws from the runs' generators in between
             keep1, keep2 = run_keep(x, self.p, gens), run_keep(x, self.p, gens)  # (R', B, S, D) each, None in eval
             weights = [pick(w, idx) for w in (self.qkv.weight, self.proj.weight, self.ff[0].weight, self.ff[0].bias,

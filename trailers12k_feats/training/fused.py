@@ -115,6 +115,12 @@ def _call(name: str, *args):
         return _chain(name)(*args)
 
 
+def serves(x: torch.Tensor) -> bool:
+    """Whether the compiled parts take x (R', B, ...): a batch of one window (B = 1, rare: a last
+    batch of one) would make dynamo compile graphs of its own, so the eager code runs it."""
+    return x.shape[1] > 1
+
+
 def block(x: torch.Tensor, weights: Sequence[torch.Tensor], keep1: torch.Tensor | None, keep2: torch.Tensor | None,
           mask: torch.Tensor | None, heads: int, scale: float, after: bool, eps: float) -> torch.Tensor:
     """A heads.TransformerBlock of each run on x (R', B, S, D), its matmuls in x's dtype: `weights`

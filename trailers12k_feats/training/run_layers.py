@@ -184,7 +184,7 @@ class RunBatchNorm(nn.Module):
             n = mask.sum((1, 2), dtype=torch.float32).view(R, 1, 1)  # (R', 1, 1) real clips of each run's batch
         # The clips are centred on the offset (their mean over the whole table), so the sum of
         # squares less n mean^2 cancels no leading digits.
-        if self.fused and B > 1:  # one pass over x, summing in fp32 (a batch of one window, rare, runs eagerly)
+        if self.fused and fused.serves(x):  # one pass over x, summing in fp32
             total, squares = fused.moments(x, mask)  # (R', F) each
             mean, sq = total.unsqueeze(1) / n, squares.unsqueeze(1) / n  # (R', 1, F) each
         else:
@@ -207,7 +207,7 @@ class RunBatchNorm(nn.Module):
         if offset is not None:
             with torch.autocast(x.device.type, enabled=False):
                 mean, var = self.offset_stats(x, offset, mask, idx)  # (R', 1, F) each, fp32
-                if self.fused and self.training and B > 1:  # one compiled pass (fused.fold)
+                if self.fused and self.training and fused.serves(x):  # one compiled pass (fused.fold)
                     weight, bias = fused.fold(pick(linear.weight, idx), pick(linear.bias, idx), pick(self.weight, idx),
                                               pick(self.bias, idx), mean, var, self.eps, x.dtype)  # (R', F, D), (R', D)
                 else:
