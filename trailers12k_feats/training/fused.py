@@ -60,7 +60,10 @@ def _block(x: torch.Tensor, qkv: torch.Tensor, proj: torch.Tensor, w1: torch.Ten
         w = w.to(x.dtype).transpose(1, 2)  # (R', in, out): each run's nn.Linear weight, as autocast casts it
         return torch.bmm(h, w) if b is None else torch.baddbmm(b.to(x.dtype).unsqueeze(1), h, w)  # (R', N, out)
 
-    q, k, v = linear(x.reshape(R, B * S, D), qkv).view(R * B, S, 3, heads, hd).permute(2, 0, 3, 1, 4)  # 3x (R'B, H, S, hd)
+    # split, not one permuted view: the backward then writes each gradient into its slice, where a
+    # view's unbind made inductor assemble all three in one loop that selects among them per element
+    q, k, v = (t.reshape(R * B, S, heads, hd).transpose(1, 2)
+               for t in linear(x.reshape(R, B * S, D), qkv).split(D, -1))  # 3x (R'B, H, S, hd)
     scores = (q @ k.transpose(-1, -2)).float() * hd**-0.5  # (R'B, H, S, S)
     if mask is not None:
         scores = scores.masked_fill(~mask.reshape(R * B, 1, 1, S), float("-inf"))
