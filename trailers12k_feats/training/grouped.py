@@ -28,7 +28,6 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as Fn
-from torch.optim.adam import adam
 from tqdm import tqdm
 
 from trailers12k_feats import NUM_GENRES
@@ -50,6 +49,7 @@ from trailers12k_feats.training.protocols import (
     snippet_loss,
     training_set,
 )
+from trailers12k_feats.training.run_optim import run_adamw, step_runs
 from trailers12k_feats.training.rundir import save_run
 from trailers12k_feats.training.train import (
     EpochLog,
@@ -175,11 +175,7 @@ class GroupTrainer:
         for j, r in enumerate(self.runs):
             c = r.cfg
             r.views = [torch.nn.Parameter(p.data[j]) for p in self.model.parameters()]
-            r.opt = torch.optim.AdamW(r.views, lr=c.lr, weight_decay=c.weight_decay, fused=True, amsgrad=c.amsgrad)
-            for v in r.views:  # its state as AdamW makes it at its first step; _opt_step steps it
-                r.opt.state[v] = {"step": torch.zeros((), dtype=torch.float32, device=v.device),
-                                  "exp_avg": torch.zeros_like(v), "exp_avg_sq": torch.zeros_like(v),
-                                  **({"max_exp_avg_sq": torch.zeros_like(v)} if c.amsgrad else {})}
+            r.opt = run_adamw(r.views, c)
             r.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(r.opt, mode="min", factor=c.plateau_factor,
                                                                  patience=c.plateau_patience)
 
@@ -200,29 +196,10 @@ class GroupTrainer:
         return True
 
     def _opt_step(self, js: list[int]) -> None:
-        """Each of runs `js` steps its own optimiser on its slice of the batched gradients: the
-        step AdamW(fused=True).step() makes, with one call for all the runs whose settings (their
-        learning rates included) are equal."""
+        """Each of runs `js` steps its own AdamW on its slice of the batched gradients
+        (run_optim.step_runs); then the gradients are dropped."""
         params = list(self.model.parameters())
-        calls: dict[tuple, list[int]] = {}
-        for j in js:
-            hp = self.runs[j].opt.param_groups[0]
-            calls.setdefault((hp["lr"], hp["betas"], hp["eps"], hp["weight_decay"], hp["amsgrad"]), []).append(j)
-        for (lr, (beta1, beta2), eps, weight_decay, amsgrad), runs in calls.items():
-            views, grads, avgs, sqs, maxes, steps = [], [], [], [], [], []
-            for j in runs:
-                r = self.runs[j]
-                for v, p in zip(r.views, params):
-                    state = r.opt.state[v]
-                    views.append(v)
-                    grads.append(p.grad[j])
-                    avgs.append(state["exp_avg"])
-                    sqs.append(state["exp_avg_sq"])
-                    steps.append(state["step"])
-                    if amsgrad:
-                        maxes.append(state["max_exp_avg_sq"])
-            adam(views, grads, avgs, sqs, maxes, steps, fused=True, decoupled_weight_decay=True, amsgrad=amsgrad,
-                 beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps, maximize=False)
+        step_runs(params, [(j, self.runs[j].views, self.runs[j].opt) for j in js])
         for p in params:
             p.grad = None
 
