@@ -199,35 +199,22 @@ def test_a_group_gathering_centred_clips_trains_as_one_gathering_the_clips(toy, 
             torch.testing.assert_close(state_b[k], state_a[k], rtol=1e-2, atol=1e-2, msg=k)
 
 
-@pytest.mark.parametrize("amsgrad", [False, True])
-def test_the_group_steps_each_run_as_its_own_adamw_does(toy, amsgrad):
+def test_the_group_steps_its_runs_optimisers_and_drops_the_gradients(toy):
     meta, sets, rows = load(toy)
-    cfgs = [TrainConfig(split=s, seed=s, amsgrad=amsgrad, weight_decay=0.01 * (s + 1), **TOY) for s in (0, 1, 2)]
+    cfgs = [TrainConfig(split=s, seed=s, **TOY) for s in (0, 1, 2)]
     group = grouped_mod.GroupTrainer(cfgs, [_split_data(meta, sets, rows, c.split) for c in cfgs], ["a", "b", "c"])
     params = list(group.model.parameters())
-    refs = [[p.detach()[j].clone().requires_grad_() for p in params] for j in range(3)]
-    opts = [torch.optim.AdamW(ref, lr=c.lr, weight_decay=c.weight_decay, fused=True, amsgrad=amsgrad)
-            for ref, c in zip(refs, cfgs)]
-    gen = torch.Generator().manual_seed(0)
-    for step in range(4):
-        if step == 2:  # runs 0 and 2 share a learning rate, run 1 has its own: two calls
-            group.runs[1].opt.param_groups[0]["lr"] = opts[1].param_groups[0]["lr"] = 1e-2
-        js = [0, 1, 2] if step != 3 else [2, 0]  # a step of some of the runs
-        for p in params:
-            p.grad = torch.randn(p.shape, generator=gen)
-        for j in js:
-            for ref, p in zip(refs[j], params):
-                ref.grad = p.grad[j].clone()
-            opts[j].step()
-        group._opt_step(js)
-        assert all(p.grad is None for p in params)
-        for j in range(3):
-            for ref, p in zip(refs[j], params):
-                assert torch.equal(p.detach()[j], ref.detach())  # bit for bit
-    for j in range(3):  # and the state a run carries on with
-        for v, ref in zip(group.runs[j].views, refs[j]):
-            for k, t in opts[j].state[ref].items():
-                assert torch.equal(group.runs[j].opt.state[v][k], t), k
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    group._opt_step([2, 0])  # a step of some of the runs (tests/test_run_optim.py: the step itself)
+    assert all(p.grad is None for p in params)
+    for p, b in zip(params, before):
+        assert torch.equal(p.detach()[1], b[1])  # run 1 did not step
+        assert not torch.equal(p.detach()[[0, 2]], b[[0, 2]])  # runs 0 and 2 did
+    for j, r in enumerate(group.runs):  # each run's views are its slice of the batched parameters
+        assert all(v.data_ptr() == p.data[j].data_ptr() for v, p in zip(r.views, params))
+        assert int(r.opt.state[r.views[0]]["step"]) == (0 if j == 1 else 1)
 
 
 def test_group_problem():
