@@ -288,15 +288,13 @@ def reproduce(data_dir, metadata, cache_dir, on_missing, rows, splits, out, grou
 @errors
 def probe(data_dir, metadata, cache_dir, on_missing, rows, splits, pool, alpha, allow_mismatched_clips) -> None:
     """Linear probe on pooled clip features: the Table 6 rows in seconds."""
-    from trailers12k_feats.training.probe import ProbeConfig
+    from trailers12k_feats.training.probe import ProbeConfig, format_probe
     from trailers12k_feats.training.probe import probe as run
-    from trailers12k_feats.training.tables import format_table, summarise
 
     metadata, cache_dir = resolve_data(data_dir, metadata, cache_dir)
     cfg = ProbeConfig(metadata=metadata, cache_dir=cache_dir, allow_mismatched_clips=allow_mismatched_clips,
                       **given(pool=pool, alpha=alpha, on_missing=on_missing, rows=names(rows), splits=ints(splits)))
-    table = run(cfg)
-    click.echo(format_table(summarise(table["test"]), f"test, linear probe on {cfg.pool}-pooled features"))
+    click.echo(format_probe(run(cfg), cfg.pool))
 
 
 @main.command()

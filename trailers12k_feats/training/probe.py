@@ -27,11 +27,12 @@ from trailers12k_feats.training.streams import (
     resolve_streams,
     stream_cache,
 )
+from trailers12k_feats.training.tables import format_table, summarise
 from trailers12k_feats.utils import T12kError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["POOLS", "ProbeConfig", "fit_predict", "probe"]
+__all__ = ["POOLS", "ProbeConfig", "fit_predict", "format_probe", "probe"]
 
 
 @dataclass(frozen=True)
@@ -190,3 +191,9 @@ def probe(cfg: ProbeConfig, progress: bool = True) -> dict[str, list[dict]]:
                 table[subset].append({"run": row_name, "split": split, "epoch": 0, **results[row_name, split][subset]})
     log.info("probe: %d runs in %.1f s", len(results), time.perf_counter() - t0)
     return table
+
+
+def format_probe(table: dict[str, list[dict]], pool: str) -> str:
+    """The test metrics of a `probe` table, mean and std over splits beside the paper's, as
+    `t12k probe` prints them; `pool`: the pooling the table was made with."""
+    return format_table(summarise(table["test"]), f"test, linear probe on {pool}-pooled features")
