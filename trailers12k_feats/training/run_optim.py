@@ -15,13 +15,13 @@ from collections.abc import Sequence
 import torch
 from torch.optim.adam import adam
 
-from trailers12k_feats.training.train import TrainConfig
+from trailers12k_feats.training.train import TrainConfig, adamw
 
 
 def run_adamw(views: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
     """A run's AdamW over `views`, with the state AdamW creates at its first step: step_runs
     steps it, and the functional AdamW it calls creates none."""
-    opt = torch.optim.AdamW(views, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True, amsgrad=cfg.amsgrad)
+    opt = adamw(views, cfg)  # as a run alone builds its own
     for v in views:
         opt.state[v] = {"step": torch.zeros((), dtype=torch.float32, device=v.device),
                         "exp_avg": torch.zeros_like(v), "exp_avg_sq": torch.zeros_like(v),

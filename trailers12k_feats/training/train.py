@@ -17,7 +17,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -189,6 +189,11 @@ def dropout_generator(device: torch.device) -> torch.Generator:
     return gen
 
 
+def adamw(params: Iterable[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
+    """The optimiser a run steps: torch's fused AdamW with the run's lr, weight decay and amsgrad."""
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True, amsgrad=cfg.amsgrad)
+
+
 def diverged(desc: str, what: str) -> T12kError:
     """The error of a run whose loss became NaN or Inf (`what` says which loss, where)."""
     return T12kError(f"{desc}: {what}; training diverged, lower --lr or use --precision fp32.")
@@ -262,8 +267,7 @@ class Trainer:
         self.model = build_divita(dims.get("image"), dims.get("video"), temporal=cfg.temporal, fusion=cfg.fusion,
                                   dropout=cfg.dropout, **head_options(cfg.protocol)).to(self.device)
         set_dropout_generator(self.model, dropout_generator(self.device))
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True,
-                                     amsgrad=cfg.amsgrad)
+        self.opt = adamw(self.model.parameters(), cfg)
         self.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(self.opt, mode="min", factor=cfg.plateau_factor,
                                                                 patience=cfg.plateau_patience)
         self.dtype = PRECISIONS[cfg.precision]
