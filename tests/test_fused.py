@@ -87,7 +87,7 @@ def test_moments_and_fold_are_their_eager_functions(dtype):
     lin_w, lin_b = torch.randn(3, 8, 40, requires_grad=True), torch.randn(3, 8, requires_grad=True)
     bn_w, bn_b = torch.rand(3, 40, requires_grad=True), torch.randn(3, 40, requires_grad=True)
     mean, var = torch.randn(3, 1, 40), torch.rand(3, 1, 40) + 0.5
-    wt, bias = fused.fold(lin_w, lin_b, bn_w, bn_b, mean, var, 1e-5, dtype)
+    wt, bias = fused.fold(lin_w.transpose(1, 2), lin_b, bn_w, bn_b, mean, var, 1e-5, dtype)  # weight (R, F, D)
     assert wt.shape == (3, 40, 8) and wt.dtype == dtype and bias.dtype == torch.float32
     # the folded Linear on x is the Linear on BatchNorm(x)
     xf = torch.randn(3, 50, 40)
@@ -95,7 +95,7 @@ def test_moments_and_fold_are_their_eager_functions(dtype):
     expect = bn @ lin_w.transpose(1, 2) + lin_b[:, None]  # (R, N, D)
     tol = 1e-4 if dtype == torch.float32 else 5e-2
     torch.testing.assert_close(xf @ wt.float() + bias[:, None], expect, rtol=0, atol=tol * float(expect.detach().abs().max()))
-    ref = fused._fold(lin_w, lin_b, bn_w, bn_b, mean, var, 1e-5, dtype)
+    ref = fused._fold(lin_w.transpose(1, 2), lin_b, bn_w, bn_b, mean, var, 1e-5, dtype)
     for g, r in zip(grads(wt.float().sum() + bias.sum(), lin_w, lin_b, bn_w, bn_b),
                     grads(ref[0].float().sum() + ref[1].sum(), lin_w, lin_b, bn_w, bn_b)):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)

@@ -34,6 +34,7 @@ from trailers12k_feats.training.run_layers import (
     run_dropout,
     run_keep,
     run_matmul,
+    select_runs,
 )
 
 BATCHED_TEMPORAL = ("tsfm", "savg", "conv")
@@ -60,9 +61,9 @@ class RunTransformerBlock(nn.Module):
         if self.fused and fused.serves(x):
             # both masks drawn first: nothing else draws from the runs' generators in between
             keep1, keep2 = run_keep(x, self.p, gens), run_keep(x, self.p, gens)  # (R', B, S, D) each, None in eval
-            weights = [pick(w, idx) for w in (self.qkv.weight, self.proj.weight, self.ff[0].weight, self.ff[0].bias,
-                                              self.ff[2].weight, self.ff[2].bias, self.ln1.weight, self.ln1.bias,
-                                              self.ln2.weight, self.ln2.bias)]
+            lin = [pick(m.weight, idx).transpose(1, 2) for m in (self.qkv, self.proj, self.ff[0], self.ff[2])]  # (R', in, out)
+            weights = [lin[0], lin[1], lin[2], pick(self.ff[0].bias, idx), lin[3], pick(self.ff[2].bias, idx),
+                       *(pick(w, idx) for w in (self.ln1.weight, self.ln1.bias, self.ln2.weight, self.ln2.bias))]
             return fused.block(x, weights, keep1, keep2, mask, self.heads, 1.0 / (1.0 - self.p),
                                self.dropout_at == "after_norm", self.ln1.eps)  # (R', B, S, D)
         R, B, S, D = x.shape
@@ -187,9 +188,9 @@ class GroupedDivita(nn.Module):
         """Keep only runs `idx` (R',): every parameter and buffer shrinks to (R', ...)."""
         for module in self.modules():
             for name, p in list(module.named_parameters(recurse=False)):
-                setattr(module, name, nn.Parameter(p.index_select(0, idx), requires_grad=p.requires_grad))
+                setattr(module, name, nn.Parameter(select_runs(p, idx), requires_grad=p.requires_grad))
             for name, b in list(module.named_buffers(recurse=False)):
-                setattr(module, name, b.index_select(0, idx))
+                setattr(module, name, select_runs(b, idx))
         self.runs = len(idx)
 
     def forward(self, ix: torch.Tensor | None = None, vx: torch.Tensor | None = None,

@@ -57,7 +57,7 @@ def _block(x: torch.Tensor, qkv: torch.Tensor, proj: torch.Tensor, w1: torch.Ten
     hd = D // heads
 
     def linear(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-        w = w.to(x.dtype).transpose(1, 2)  # (R', in, out): each run's nn.Linear weight, as autocast casts it
+        w = w.to(x.dtype)  # (R', in, out): each run's nn.Linear weight transposed, as autocast casts it
         return torch.bmm(h, w) if b is None else torch.baddbmm(b.to(x.dtype).unsqueeze(1), h, w)  # (R', N, out)
 
     # split, not one permuted view: the backward then writes each gradient into its slice, where a
@@ -84,9 +84,9 @@ def _fold(weight: torch.Tensor, bias: torch.Tensor, bn_weight: torch.Tensor, bn_
           mean: torch.Tensor, var: torch.Tensor, eps: float,
           dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     scale = torch.rsqrt(var + eps) * bn_weight.unsqueeze(1)  # (R', 1, F)
-    folded = weight * scale  # (R', D, F)
-    shift = (weight * bn_bias.unsqueeze(1)).sum(2) - (folded * mean).sum(2)  # (R', D)
-    return folded.transpose(1, 2).to(dtype), bias + shift  # (R', F, D), (R', D)
+    folded = weight * scale.transpose(1, 2)  # (R', F, D)
+    shift = (weight * bn_bias.unsqueeze(2)).sum(1) - (folded * mean.transpose(1, 2)).sum(1)  # (R', D)
+    return folded.to(dtype), bias + shift  # (R', F, D), (R', D)
 
 
 _compiled: dict[str, object] = {}
@@ -128,7 +128,8 @@ def block(x: torch.Tensor, weights: Sequence[torch.Tensor], keep1: torch.Tensor 
           mask: torch.Tensor | None, heads: int, scale: float, after: bool, eps: float) -> torch.Tensor:
     """A heads.TransformerBlock of each run on x (R', B, S, D), its matmuls in x's dtype: `weights`
     are the runs' qkv, proj, ff.0 weight and bias, ff.2 weight and bias, ln1 weight and bias, ln2
-    weight and bias, each (R', ...); `mask` (R', B, S) hides padded keys (None: every clip real);
+    weight and bias, each (R', ...), the four Linear weights transposed, (R', in, out), as
+    run_layers.RunLinear lays them out in memory (then contiguous); `mask` (R', B, S) hides padded keys (None: every clip real);
     each LayerNorm (`eps`) output, or with `after` False each sub-layer's branch, is dropped where
     keep1 (first) or keep2 (second) is 0 (R', B, S, D; None: no dropout), kept units times `scale`."""
     x, *weights, keep1, keep2, mask = _plain((x, *weights, keep1, keep2, mask))
@@ -153,9 +154,9 @@ def moments(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, t
 def fold(weight: torch.Tensor, bias: torch.Tensor, bn_weight: torch.Tensor, bn_bias: torch.Tensor,
          mean: torch.Tensor, var: torch.Tensor, eps: float,
          dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """A Linear (weight (R', D, F), bias (R', D)) after a BatchNorm (bn_weight, bn_bias (R', F);
-    batch or running mean and var (R', 1, F)) as one Linear: its weight transposed (R', F, D) in
-    `dtype` and its bias (R', D) in fp32. W s (x - mean) + W beta + b with s = bn_weight /
+    """A Linear (weight transposed (R', F, D), as run_layers.RunLinear lays it out; bias (R', D))
+    after a BatchNorm (bn_weight, bn_bias (R', F); batch or running mean and var (R', 1, F)) as
+    one Linear: its weight transposed (R', F, D) in `dtype` and its bias (R', D) in fp32. W s (x - mean) + W beta + b with s = bn_weight /
     sqrt(var + eps) is (W s) x + (W beta - (W s) mean + b)."""
     return _call("fold", weight, bias, bn_weight, bn_bias, mean, var, eps, dtype)
 
@@ -187,8 +188,8 @@ def _warm_up_runs(R: int, device: torch.device, dtype: torch.dtype, dims: list[i
         x = torch.randn(R, B, window, d, device=device, dtype=dtype, requires_grad=True)
         # two tensors: dynamo guards on whether arguments alias
         keep = [torch.ones(R, B, window, d, device=device, dtype=dtype) if p > 0 else None for _ in range(2)]
-        weights = [param(R, 3 * d, d), param(R, d, d), param(R, ff, d), param(R, ff), param(R, d, ff), param(R, d),
-                   param(R, d), param(R, d), param(R, d), param(R, d)]
+        weights = [param(R, d, 3 * d), param(R, d, d), param(R, d, ff), param(R, ff), param(R, ff, d), param(R, d),
+                   param(R, d), param(R, d), param(R, d), param(R, d)]  # Linear weights (R, in, out)
         args = (mask, like.heads, 1.0 / (1.0 - p), like.dropout_at == "after_norm", like.ln1.eps)
         out = out + block(x, weights, *keep, *args).float().sum()
         with torch.no_grad():  # evaluation's graph: no dropout, no backward
@@ -198,7 +199,7 @@ def _warm_up_runs(R: int, device: torch.device, dtype: torch.dtype, dims: list[i
         m = torch.ones(R, B, S, dtype=torch.bool, device=device) if masked else None
         total, squares = moments(clips, m)
         mean, var = torch.zeros(R, 1, f, device=device), torch.ones(R, 1, f, device=device)
-        wt, b = fold(param(R, D, f), param(R, D), param(R, f), param(R, f), mean, var, 1e-5, dtype)
+        wt, b = fold(param(R, f, D), param(R, D), param(R, f), param(R, f), mean, var, 1e-5, dtype)
         out = out + total.sum() + squares.sum() + wt.float().sum() + b.sum()
     out.backward()
     return out.detach()

@@ -49,7 +49,7 @@ from trailers12k_feats.training.protocols import (
     snippet_loss,
     training_set,
 )
-from trailers12k_feats.training.run_optim import run_adamw, step_runs
+from trailers12k_feats.training.run_optim import run_adamw, run_slice, step_runs
 from trailers12k_feats.training.rundir import save_run
 from trailers12k_feats.training.train import (
     EpochLog,
@@ -174,7 +174,7 @@ class GroupTrainer:
         # parameters: the update is torch's AdamW itself, in place in the batched tensors.
         for j, r in enumerate(self.runs):
             c = r.cfg
-            r.views = [torch.nn.Parameter(p.data[j]) for p in self.model.parameters()]
+            r.views = [torch.nn.Parameter(run_slice(p.data, j)) for p in self.model.parameters()]
             r.opt = run_adamw(r.views, c)
             r.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(r.opt, mode="min", factor=c.plateau_factor,
                                                                  patience=c.plateau_patience)
@@ -386,7 +386,7 @@ class GroupTrainer:
                 self._idx.clear()  # positions changed
                 for i, r in enumerate(self.runs):  # the views follow the run's slice; optimiser state stays
                     for v, p in zip(r.views, self.model.parameters()):
-                        v.data = p.data[i]
+                        v.data = run_slice(p.data, i)
         return results
 
 

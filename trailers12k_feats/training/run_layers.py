@@ -20,8 +20,8 @@ from trailers12k_feats.training.heads import keep_mask, random_lanes
 
 
 def pick(t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
-    """The runs `idx` of a (R, ...) tensor, all of them when `idx` is None."""
-    return t if idx is None else t.index_select(0, idx)
+    """The runs `idx` of a (R, ...) tensor in its memory layout, all of them when `idx` is None."""
+    return t if idx is None else select_runs(t, idx)
 
 
 class _PerRunMatmul(torch.autograd.Function):
@@ -74,12 +74,32 @@ def _per_run(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.view(v.shape[0], *([1] * (like.dim() - 2)), v.shape[-1])
 
 
+def linear_weight(runs: int, out_features: int, in_features: int,
+                  device: torch.device | str | None = None) -> nn.Parameter:
+    """A RunLinear weight: shape (R, out, in) as nn.Linear's, stored as (R, in, out), the layout
+    in which the matmuls read it and in which the compiled block's backward (fused.block) and
+    the batched matmul's give its gradient. Autograd then keeps a gradient as it comes; with the
+    weight stored (R, out, in) it copied every weight gradient into that layout each step."""
+    return nn.Parameter(torch.empty(runs, in_features, out_features, device=device).transpose(1, 2))
+
+
+def select_runs(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The runs `idx` of a (R, ...) tensor in t's memory layout (index_select gives a contiguous
+    one): what GroupedDivita.keep keeps of each parameter and buffer."""
+    order = sorted(range(t.dim()), key=lambda d: (-t.stride(d), d))  # dims outermost first in memory
+    if order[0] != 0:  # the run dim is not outermost: a layout of no RunLinear
+        return t.index_select(0, idx)
+    inverse = sorted(range(t.dim()), key=order.__getitem__)
+    return t.permute(order).index_select(0, idx).permute(inverse)
+
+
 class RunLinear(nn.Module):
-    """R nn.Linear layers: weight (R, out, in), bias (R, out); x (R', ..., in) -> (R', ..., out)."""
+    """R nn.Linear layers: weight (R, out, in) (stored as (R, in, out): linear_weight), bias
+    (R, out); x (R', ..., in) -> (R', ..., out)."""
 
     def __init__(self, runs: int, in_features: int, out_features: int, bias: bool = True) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(runs, out_features, in_features))
+        self.weight = linear_weight(runs, out_features, in_features)
         self.bias = nn.Parameter(torch.empty(runs, out_features)) if bias else None
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
@@ -208,8 +228,9 @@ class RunBatchNorm(nn.Module):
             with torch.autocast(x.device.type, enabled=False):
                 mean, var = self.offset_stats(x, offset, mask, idx)  # (R', 1, F) each, fp32
                 if self.fused and self.training and fused.serves(x):  # one compiled pass (fused.fold)
-                    weight, bias = fused.fold(pick(linear.weight, idx), pick(linear.bias, idx), pick(self.weight, idx),
-                                              pick(self.bias, idx), mean, var, self.eps, x.dtype)  # (R', F, D), (R', D)
+                    weight, bias = fused.fold(pick(linear.weight, idx).transpose(1, 2), pick(linear.bias, idx),
+                                              pick(self.weight, idx), pick(self.bias, idx), mean, var, self.eps,
+                                              x.dtype)  # (R', F, D), (R', D)
                 else:
                     scale = torch.rsqrt(var + self.eps) * pick(self.weight, idx).unsqueeze(1)  # (R', 1, F)
                     folded = pick(linear.weight, idx) * scale  # (R', D, F)

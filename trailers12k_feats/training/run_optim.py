@@ -18,6 +18,18 @@ from torch.optim.adam import adam
 from trailers12k_feats.training.train import TrainConfig, adamw
 
 
+def memory_order(t: torch.Tensor) -> list[int]:
+    """t's dims, outermost in memory first: permuted so, a dense tensor is contiguous."""
+    return sorted(range(t.dim()), key=lambda d: (-t.stride(d), d))
+
+
+def run_slice(p: torch.Tensor, j: int) -> torch.Tensor:
+    """Run j's slice of a batched (R, ...) tensor with its dims in p's memory order: contiguous,
+    as the fused AdamW kernel reads it without copying, where p is dense. A RunLinear weight is
+    stored transposed (run_layers.linear_weight), so its run slice is the weight transposed."""
+    return p.permute(memory_order(p))[j]
+
+
 def run_adamw(views: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
     """A run's AdamW over `views`, with the state AdamW creates at its first step: step_runs
     steps it, and the functional AdamW it calls creates none."""
@@ -32,8 +44,11 @@ def run_adamw(views: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.
 def step_runs(params: Sequence[torch.Tensor],
               runs: Sequence[tuple[int, Sequence[torch.nn.Parameter], torch.optim.AdamW]]) -> None:
     """For each (j, views, opt) of `runs`, the step opt.step() makes with views[i].grad being
-    slice j of params[i].grad (params: the batched parameters, each (R, ...)): one fused AdamW
-    call per set of runs with equal settings, their learning rates included."""
+    slice j of params[i].grad (params: the batched parameters, each (R, ...); views[i] is
+    run_slice(params[i], j), and the gradient is sliced alike): one fused AdamW call per set of
+    runs with equal settings, their learning rates included."""
+    # each gradient viewed in its parameter's memory order, as the views are
+    grads_of = [p.grad.permute(memory_order(p)) for p in params]
     calls: dict[tuple, list[tuple[int, Sequence[torch.nn.Parameter], torch.optim.AdamW]]] = {}
     for run in runs:
         hp = run[2].param_groups[0]
@@ -41,10 +56,10 @@ def step_runs(params: Sequence[torch.Tensor],
     for (lr, (beta1, beta2), eps, weight_decay, amsgrad), same in calls.items():
         views, grads, avgs, sqs, maxes, steps = [], [], [], [], [], []
         for j, run_views, opt in same:
-            for v, p in zip(run_views, params):
+            for v, g in zip(run_views, grads_of):
                 state = opt.state[v]
                 views.append(v)
-                grads.append(p.grad[j])
+                grads.append(g[j])
                 avgs.append(state["exp_avg"])
                 sqs.append(state["exp_avg_sq"])
                 steps.append(state["step"])
