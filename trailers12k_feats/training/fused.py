@@ -77,7 +77,9 @@ def _moments(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, 
     xf = x.float()  # (R', B, S, F)
     if mask is not None:
         xf = xf * mask.unsqueeze(-1).float()  # padding -> 0
-    return xf.sum((1, 2)), (xf * xf).sum((1, 2))  # (R', F) each
+    # each window's sums, then the windows': a window's S clips lie together, so the loop reads x
+    # window by window, where one sum over (B, S) walked every feature down all B*S clips in turn
+    return xf.sum(2).sum(1), (xf * xf).sum(2).sum(1)  # (R', F) each
 
 
 def _fold(weight: torch.Tensor, bias: torch.Tensor, bn_weight: torch.Tensor, bn_bias: torch.Tensor,
