@@ -20,7 +20,7 @@ from trailers12k_feats.training.data import centred_table, load_metadata
 from trailers12k_feats.training.grouped import group_problem, train_group
 from trailers12k_feats.training.heads import build_divita, set_dropout_generator
 from trailers12k_feats.training.reproduce import ReproduceConfig, reproduce
-from trailers12k_feats.training.run_layers import RunBatchNorm
+from trailers12k_feats.training.run_layers import RunBatchNorm, RunLinear
 from trailers12k_feats.training.train import (
     TrainConfig,
     _split_data,
@@ -90,8 +90,12 @@ def test_grouped_model_is_each_model(temporal, fusion, dropout_at):
     for i, j in enumerate(idx.tolist()):
         torch.testing.assert_close(out[i], models[j].eval()(ix=ix[j], vx=vx[j], ix_mask=mask[j], vx_mask=mask[j]),
                                    rtol=0, atol=1e-5)
-    group.keep(torch.tensor([1]))  # the others leave: every tensor shrinks to run 1's
+    layouts = {k: p.stride()[1:] for k, p in group.named_parameters()}
+    linears = [m for m in group.modules() if isinstance(m, RunLinear)]
+    assert linears and all(m.weight.stride(1) == 1 for m in linears)  # stored (R, in, out)
+    group.keep(torch.tensor([1]))  # the others leave: every tensor shrinks to run 1's, laid out as before
     assert group.runs == 1 and all(t.shape[0] == 1 for t in group.state_dict().values())
+    assert {k: p.stride()[1:] for k, p in group.named_parameters()} == layouts
     for k, v in models[1].state_dict().items():
         torch.testing.assert_close(group.run_state(0)[k], v, rtol=0, atol=1e-6, msg=k)
 

@@ -83,12 +83,17 @@ def linear_weight(runs: int, out_features: int, in_features: int,
     return nn.Parameter(torch.empty(runs, in_features, out_features, device=device).transpose(1, 2))
 
 
+def memory_order(t: torch.Tensor) -> list[int]:
+    """The dims of a (R, ...) tensor, the run dim first and the others outermost in memory first:
+    permuted so, a RunLinear weight (linear_weight) is contiguous, as any dense tensor whose
+    run dim is outermost."""
+    return [0, *sorted(range(1, t.dim()), key=lambda d: (-t.stride(d), d))]
+
+
 def select_runs(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """The runs `idx` of a (R, ...) tensor in t's memory layout (index_select gives a contiguous
     one): what GroupedDivita.keep keeps of each parameter and buffer."""
-    order = sorted(range(t.dim()), key=lambda d: (-t.stride(d), d))  # dims outermost first in memory
-    if order[0] != 0:  # the run dim is not outermost: a layout of no RunLinear
-        return t.index_select(0, idx)
+    order = memory_order(t)
     inverse = sorted(range(t.dim()), key=order.__getitem__)
     return t.permute(order).index_select(0, idx).permute(inverse)
 

@@ -15,12 +15,8 @@ from collections.abc import Sequence
 import torch
 from torch.optim.adam import adam
 
+from trailers12k_feats.training.run_layers import memory_order
 from trailers12k_feats.training.train import TrainConfig, adamw
-
-
-def memory_order(t: torch.Tensor) -> list[int]:
-    """t's dims, outermost in memory first: permuted so, a dense tensor is contiguous."""
-    return sorted(range(t.dim()), key=lambda d: (-t.stride(d), d))
 
 
 def run_slice(p: torch.Tensor, j: int) -> torch.Tensor:
