@@ -61,7 +61,8 @@ class RunTransformerBlock(nn.Module):
         if self.fused and fused.serves(x):
             # both masks drawn first: nothing else draws from the runs' generators in between
             keep1, keep2 = run_keep(x, self.p, gens), run_keep(x, self.p, gens)  # (R', B, S, D) each, None in eval
-            lin = [pick(m.weight, idx).transpose(1, 2) for m in (self.qkv, self.proj, self.ff[0], self.ff[2])]  # (R', in, out)
+            # each Linear's weight as it lies in memory, (R', in, out): run_layers.linear_weight
+            lin = [pick(m.weight, idx).transpose(1, 2) for m in (self.qkv, self.proj, self.ff[0], self.ff[2])]
             weights = [lin[0], lin[1], lin[2], pick(self.ff[0].bias, idx), lin[3], pick(self.ff[2].bias, idx),
                        *(pick(w, idx) for w in (self.ln1.weight, self.ln1.bias, self.ln2.weight, self.ln2.bias))]
             return fused.block(x, weights, keep1, keep2, mask, self.heads, 1.0 / (1.0 - self.p),

@@ -131,9 +131,10 @@ def block(x: torch.Tensor, weights: Sequence[torch.Tensor], keep1: torch.Tensor 
     """A heads.TransformerBlock of each run on x (R', B, S, D), its matmuls in x's dtype: `weights`
     are the runs' qkv, proj, ff.0 weight and bias, ff.2 weight and bias, ln1 weight and bias, ln2
     weight and bias, each (R', ...), the four Linear weights transposed, (R', in, out), as
-    run_layers.RunLinear lays them out in memory (then contiguous); `mask` (R', B, S) hides padded keys (None: every clip real);
-    each LayerNorm (`eps`) output, or with `after` False each sub-layer's branch, is dropped where
-    keep1 (first) or keep2 (second) is 0 (R', B, S, D; None: no dropout), kept units times `scale`."""
+    run_layers.RunLinear lays them out in memory (so contiguous); `mask` (R', B, S) hides padded
+    keys (None: every clip real); each LayerNorm (`eps`) output, or with `after` False each
+    sub-layer's branch, is dropped where keep1 (first) or keep2 (second) is 0 (R', B, S, D; None:
+    no dropout), kept units times `scale`."""
     x, *weights, keep1, keep2, mask = _plain((x, *weights, keep1, keep2, mask))
     if not torch.is_grad_enabled():  # evaluation: one graph, whatever asks for gradients outside it
         x, weights = x.detach(), [w.detach() for w in weights]
@@ -158,8 +159,9 @@ def fold(weight: torch.Tensor, bias: torch.Tensor, bn_weight: torch.Tensor, bn_b
          dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """A Linear (weight transposed (R', F, D), as run_layers.RunLinear lays it out; bias (R', D))
     after a BatchNorm (bn_weight, bn_bias (R', F); batch or running mean and var (R', 1, F)) as
-    one Linear: its weight transposed (R', F, D) in `dtype` and its bias (R', D) in fp32. W s (x - mean) + W beta + b with s = bn_weight /
-    sqrt(var + eps) is (W s) x + (W beta - (W s) mean + b)."""
+    one Linear: its weight transposed (R', F, D) in `dtype` and its bias (R', D) in fp32.
+    W s (x - mean) + W beta + b with s = bn_weight / sqrt(var + eps) is
+    (W s) x + (W beta - (W s) mean + b)."""
     return _call("fold", weight, bias, bn_weight, bn_bias, mean, var, eps, dtype)
 
 

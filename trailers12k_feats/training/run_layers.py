@@ -79,7 +79,7 @@ def linear_weight(runs: int, out_features: int, in_features: int,
     """A RunLinear weight: shape (R, out, in) as nn.Linear's, stored as (R, in, out), the layout
     in which the matmuls read it and in which the compiled block's backward (fused.block) and
     the batched matmul's give its gradient. Autograd then keeps a gradient as it comes; with the
-    weight stored (R, out, in) it copied every weight gradient into that layout each step."""
+    weight stored (R, out, in), it would copy every weight gradient into that layout each step."""
     return nn.Parameter(torch.empty(runs, in_features, out_features, device=device).transpose(1, 2))
 
 
