@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from trailers12k_feats.training.run_layers import linear_weight
-from trailers12k_feats.training.run_optim import run_adamw, run_slice, step_runs
+from trailers12k_feats.training.run_layers import linear_weight, run_slice
+from trailers12k_feats.training.run_optim import run_adamw, step_runs
 from trailers12k_feats.training.train import TrainConfig
 
 

@@ -49,7 +49,8 @@ from trailers12k_feats.training.protocols import (
     snippet_loss,
     training_set,
 )
-from trailers12k_feats.training.run_optim import run_adamw, run_slice, step_runs
+from trailers12k_feats.training.run_layers import run_slice
+from trailers12k_feats.training.run_optim import run_adamw, step_runs
 from trailers12k_feats.training.rundir import save_run
 from trailers12k_feats.training.train import (
     EpochLog,

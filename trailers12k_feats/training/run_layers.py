@@ -98,6 +98,13 @@ def select_runs(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return t.permute(order).index_select(0, idx).permute(inverse)
 
 
+def run_slice(p: torch.Tensor, j: int) -> torch.Tensor:
+    """Run j's slice of a batched (R, ...) tensor with its dims in p's memory order: contiguous,
+    as the fused AdamW kernel (run_optim) reads it without copying, where p is dense. A RunLinear weight is
+    stored transposed (linear_weight), so its run slice is the weight transposed."""
+    return p.permute(memory_order(p))[j]
+
+
 class RunLinear(nn.Module):
     """R nn.Linear layers: weight (R, out, in) (stored as (R, in, out): linear_weight), bias
     (R, out); x (R', ..., in) -> (R', ..., out)."""

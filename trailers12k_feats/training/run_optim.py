@@ -19,13 +19,6 @@ from trailers12k_feats.training.run_layers import memory_order
 from trailers12k_feats.training.train import TrainConfig, adamw
 
 
-def run_slice(p: torch.Tensor, j: int) -> torch.Tensor:
-    """Run j's slice of a batched (R, ...) tensor with its dims in p's memory order: contiguous,
-    as the fused AdamW kernel reads it without copying, where p is dense. A RunLinear weight is
-    stored transposed (run_layers.linear_weight), so its run slice is the weight transposed."""
-    return p.permute(memory_order(p))[j]
-
-
 def run_adamw(views: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
     """A run's AdamW over `views`, with the state AdamW creates at its first step: step_runs
     steps it, and the functional AdamW it calls creates none."""
@@ -41,7 +34,7 @@ def step_runs(params: Sequence[torch.Tensor],
               runs: Sequence[tuple[int, Sequence[torch.nn.Parameter], torch.optim.AdamW]]) -> None:
     """For each (j, views, opt) of `runs`, the step opt.step() makes with views[i].grad being
     slice j of params[i].grad (params: the batched parameters, each (R, ...); views[i] is
-    run_slice(params[i], j), and the gradient is sliced alike): one fused AdamW call per set of
+    run_layers.run_slice(params[i], j), and the gradient is sliced alike): one fused AdamW call per set of
     runs with equal settings, their learning rates included."""
     # each gradient viewed in its parameter's memory order, as the views are
     grads_of = [p.grad.permute(memory_order(p)) for p in params]
