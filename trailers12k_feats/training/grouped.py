@@ -33,7 +33,7 @@ from tqdm import tqdm
 from trailers12k_feats import NUM_GENRES
 from trailers12k_feats import cache as cache_mod
 from trailers12k_feats.runtime import PRECISIONS, PrecisionChoice, autocast
-from trailers12k_feats.training import fused
+from trailers12k_feats.training import fused, handoff
 from trailers12k_feats.training.batched import BATCHED_TEMPORAL, GroupedDivita
 from trailers12k_feats.training.data import (
     Metadata,
@@ -42,6 +42,7 @@ from trailers12k_feats.training.data import (
     to_device,
 )
 from trailers12k_feats.training.evaluation import evaluate_model, scored
+from trailers12k_feats.training.handoff import RunState
 from trailers12k_feats.training.heads import DivitaStream, build_divita, count_params
 from trailers12k_feats.training.protocols import (
     eval_rows,
@@ -73,10 +74,11 @@ PER_RUN = ("split", "seed", "lr", "weight_decay", "max_epochs", "plateau_factor"
            "early_stop_patience")
 
 
-def group_problem(cfgs: Sequence[TrainConfig]) -> str | None:
-    """Why runs `cfgs` cannot train as one group, or None when they can."""
-    if len(cfgs) < 2:
-        return "a group needs two runs or more"
+def group_problem(cfgs: Sequence[TrainConfig], least: int = 2) -> str | None:
+    """Why runs `cfgs` cannot train as one group of `least` runs or more, or None when they can.
+    (A group of one is a run handed off by another group: handoff.py.)"""
+    if len(cfgs) < least:
+        return "a group needs two runs or more" if least == 2 else f"a group needs {least} run(s) or more"
     if cfgs[0].temporal not in BATCHED_TEMPORAL:
         return f"temporal module {cfgs[0].temporal} is not batched (batched: {', '.join(BATCHED_TEMPORAL)})"
     shared = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in PER_RUN]
@@ -130,8 +132,9 @@ class GroupTrainer:
     the eager code."""
 
     def __init__(self, cfgs: Sequence[TrainConfig], datas: Sequence[dict[str, TrailerData]],
-                 descs: Sequence[str], centred: bool | None = None, fused: bool | None = None) -> None:
-        problem = group_problem(cfgs)
+                 descs: Sequence[str], centred: bool | None = None, fused: bool | None = None,
+                 resume: Sequence[RunState] | None = None) -> None:
+        problem = group_problem(cfgs, least=1 if resume else 2)
         if problem:
             raise T12kError(f"these runs cannot train as one group: {problem}.")
         self.cfg = cfg = cfgs[0]  # the settings every run shares
@@ -171,6 +174,12 @@ class GroupTrainer:
         if self.fused:
             self.fused = self._warm_up(models[0], cfg.protocol)
         self.model.use_fused(self.fused)
+        # Whether a run may leave for another process (fit's hand_off): where it computes bit for
+        # bit alike in any group, with any number of threads (tests/test_handoff.py): in the
+        # compiled chains on centred clips, in the authors' protocol. Not in the masked one, where
+        # whether a batch of several runs is masked depends on all of them; nor in fp32 on the CPU,
+        # whose matmuls sum a run's products in an order that depends on the batch it shares.
+        self.hands_off = bool(self.fused) and self.offsets is not None and cfg.protocol == "authors"
         # Each run's own optimiser and schedule, as Trainer's, over views of its slice of the batched
         # parameters: the update is torch's AdamW itself, in place in the batched tensors.
         for j, r in enumerate(self.runs):
@@ -179,6 +188,14 @@ class GroupTrainer:
             r.opt = run_adamw(r.views, c)
             r.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(r.opt, mode="min", factor=c.plateau_factor,
                                                                  patience=c.plateau_patience)
+        # epochs finished and seconds trained: 0 but for runs handed off by another group
+        self.epoch, self.seconds = 0, 0.0
+        if resume:
+            if len(resume) != len(self.runs) or len({s.epoch for s in resume}) != 1:
+                raise ValueError("resume: a state per run, all after the same epoch.")
+            for j, state in enumerate(resume):
+                handoff.restore(self, j, state)
+            self.epoch, self.seconds = resume[0].epoch, max(s.seconds for s in resume)
 
     def _warm_up(self, like: torch.nn.Module, protocol: str) -> bool:
         """Compile the fused block and chains for this group (fused.warm_up); False, with a warning
@@ -240,8 +257,9 @@ class GroupTrainer:
                 x[k] = x[k].to(torch.float32)
                 if mask is not None:
                     x[k].masked_fill_(~mask[..., None], 0.0)
-            elif mask is not None:  # a zero clip, stored less the offset as the clips are
-                x[k] = torch.where(mask[..., None], x[k], -self.offsets[k].to(x[k].dtype))
+            elif mask is not None:  # a zero clip, stored less the offset as the clips are; written in
+                # place on the padded clips alone, a few per batch, where a select passed over every clip
+                x[k][~mask] = -self.offsets[k].to(x[k].dtype)
         return x, mask
 
     def step(self, js: list[int], rows: list[torch.Tensor], firsts: list[torch.Tensor],
@@ -309,21 +327,22 @@ class GroupTrainer:
                                       owner.to(where, non_blocking=True), first.to(where, non_blocking=True))
             snips.append(r.snippets[subset])
         logits = [torch.empty(len(sn[0]), NUM_GENRES, device=self.device) for sn in snips]  # each (S_j, 10)
-        # snippets of each run per call: eval_batch_size in all, as one run's batch, within the CPU's block
-        C = eval_rows(-(-E // len(self.runs)), self.runs[0].on_device[subset], cfg.window, len(self.runs))
+        # Snippets of each run per call: as many as the run alone takes (eval_rows), a shorter last
+        # chunk padded with its last snippet. So every call computes C rows of each run, whatever
+        # runs share it, and a run's logits are bit for bit those it has in any group (handoff.py).
+        C = eval_rows(E, self.runs[0].on_device[subset], cfg.window)
         for s in range(0, max(len(sn[0]) for sn in snips), C):
             js = [j for j, sn in enumerate(snips) if s < len(sn[0])]
-            size = max(min(C, len(snips[j][0]) - s) for j in js)
             views = []
-            for j in js:  # a shorter last chunk repeats its last snippet: evaluation rows are independent
+            for j in js:
                 owner, first = (t[s:s + C] for t in snips[j][3:])
-                pad = size - len(owner)
+                pad = C - len(owner)
                 views.append((self.runs[j].on_device[subset], torch.cat([owner, owner[-1:].expand(pad)]),
                               torch.cat([first, first[-1:].expand(pad)])))
             x, mask = self._gather(views, all(bool(snips[j][2][s:s + C].all()) for j in js))
             if cfg.protocol != "masked":
                 mask = None  # the authors' evaluation sees the zero padding as clips
-            out = self._logits(x, mask, self.idx(js), None)  # (R', size, 10)
+            out = self._logits(x, mask, self.idx(js), None)  # (R', C, 10)
             for i, j in enumerate(js):
                 n = min(C, len(snips[j][0]) - s)
                 logits[j][s:s + n] = out[i, :n]
@@ -348,14 +367,18 @@ class GroupTrainer:
 
     def fit(self, progress: bool = True, desc: str = "group",
             on_finish: Callable[[int, _Run, tuple], None] | None = None,
-            on_epoch: Callable[[int], None] | None = None) -> list[RunResult]:
-        """Train until every run has stopped; `on_finish(j, run, (result, model, val_probs,
-        test_probs))` is called as run j (its position in `cfgs`) leaves the group, `on_epoch(epoch)`
-        as each epoch starts."""
-        t0 = time.perf_counter()
+            on_epoch: Callable[[int], None] | None = None,
+            hand_off: Callable[[], bool] | None = None,
+            on_hand_off: Callable[[int, RunState], None] | None = None) -> list[RunResult | None]:
+        """Train until every run has stopped or been handed off; `on_finish(j, run, (result, model,
+        val_probs, test_probs))` is called as run j (its position in `cfgs`) leaves the group,
+        `on_epoch(epoch)` as each epoch starts. After each epoch, while two runs or more go on,
+        `hand_off()` says whether one of them is to go to another process: the last is taken out
+        (handoff.capture) and `on_hand_off(j, state)` gets it; its result here is None."""
+        t0 = time.perf_counter() - self.seconds
         positions = list(range(len(self.runs)))  # each remaining run's position in cfgs
         results: list[RunResult | None] = [None] * len(self.runs)
-        bar = tqdm(range(1, max(r.cfg.max_epochs for r in self.runs) + 1), desc=desc, unit="epoch",
+        bar = tqdm(range(self.epoch + 1, max(r.cfg.max_epochs for r in self.runs) + 1), desc=desc, unit="epoch",
                    disable=not progress, leave=False)
         for epoch in bar:
             if on_epoch is not None:
@@ -378,17 +401,29 @@ class GroupTrainer:
                 log_end(r.desc, out[0])
                 if on_finish is not None:
                     on_finish(positions[j], r, out)
+            if len(stop) < len(self.runs) - 1 and self.hands_off and hand_off is not None and hand_off():
+                j = max(set(range(len(self.runs))) - set(stop))  # the last run going on
+                state = handoff.capture(self, j, epoch, time.perf_counter() - t0)
+                log.info("%s: handed to another process after epoch %d", self.runs[j].desc, epoch)
+                stop.append(j)
+                if on_hand_off is not None:
+                    on_hand_off(positions[j], state)
             if stop:
                 keep = [j for j in range(len(self.runs)) if j not in stop]
                 if not keep:
                     break
-                self.model.keep(torch.tensor(keep, device=self.device))
-                self.runs, positions = [self.runs[j] for j in keep], [positions[j] for j in keep]
-                self._idx.clear()  # positions changed
-                for i, r in enumerate(self.runs):  # the views follow the run's slice; optimiser state stays
-                    for v, p in zip(r.views, self.model.parameters()):
-                        v.data = run_slice(p.data, i)
+                positions = [positions[j] for j in keep]
+                self._keep(keep)
         return results
+
+    def _keep(self, keep: list[int]) -> None:
+        """Only runs `keep` (positions in self.runs) go on."""
+        self.model.keep(torch.tensor(keep, device=self.device))
+        self.runs = [self.runs[j] for j in keep]
+        self._idx.clear()  # positions changed
+        for i, r in enumerate(self.runs):  # the views follow the run's slice; optimiser state stays
+            for v, p in zip(r.views, self.model.parameters()):
+                v.data = run_slice(p.data, i)
 
 
 def train_group(cfgs: Sequence[TrainConfig], meta: Metadata, sets: dict[str, cache_mod.FeatureSet],
@@ -396,16 +431,21 @@ def train_group(cfgs: Sequence[TrainConfig], meta: Metadata, sets: dict[str, cac
                 progress: bool = True, descs: Sequence[str] | None = None,
                 on_finish: Callable[[int, RunResult], None] | None = None,
                 precision: PrecisionChoice | None = None,
-                on_epoch: Callable[[int], None] | None = None) -> list[RunResult]:
+                on_epoch: Callable[[int], None] | None = None, resume: Sequence[RunState] | None = None,
+                hand_off: Callable[[], bool] | None = None,
+                on_hand_off: Callable[[int, RunState], None] | None = None) -> list[RunResult | None]:
     """train_run for each of `cfgs` (each on its own split), trained as one group; each run's
     directory (out_dirs[j], None for none) is written as the run finishes, then
     `on_finish(j, result)` is called. Falls back to one run at a time, with a log line saying
     why, where the runs cannot form a group (group_problem). `precision`: the runs' shared
     `precision` resolved (here when None), as train_run takes it. `on_epoch(epoch)` is called as
-    each epoch starts (each run's, where they train one at a time)."""
+    each epoch starts (each run's, where they train one at a time). `resume` (a state per run,
+    handoff.py): runs handed off by another group, which go on from where they were, one run
+    being a group too; `hand_off` and `on_hand_off`: see GroupTrainer.fit (the result of a run
+    handed off is None)."""
     out_dirs = list(out_dirs) if out_dirs is not None else [None] * len(cfgs)
     descs = list(descs) if descs is not None else [f"split{c.split} seed{c.seed}" for c in cfgs]
-    problem = group_problem(cfgs)
+    problem = group_problem(cfgs, least=1 if resume else 2)
     if problem:
         if len(cfgs) > 1:
             log.info("%s: %s; training these %d runs one at a time", ", ".join(descs), problem, len(cfgs))
@@ -422,10 +462,13 @@ def train_group(cfgs: Sequence[TrainConfig], meta: Metadata, sets: dict[str, cac
                         f"{cfgs[0].precision}; resolve it with train_precision(cfg).")
     cfgs = [dataclasses.replace(c, precision=precision.precision) for c in cfgs]  # what the group runs in
     datas = [_split_data(meta, sets, rows, c.split) for c in cfgs]
-    trainer = GroupTrainer(cfgs, datas, descs)
-    for r in trainer.runs:
-        log_start(r.desc, r.cfg, sets, r.data, trainer.n_params)
-    log.info("training %d runs as one group: %s", len(cfgs), ", ".join(descs))
+    trainer = GroupTrainer(cfgs, datas, descs, resume=resume)
+    if resume:
+        log.info("%s: going on from epoch %d", ", ".join(descs), trainer.epoch + 1)
+    else:
+        for r in trainer.runs:
+            log_start(r.desc, r.cfg, sets, r.data, trainer.n_params)
+        log.info("training %d runs as one group: %s", len(cfgs), ", ".join(descs))
 
     def finished(j: int, run: _Run, out: tuple) -> None:
         result, model, val_p, test_p = out
@@ -435,4 +478,5 @@ def train_group(cfgs: Sequence[TrainConfig], meta: Metadata, sets: dict[str, cac
         if on_finish is not None:
             on_finish(j, result)
 
-    return trainer.fit(progress=progress, desc=" + ".join(descs), on_finish=finished, on_epoch=on_epoch)
+    return trainer.fit(progress=progress, desc=" + ".join(descs), on_finish=finished, on_epoch=on_epoch,
+                       hand_off=hand_off, on_hand_off=on_hand_off)

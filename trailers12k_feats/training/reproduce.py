@@ -18,8 +18,9 @@ import hashlib
 import json
 import logging
 import multiprocessing
+import queue
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from trailers12k_feats.paper import TABLE6, get_row
 from trailers12k_feats.runtime import PrecisionChoice, available_memory, usable_cores
 from trailers12k_feats.training.data import SPLITS, check_splits, load_metadata
 from trailers12k_feats.training.grouped import centres_clips, group_problem, train_group
+from trailers12k_feats.training.handoff import RunState
 from trailers12k_feats.training.protocols import check_protocol
 from trailers12k_feats.training.streams import check_clips, check_dim, resolve_streams
 from trailers12k_feats.training.tables import write_results
@@ -251,9 +253,13 @@ def units(cfg: ReproduceConfig, todo: list[tuple[str, int]], spread: bool = Fals
 
 def train_unit(cfg: ReproduceConfig, row: str, splits: tuple[int, ...], precision: PrecisionChoice,
                progress: bool = True, on_finish: Callable[[], None] | None = None,
-               on_epoch: Callable[[int], None] | None = None) -> None:
+               on_epoch: Callable[[int], None] | None = None, resume: RunState | None = None,
+               hand_off: Callable[[], bool] | None = None,
+               on_hand_off: Callable[[int, RunState], None] | None = None) -> None:
     """Train the runs of `row` on `splits` (as one group where they can be) into their run directories;
-    `on_finish()` after each run, `on_epoch(epoch)` as each epoch starts."""
+    `on_finish()` after each run, `on_epoch(epoch)` as each epoch starts. `resume`: the state of
+    the one run of `splits`, handed off by another group; `hand_off`, `on_hand_off`: see
+    grouped.GroupTrainer.fit."""
     meta = load_metadata(cfg.metadata)
     caches = resolve_streams(cfg.cache_dir, row=row)
     sets, rows = load_streams(meta, caches, cfg.on_missing, cfg.allow_mismatched_clips)
@@ -265,9 +271,13 @@ def train_unit(cfg: ReproduceConfig, row: str, splits: tuple[int, ...], precisio
             on_finish()
 
     problem = group_problem(cfgs) if len(cfgs) > 1 else None
-    if cfg.group and len(cfgs) > 1 and problem is None:
+    if resume is not None:
         train_group(cfgs, meta, sets, rows, [_run_dir(cfg, row, s) for s in splits], progress=progress,
-                    descs=descs, on_finish=finished, precision=precision, on_epoch=on_epoch)
+                    descs=descs, on_finish=finished, precision=precision, on_epoch=on_epoch, resume=[resume])
+    elif cfg.group and len(cfgs) > 1 and problem is None:
+        train_group(cfgs, meta, sets, rows, [_run_dir(cfg, row, s) for s in splits], progress=progress,
+                    descs=descs, on_finish=finished, precision=precision, on_epoch=on_epoch, hand_off=hand_off,
+                    on_hand_off=on_hand_off)
     else:
         if cfg.group and problem:
             log.info("%s: %s; training its %d runs one at a time", row, problem, len(cfgs))
@@ -290,20 +300,22 @@ def _row_cost(cfg: ReproduceConfig, row: str) -> int:
     return sum(p.stat().st_size for p in resolve_streams(cfg.cache_dir, row=row).values())
 
 
-def job_count(cfg: ReproduceConfig, rows: Sequence[str]) -> int:
-    """How many of Table 6 rows `rows` `cfg` trains at once: `cfg.jobs`, or for 0 a process
+def job_count(cfg: ReproduceConfig, rows: Sequence[str], runs: int = 0) -> int:
+    """How many processes train Table 6 rows `rows` at once: `cfg.jobs`, or for 0 a process
     per usable core on the CPU (one thread each: a run's small operations then never wait for a
     second thread, which pays most on a busy machine) and per two cores on a GPU, as many as
     the rows' caches (twice, for groups that gather centred clips: grouped.centres_clips) fit in
-    MEMORY_SHARE of the available RAM, one at least."""
+    MEMORY_SHARE of the available RAM, one at least; no more than the rows, or where groups
+    hand runs to idle processes (`runs` > 0: handoff.py), than those `runs`."""
+    units = max(len(rows), runs)
     if cfg.jobs:
-        return max(1, min(cfg.jobs, len(rows)))
+        return max(1, min(cfg.jobs, units))
     cores = usable_cores()
     by_cores = cores // 2 if cfg.train.device.startswith("cuda") else cores
     # a group that gathers centred clips holds a second copy of its caches' features
     copies = 2 if cfg.group and centres_clips(cfg.train.device, cfg.train.precision) else 1
     by_memory = int(MEMORY_SHARE * available_memory() // max((copies * _row_cost(cfg, r) for r in rows), default=1))
-    return max(1, min(len(rows), by_cores, by_memory))
+    return max(1, min(units, by_cores, by_memory))
 
 
 def share_threads(cores: int, jobs: int, left: int) -> int:
@@ -314,18 +326,34 @@ def share_threads(cores: int, jobs: int, left: int) -> int:
     return max(1, cores // max(1, min(jobs, left)))
 
 
-_LEFT = None  # in a worker of `reproduce`: its shared count of unfinished units (multiprocessing.Value)
+# In a worker of `reproduce`, shared with the others (multiprocessing.Value): the units not
+# finished, the processes with nothing to do and the runs handed off; and the queue that takes
+# the runs handed off to `reproduce`.
+_LEFT = _IDLE = _SENT = _HANDOFFS = None
 
 
-def _init_worker(left) -> None:
-    global _LEFT
-    _LEFT = left
+def _init_worker(left, idle, sent, handoffs) -> None:
+    global _LEFT, _IDLE, _SENT, _HANDOFFS
+    _LEFT, _IDLE, _SENT, _HANDOFFS = left, idle, sent, handoffs
+
+
+def _claim_idle() -> bool:
+    """Take one of the processes with nothing to do for a run handed off, if there is one."""
+    with _IDLE.get_lock():
+        if _IDLE.value <= 0:
+            return False
+        _IDLE.value -= 1
+    with _LEFT.get_lock():
+        _LEFT.value += 1  # the run handed off is a unit of its own
+    return True
 
 
 def _unit_job(cfg: ReproduceConfig, row: str, splits: tuple[int, ...], precision: PrecisionChoice, cores: int,
-              jobs: int, level: int) -> str:
+              jobs: int, level: int, resume: bytes | None = None) -> str:
     """train_unit in a worker process of `reproduce` (its log lines at `level`), with the threads
-    share_threads gives it, looked at again as each epoch starts."""
+    share_threads gives it, looked at again as each epoch starts; a run of its group goes to
+    `reproduce` (handoff.py) while another process has nothing to do. `resume`: a run handed
+    off (RunState.to_bytes)."""
     setup_logging(level <= logging.DEBUG)
     logging.getLogger().setLevel(level)
 
@@ -336,9 +364,16 @@ def _unit_job(cfg: ReproduceConfig, row: str, splits: tuple[int, ...], precision
                      threads, epoch)
             torch.set_num_threads(threads)
 
+    def hand_over(j: int, state: RunState) -> None:
+        with _SENT.get_lock():
+            _SENT.value += 1
+        _HANDOFFS.put((row, splits[j], state.to_bytes()))
+
     torch.set_num_threads(share_threads(cores, jobs, _LEFT.value))
     try:
-        train_unit(cfg, row, splits, precision, progress=False, on_epoch=rethread)
+        train_unit(cfg, row, splits, precision, progress=False, on_epoch=rethread,
+                   resume=None if resume is None else RunState.from_bytes(resume), hand_off=_claim_idle,
+                   on_hand_off=hand_over)
     finally:
         with _LEFT.get_lock():
             _LEFT.value -= 1
@@ -349,7 +384,10 @@ def reproduce(cfg: ReproduceConfig, progress: bool = True) -> str:
     """Run every selected (row, split) not already finished; return the test table."""
     plan = prepare(cfg)
     work = units(cfg, plan.todo)
-    jobs = job_count(cfg, [row for row, _ in work])
+    # groups hand runs to idle processes where their runs compute alike in any group (handoff.py)
+    hands_off = cfg.group and cfg.train.protocol == "authors" and centres_clips(cfg.train.device,
+                                                                                plan.precision.precision)
+    jobs = job_count(cfg, [row for row, _ in work], sum(len(s) for _, s in work) if hands_off else 0)
     if jobs <= 1:
         for row, splits in work:
             train_unit(cfg, row, splits, plan.precision, progress, lambda row=row: record_finished(cfg, plan, row))
@@ -362,15 +400,52 @@ def reproduce(cfg: ReproduceConfig, progress: bool = True) -> str:
     level = logging.getLogger().getEffectiveLevel()
     work.sort(key=lambda unit: -_row_cost(cfg, unit[0]))  # the longest first: the last to end ends soonest
     ctx = multiprocessing.get_context("spawn")
-    left = ctx.Value("i", len(work))  # units not finished, shared with the workers
-    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(left,)) as pool:
-        futures = [pool.submit(_unit_job, cfg, row, splits, plan.precision, cores, jobs, level)
-                   for row, splits in work]
-        try:
-            for fut in tqdm(as_completed(futures), total=len(futures), desc="rows", unit="row", disable=not progress):
-                record_finished(cfg, plan, fut.result())
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
+    # shared with the workers: units not finished, processes with nothing to do, runs handed off
+    left, idle, sent, handoffs = ctx.Value("i", len(work)), ctx.Value("i", 0), ctx.Value("i", 0), ctx.Queue()
+    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker,
+                             initargs=(left, idle, sent, handoffs)) as pool:
+        _run_units(cfg, plan, work, pool, jobs, level, idle, sent, handoffs, progress)
     return write_results(cfg.out_dir, cfg.protocol)
+
+
+def _run_units(cfg: ReproduceConfig, plan: Plan, work: list[tuple[str, tuple[int, ...]]], pool: ProcessPoolExecutor,
+               jobs: int, level: int, idle, sent, handoffs, progress: bool) -> None:
+    """Start `work`'s units on `pool` as its processes come free, then each run handed off: a
+    process left with nothing to start counts itself in `idle` for the groups still training to
+    claim (_claim_idle); they put the run's state on `handoffs`, counted in `sent`."""
+    cores, queued, running, received = usable_cores(), list(work), {}, 0
+
+    def start(row: str, splits: tuple[int, ...], state: bytes | None = None) -> None:
+        running[pool.submit(_unit_job, cfg, row, splits, plan.precision, cores, jobs, level, state)] = row
+
+    while queued and len(running) < jobs:
+        start(*queued.pop(0))
+    with idle.get_lock():
+        idle.value = jobs - len(running)
+    bar = tqdm(total=len(work), desc="rows", unit="unit", disable=not progress)
+    try:
+        while running or received < sent.value:  # a run handed off may still be on its way
+            done, _ = wait(running, timeout=0.2, return_when=FIRST_COMPLETED) if running else ((), ())
+            for fut in done:
+                record_finished(cfg, plan, fut.result())
+                del running[fut]
+                bar.update()
+                if queued:
+                    start(*queued.pop(0))
+                else:
+                    with idle.get_lock():
+                        idle.value += 1
+            while True:
+                try:
+                    row, split, state = handoffs.get(timeout=0 if running else 0.2)
+                except queue.Empty:
+                    break
+                received += 1
+                bar.total += 1
+                start(row, (split,), state)  # the process it claimed takes it
+    except BaseException:
+        for f in running:
+            f.cancel()
+        raise
+    finally:
+        bar.close()
