@@ -13,11 +13,13 @@ import torch
 from click.testing import CliRunner
 
 from cli import main
+from trailers12k_feats.training import group_runs
 from trailers12k_feats.training import grouped as grouped_mod
 from trailers12k_feats.training import reproduce as rep_mod
 from trailers12k_feats.training.batched import GroupedDivita
 from trailers12k_feats.training.data import centred_table, load_metadata
-from trailers12k_feats.training.grouped import group_problem, train_group
+from trailers12k_feats.training.group_runs import train_group
+from trailers12k_feats.training.grouped import group_problem
 from trailers12k_feats.training.heads import build_divita, set_dropout_generator
 from trailers12k_feats.training.reproduce import ReproduceConfig, reproduce
 from trailers12k_feats.training.run_layers import RunBatchNorm, RunLinear
@@ -291,7 +293,7 @@ def test_a_temporal_module_that_is_not_batched_trains_alone(toy, caplog):
     meta, sets, rows = load(toy, fusion=False)
     cfgs = [TrainConfig(split=s, temporal="gru", max_epochs=1, **TOY) for s in (0, 1)]
     started = []
-    with caplog.at_level(logging.INFO, logger="trailers12k_feats.training.grouped"):
+    with caplog.at_level(logging.INFO, logger="trailers12k_feats.training.group_runs"):
         results = train_group(cfgs, meta, sets, rows, progress=False, on_epoch=started.append)
     assert started == [1, 1]  # each run's epoch, the runs one at a time
     assert "temporal module gru is not batched" in caplog.text and "one at a time" in caplog.text
@@ -319,7 +321,7 @@ def test_reproduce_with_groups_gives_the_table_without(corpus, tmp_path, monkeyp
     groups = []
     real = grouped_mod.GroupTrainer.__init__
     monkeypatch.setattr(grouped_mod.GroupTrainer, "__init__",
-                        lambda self, cfgs, *a: groups.append([c.split for c in cfgs]) or real(self, cfgs, *a))
+                        lambda self, cfgs, *a, **k: groups.append([c.split for c in cfgs]) or real(self, cfgs, *a, **k))
     reproduce(rep_config(corpus, tmp_path / "single", group=False), progress=False)
     assert groups == []
     reproduce(rep_config(corpus, tmp_path / "grouped"), progress=False)
@@ -329,18 +331,18 @@ def test_reproduce_with_groups_gives_the_table_without(corpus, tmp_path, monkeyp
     # Resume a group cut short after its first run finished: the other two form the next group.
     out = tmp_path / "resumed"
     saved = []
-    real_save = grouped_mod.save_run
+    real_save = group_runs.save_run
 
     def save_then_stop(*a, **k):
         if saved:
             raise KeyboardInterrupt
         saved.append(real_save(*a, **k))
 
-    monkeypatch.setattr(grouped_mod, "save_run", save_then_stop)
+    monkeypatch.setattr(group_runs, "save_run", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
         reproduce(rep_config(corpus, out), progress=False)
     assert len(list((out / "runs" / "k_r2plus1d").iterdir())) == 1 and len(table(out)) == 1
-    monkeypatch.setattr(grouped_mod, "save_run", real_save)
+    monkeypatch.setattr(group_runs, "save_run", real_save)
     groups.clear()
     reproduce(rep_config(corpus, out), progress=False)
     assert len(groups) == 1 and len(groups[0]) == 2

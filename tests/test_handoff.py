@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from trailers12k_feats.training.data import load_metadata
-from trailers12k_feats.training.grouped import train_group
+from trailers12k_feats.training.group_runs import train_group
 from trailers12k_feats.training.handoff import RunState
 from trailers12k_feats.training.reproduce import ReproduceConfig, reproduce
 from trailers12k_feats.training.train import TrainConfig, load_streams
@@ -83,13 +83,15 @@ def run_handoff(meta, sets, rows, tmp_path):
         assert same(w_a, w_b), k
 
 
-def test_resume_needs_a_state_per_run_after_one_epoch(toy, tmp_path):
+def test_runs_hand_off_only_where_they_compute_alike_in_any_group(toy):
     meta, sets, rows = toy
-    cfgs = [TrainConfig(split=s, max_epochs=1, precision="fp32", batch_size=8, eval_batch_size=16) for s in (0, 1)]
-    given = []
-    train_group(cfgs * 1 + [dataclasses.replace(cfgs[0], seed=9)], meta, sets, rows, progress=False,
-                hand_off=lambda: True, on_hand_off=lambda j, s: given.append(s))
-    assert given == []  # after the last epoch nothing goes on: nothing is handed off
+    cfgs = [TrainConfig(split=s, max_epochs=2, batch_size=8, eval_batch_size=16) for s in (0, 1)]
+    for precision, protocol in (("fp32", "authors"), ("bf16", "masked")):
+        given = []
+        run = [dataclasses.replace(c, precision=precision, protocol=protocol) for c in cfgs]
+        results = train_group(run, meta, sets, rows, progress=False, hand_off=lambda: True,
+                              on_hand_off=lambda j, s: given.append(j))
+        assert given == [] and all(r is not None and r.epochs == 2 for r in results), (precision, protocol)
     with pytest.raises(ValueError, match="a state per run"):
         train_group(cfgs, meta, sets, rows, progress=False, resume=[RunState(1, 0.0, {}, {}, {}, torch.zeros(1),
                                                                                 torch.zeros(1), [], 0.0, 0, None)])

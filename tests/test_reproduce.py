@@ -304,7 +304,7 @@ def test_rows_in_parallel_processes_give_the_same_tables(corpus, tmp_path):
 
 
 def test_rows_that_end_leave_their_cores_to_the_rows_still_training():
-    from trailers12k_feats.training.reproduce import share_threads
+    from trailers12k_feats.training.processes import share_threads
 
     assert [share_threads(2, 2, left) for left in (8, 3, 2, 1)] == [1, 1, 1, 2]  # queued rows: a core each
     assert [share_threads(16, 3, left) for left in (5, 3, 2, 1)] == [5, 5, 8, 16]

@@ -17,22 +17,18 @@ import dataclasses
 import hashlib
 import json
 import logging
-import multiprocessing
-import queue
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
-from tqdm import tqdm
 
 from trailers12k_feats import cache as cache_mod
 from trailers12k_feats.paper import TABLE6, get_row
 from trailers12k_feats.runtime import PrecisionChoice, available_memory, usable_cores
 from trailers12k_feats.training.data import SPLITS, check_splits, load_metadata
-from trailers12k_feats.training.grouped import centres_clips, group_problem, train_group
+from trailers12k_feats.training.group_runs import train_group
+from trailers12k_feats.training.grouped import centres_clips, group_problem
 from trailers12k_feats.training.handoff import RunState
+from trailers12k_feats.training.processes import share_threads, train_at_once
 from trailers12k_feats.training.protocols import check_protocol
 from trailers12k_feats.training.streams import check_clips, check_dim, resolve_streams
 from trailers12k_feats.training.tables import write_results
@@ -46,7 +42,6 @@ from trailers12k_feats.utils import (
     T12kError,
     check_writable,
     config_dict,
-    setup_logging,
     write_json,
 )
 
@@ -318,68 +313,6 @@ def job_count(cfg: ReproduceConfig, rows: Sequence[str], runs: int = 0) -> int:
     return max(1, min(units, by_cores, by_memory))
 
 
-def share_threads(cores: int, jobs: int, left: int) -> int:
-    """CPU threads for each process of `reproduce` still training when `left` of its units (queued
-    or training) are unfinished: the cores shared among min(jobs, left) processes. Once the queue
-    is empty, a process that ends leaves its cores to the others, which run each epoch's many
-    small operations faster with more threads (docs/speed.md)."""
-    return max(1, cores // max(1, min(jobs, left)))
-
-
-# In a worker of `reproduce`, shared with the others (multiprocessing.Value): the units not
-# finished, the processes with nothing to do and the runs handed off; and the queue that takes
-# the runs handed off to `reproduce`.
-_LEFT = _IDLE = _SENT = _HANDOFFS = None
-
-
-def _init_worker(left, idle, sent, handoffs) -> None:
-    global _LEFT, _IDLE, _SENT, _HANDOFFS
-    _LEFT, _IDLE, _SENT, _HANDOFFS = left, idle, sent, handoffs
-
-
-def _claim_idle() -> bool:
-    """Take one of the processes with nothing to do for a run handed off, if there is one."""
-    with _IDLE.get_lock():
-        if _IDLE.value <= 0:
-            return False
-        _IDLE.value -= 1
-    with _LEFT.get_lock():
-        _LEFT.value += 1  # the run handed off is a unit of its own
-    return True
-
-
-def _unit_job(cfg: ReproduceConfig, row: str, splits: tuple[int, ...], precision: PrecisionChoice, cores: int,
-              jobs: int, level: int, resume: bytes | None = None) -> str:
-    """train_unit in a worker process of `reproduce` (its log lines at `level`), with the threads
-    share_threads gives it, looked at again as each epoch starts; a run of its group goes to
-    `reproduce` (handoff.py) while another process has nothing to do. `resume`: a run handed
-    off (RunState.to_bytes)."""
-    setup_logging(level <= logging.DEBUG)
-    logging.getLogger().setLevel(level)
-
-    def rethread(epoch: int) -> None:
-        threads = share_threads(cores, jobs, _LEFT.value)
-        if threads != torch.get_num_threads():
-            log.info("%s: rows still training: %d; %d CPU threads for this one from epoch %d", row, _LEFT.value,
-                     threads, epoch)
-            torch.set_num_threads(threads)
-
-    def hand_over(j: int, state: RunState) -> None:
-        with _SENT.get_lock():
-            _SENT.value += 1
-        _HANDOFFS.put((row, splits[j], state.to_bytes()))
-
-    torch.set_num_threads(share_threads(cores, jobs, _LEFT.value))
-    try:
-        train_unit(cfg, row, splits, precision, progress=False, on_epoch=rethread,
-                   resume=None if resume is None else RunState.from_bytes(resume), hand_off=_claim_idle,
-                   on_hand_off=hand_over)
-    finally:
-        with _LEFT.get_lock():
-            _LEFT.value -= 1
-    return row
-
-
 def reproduce(cfg: ReproduceConfig, progress: bool = True) -> str:
     """Run every selected (row, split) not already finished; return the test table."""
     plan = prepare(cfg)
@@ -392,60 +325,10 @@ def reproduce(cfg: ReproduceConfig, progress: bool = True) -> str:
         for row, splits in work:
             train_unit(cfg, row, splits, plan.precision, progress, lambda row=row: record_finished(cfg, plan, row))
         return write_results(cfg.out_dir, cfg.protocol)
-    # Several rows at once, a process each (spawned: CUDA cannot be forked). Each writes its runs'
-    # directories as they finish; this process records their data and tables as each row ends.
-    cores = usable_cores()
+    # Several rows at once, a process each (processes.py). Each writes its runs' directories as
+    # they finish; this process records their data and tables as each of its units ends.
     log.info("training %d rows at once, a process each with %d CPU threads (more for the last rows, as the "
-             "others end)", jobs, share_threads(cores, jobs, len(work)))
-    level = logging.getLogger().getEffectiveLevel()
+             "others end)", jobs, share_threads(usable_cores(), jobs, len(work)))
     work.sort(key=lambda unit: -_row_cost(cfg, unit[0]))  # the longest first: the last to end ends soonest
-    ctx = multiprocessing.get_context("spawn")
-    # shared with the workers: units not finished, processes with nothing to do, runs handed off
-    left, idle, sent, handoffs = ctx.Value("i", len(work)), ctx.Value("i", 0), ctx.Value("i", 0), ctx.Queue()
-    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker,
-                             initargs=(left, idle, sent, handoffs)) as pool:
-        _run_units(cfg, plan, work, pool, jobs, level, idle, sent, handoffs, progress)
+    train_at_once(cfg, plan, work, jobs, lambda row: record_finished(cfg, plan, row), progress)
     return write_results(cfg.out_dir, cfg.protocol)
-
-
-def _run_units(cfg: ReproduceConfig, plan: Plan, work: list[tuple[str, tuple[int, ...]]], pool: ProcessPoolExecutor,
-               jobs: int, level: int, idle, sent, handoffs, progress: bool) -> None:
-    """Start `work`'s units on `pool` as its processes come free, then each run handed off: a
-    process left with nothing to start counts itself in `idle` for the groups still training to
-    claim (_claim_idle); they put the run's state on `handoffs`, counted in `sent`."""
-    cores, queued, running, received = usable_cores(), list(work), {}, 0
-
-    def start(row: str, splits: tuple[int, ...], state: bytes | None = None) -> None:
-        running[pool.submit(_unit_job, cfg, row, splits, plan.precision, cores, jobs, level, state)] = row
-
-    while queued and len(running) < jobs:
-        start(*queued.pop(0))
-    with idle.get_lock():
-        idle.value = jobs - len(running)
-    bar = tqdm(total=len(work), desc="rows", unit="unit", disable=not progress)
-    try:
-        while running or received < sent.value:  # a run handed off may still be on its way
-            done, _ = wait(running, timeout=0.2, return_when=FIRST_COMPLETED) if running else ((), ())
-            for fut in done:
-                record_finished(cfg, plan, fut.result())
-                del running[fut]
-                bar.update()
-                if queued:
-                    start(*queued.pop(0))
-                else:
-                    with idle.get_lock():
-                        idle.value += 1
-            while True:
-                try:
-                    row, split, state = handoffs.get(timeout=0 if running else 0.2)
-                except queue.Empty:
-                    break
-                received += 1
-                bar.total += 1
-                start(row, (split,), state)  # the process it claimed takes it
-    except BaseException:
-        for f in running:
-            f.cancel()
-        raise
-    finally:
-        bar.close()
