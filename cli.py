@@ -248,8 +248,9 @@ def train(data_dir, metadata, cache_dir, on_missing, row, image, video, out, all
 @option(REPRODUCE, "--group/--no-group", default=None,
         help="Train the splits of a row as one batched model (the same runs up to float rounding, faster), "
              "or one run at a time.")
-@option(REPRODUCE, "--jobs", type=click.IntRange(0), help="Rows trained at once, a process each; 0: a process per "
-        "core (per two on a GPU), as many as the rows' caches fit in RAM.")
+@option(REPRODUCE, "--jobs", type=click.IntRange(0), help="Processes training rows at once, a row each, and runs "
+        "that groups hand to a process with no row left; 0: a process per core (per two on a GPU), as many as the "
+        "rows' caches fit in RAM.")
 @clips_option
 @protocol_option(REPRODUCE)
 @grid_train_options

@@ -9,9 +9,10 @@ Generates the corpus first if `--data` holds none (timed separately), then runs
 splits of a row train as one group (grouped.py); `--no-group` trains one run at a time, and
 `--compare` runs both, one after the other into `--out`/single and `--out`/grouped, and
 prints the two wall times and their ratio. `--rows`, `--splits` and `--max-epochs` time a
-part of it (the default is all of it). `--device cuda` trains on a GPU, `--jobs` rows at once
-(reproduce's default: as many as the cores and RAM allow). Delete `--out` to time from
-scratch: finished runs are skipped. `--json FILE` writes the figures.
+part of it (the default is all of it). `--device cuda` trains on a GPU, `--jobs` sets the
+processes that train rows at once (reproduce's default: as many as the cores and RAM allow).
+Delete `--out` to time from scratch: finished runs are skipped. `--json FILE` writes the
+figures.
 """
 
 from __future__ import annotations
@@ -29,8 +30,13 @@ from machine import cpu_summary
 from trailers12k_feats.paper import TABLE6
 from trailers12k_feats.sources.synthetic import SynthConfig, make_corpus
 from trailers12k_feats.training.data import SPLITS
-from trailers12k_feats.training.reproduce import ReproduceConfig, job_count, reproduce
-from trailers12k_feats.training.train import TrainConfig
+from trailers12k_feats.training.reproduce import (
+    ReproduceConfig,
+    jobs_for,
+    reproduce,
+    units,
+)
+from trailers12k_feats.training.train import TrainConfig, train_precision
 from trailers12k_feats.utils import setup_logging
 
 
@@ -52,7 +58,7 @@ def main() -> None:
     ap.add_argument("--splits", default=",".join(map(str, SPLITS)))
     ap.add_argument("--max-epochs", type=int, default=None, help="epoch limit (default: the protocol's)")
     ap.add_argument("--device", default=TrainConfig.device, help="cpu or cuda[:N]")
-    ap.add_argument("--jobs", type=int, default=ReproduceConfig.jobs, help="rows at once (0: reproduce's default)")
+    ap.add_argument("--jobs", type=int, default=ReproduceConfig.jobs, help="processes (0: reproduce's default)")
     ap.add_argument("--json", type=Path, help="write the figures to this file")
     args = ap.parse_args()
     setup_logging()
@@ -83,11 +89,11 @@ def main() -> None:
               f"wall: {single / grouped:.2f}x")
         return
     cfg = dataclasses.replace(cfg, group=not args.no_group)
+    jobs = jobs_for(cfg, units(cfg, [(r, s) for r in rows for s in splits]), train_precision(cfg.train).precision)
     wall, table = timed(cfg)
     print(table)
-    jobs = job_count(cfg, rows)
     epochs = sum(json.loads(p.read_text())["epochs"] for p in args.out.glob("runs/*/split*/metrics.json"))
-    print(f"\nreproduction ({what}, {'one run at a time' if args.no_group else 'grouped'}, {jobs} rows at once): "
+    print(f"\nreproduction ({what}, {'one run at a time' if args.no_group else 'grouped'}, {jobs} processes): "
           f"{wall / 60:.1f} min wall ({wall:.0f} s), {epochs} epochs in all")
     if args.json:
         args.json.write_text(json.dumps({"cpu": cpu_summary(), "device": gpu or "cpu", "rows": len(rows),

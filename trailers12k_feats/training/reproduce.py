@@ -67,8 +67,9 @@ class ReproduceConfig:
     # Train the unfinished splits of a row as one group (grouped.py): same results, less time.
     # Not a TrainConfig field either: a folder may mix runs trained alone and in groups.
     group: bool = True
-    # Rows trained at once, each in its own process; 0: as many as the cores and RAM allow
-    # (job_count). A GPU's small steps leave it idle between launches, so processes fill it.
+    # Processes training rows at once, a row each (processes.py), and the runs groups hand to a
+    # process with no row left; 0: as many as the cores and RAM allow (job_count, jobs_for). A
+    # GPU's small steps leave it idle between launches, so processes fill it.
     jobs: int = 0
 
     def __post_init__(self) -> None:
@@ -313,14 +314,19 @@ def job_count(cfg: ReproduceConfig, rows: Sequence[str], runs: int = 0) -> int:
     return max(1, min(units, by_cores, by_memory))
 
 
+def jobs_for(cfg: ReproduceConfig, work: list[tuple[str, tuple[int, ...]]], precision: str) -> int:
+    """The processes `reproduce` trains units `work` in, in `precision` (resolved): job_count, up
+    to a process per run where groups hand runs to idle processes (handoff.py: in the authors'
+    protocol, for groups that gather centred clips and compile their chains)."""
+    hands_off = cfg.group and cfg.train.protocol == "authors" and centres_clips(cfg.train.device, precision)
+    return job_count(cfg, [row for row, _ in work], sum(len(s) for _, s in work) if hands_off else 0)
+
+
 def reproduce(cfg: ReproduceConfig, progress: bool = True) -> str:
     """Run every selected (row, split) not already finished; return the test table."""
     plan = prepare(cfg)
     work = units(cfg, plan.todo)
-    # groups hand runs to idle processes where their runs compute alike in any group (handoff.py)
-    hands_off = cfg.group and cfg.train.protocol == "authors" and centres_clips(cfg.train.device,
-                                                                                plan.precision.precision)
-    jobs = job_count(cfg, [row for row, _ in work], sum(len(s) for _, s in work) if hands_off else 0)
+    jobs = jobs_for(cfg, work, plan.precision.precision)
     if jobs <= 1:
         for row, splits in work:
             train_unit(cfg, row, splits, plan.precision, progress, lambda row=row: record_finished(cfg, plan, row))
