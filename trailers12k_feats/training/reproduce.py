@@ -301,23 +301,24 @@ def job_count(cfg: ReproduceConfig, rows: Sequence[str], runs: int = 0) -> int:
     per usable core on the CPU (one thread each: a run's small operations then never wait for a
     second thread, which pays most on a busy machine) and per two cores on a GPU, as many as
     the rows' caches (twice, for groups that gather centred clips: grouped.centres_clips) fit in
-    MEMORY_SHARE of the available RAM, one at least; no more than the rows, or where groups
-    hand runs to idle processes (`runs` > 0: handoff.py), than those `runs`."""
-    units = max(len(rows), runs)
+    MEMORY_SHARE of the available RAM, one at least; no more than the rows. `cfg.jobs` may go
+    past the rows up to `runs` where groups hand runs to idle processes (`runs` > 0: handoff.py);
+    0 does not, as a second process's start-up costs more than it gives a short row."""
     if cfg.jobs:
-        return max(1, min(cfg.jobs, units))
+        return max(1, min(cfg.jobs, max(len(rows), runs)))
     cores = usable_cores()
     by_cores = cores // 2 if cfg.train.device.startswith("cuda") else cores
     # a group that gathers centred clips holds a second copy of its caches' features
     copies = 2 if cfg.group and centres_clips(cfg.train.device, cfg.train.precision) else 1
     by_memory = int(MEMORY_SHARE * available_memory() // max((copies * _row_cost(cfg, r) for r in rows), default=1))
-    return max(1, min(units, by_cores, by_memory))
+    return max(1, min(len(rows), by_cores, by_memory))
 
 
 def jobs_for(cfg: ReproduceConfig, work: list[tuple[str, tuple[int, ...]]], precision: str) -> int:
-    """The processes `reproduce` trains units `work` in, in `precision` (resolved): job_count, up
-    to a process per run where groups hand runs to idle processes (handoff.py: in the authors'
-    protocol, for groups that gather centred clips and compile their chains)."""
+    """The processes `reproduce` trains units `work` in, in `precision` (resolved): job_count, an
+    asked-for `jobs` up to a process per run where groups hand runs to idle processes
+    (handoff.py: in the authors' protocol, for groups that gather centred clips and compile
+    their chains)."""
     hands_off = cfg.group and cfg.train.protocol == "authors" and centres_clips(cfg.train.device, precision)
     return job_count(cfg, [row for row, _ in work], sum(len(s) for _, s in work) if hands_off else 0)
 
