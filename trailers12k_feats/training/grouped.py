@@ -318,22 +318,26 @@ class GroupTrainer:
                                       owner.to(where, non_blocking=True), first.to(where, non_blocking=True))
             snips.append(r.snippets[subset])
         logits = [torch.empty(len(sn[0]), NUM_GENRES, device=self.device) for sn in snips]  # each (S_j, 10)
-        # Snippets of each run per call: as many as the run alone takes (eval_rows), a shorter last
-        # chunk padded with its last snippet. So every call computes C rows of each run, whatever
-        # runs share it, and a run's logits are bit for bit those it has in any group (handoff.py).
-        C = eval_rows(E, self.runs[0].on_device[subset], cfg.window)
+        # Snippets of each run per call. Where runs hand off (handoff.py): as many as the run alone
+        # takes (eval_rows), a shorter last chunk padded with its last snippet, so that every call
+        # computes C rows of each run whatever runs share it, and a run's logits are bit for bit
+        # those it has in any group. Elsewhere: eval_batch_size in all, within the CPU's block.
+        like = self.runs[0].on_device[subset]
+        C = eval_rows(E, like, cfg.window) if self.hands_off else eval_rows(-(-E // len(self.runs)), like,
+                                                                            cfg.window, len(self.runs))
         for s in range(0, max(len(sn[0]) for sn in snips), C):
             js = [j for j, sn in enumerate(snips) if s < len(sn[0])]
+            size = C if self.hands_off else max(min(C, len(snips[j][0]) - s) for j in js)
             views = []
-            for j in js:
+            for j in js:  # a shorter chunk repeats its last snippet: evaluation rows are independent
                 owner, first = (t[s:s + C] for t in snips[j][3:])
-                pad = C - len(owner)
+                pad = size - len(owner)
                 views.append((self.runs[j].on_device[subset], torch.cat([owner, owner[-1:].expand(pad)]),
                               torch.cat([first, first[-1:].expand(pad)])))
             x, mask = self._gather(views, all(bool(snips[j][2][s:s + C].all()) for j in js))
             if cfg.protocol != "masked":
                 mask = None  # the authors' evaluation sees the zero padding as clips
-            out = self._logits(x, mask, self.idx(js), None)  # (R', C, 10)
+            out = self._logits(x, mask, self.idx(js), None)  # (R', size, 10)
             for i, j in enumerate(js):
                 n = min(C, len(snips[j][0]) - s)
                 logits[j][s:s + n] = out[i, :n]
