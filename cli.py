@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,7 @@ from trailers12k_feats.cli_options import (
     train_options,
     weight_pairs,
 )
-from trailers12k_feats.utils import setup_logging
+from trailers12k_feats.utils import catch_interrupts, setup_logging
 
 
 class _Main(click.Group):
@@ -57,11 +58,17 @@ class _Main(click.Group):
     """
 
     def invoke(self, ctx: click.Context) -> Any:
+        main_thread = threading.current_thread() is threading.main_thread()
+        if main_thread:
+            catch_interrupts()  # a Ctrl-C a library swallows still stops extraction's loop
         try:
             return super().invoke(ctx)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             raise click.exceptions.Exit(130) from None
+        finally:
+            if main_thread:
+                catch_interrupts(on=False)
 
 
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -232,7 +239,11 @@ def backbones_(as_json: bool) -> None:
 @errors
 def train(data_dir, metadata, cache_dir, on_missing, row, image, video, out, allow_mismatched_clips, **opts) -> None:
     """Train one head on one split and save a run directory."""
-    from trailers12k_feats.training.train import TrainConfig, TrainJob, train_from_caches
+    from trailers12k_feats.training.train import (
+        TrainConfig,
+        TrainJob,
+        train_from_caches,
+    )
 
     metadata, cache_dir = resolve_data(data_dir, metadata, cache_dir)
     job = TrainJob(metadata=metadata, cache_dir=cache_dir, out=out, train=TrainConfig(**given(**opts)),

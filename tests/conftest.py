@@ -123,3 +123,16 @@ def toy_cache():
 def toy_metadata():
     """The toy metadata writer, :func:`write_toy_metadata`."""
     return write_toy_metadata
+
+
+@pytest.fixture
+def toy_group(tmp_path):
+    """80 toy trailers of 5 to 89 clips (some shorter than a window) in an image and a video cache
+    (img.h5, F=24; vid.h5, F=16) with their metadata: (Metadata, the folder)."""
+    from trailers12k_feats.training.data import load_metadata
+
+    lengths = np.random.default_rng(0).integers(5, 90, 80)
+    ids = [f"tt{i:07d}" for i in range(80)]
+    write_toy_cache(tmp_path / "img.h5", lengths, F=24, ids=ids, seed=1)
+    write_toy_cache(tmp_path / "vid.h5", lengths, F=16, ids=ids, seed=2)
+    return load_metadata(write_toy_metadata(tmp_path / "mtgc.csv", ids)), tmp_path

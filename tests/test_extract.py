@@ -416,3 +416,21 @@ def test_device_crops_equal_the_per_clip_preprocessing(device):
         cfg = _cfg(backbones=(name,), weights=((name, "random"),), device=device)
         a, b = m.embed(got.to(device), cfg).cpu(), m.embed(old.to(device), cfg).cpu()
         assert torch.nn.functional.cosine_similarity(a, b, dim=1).min() >= 0.999
+
+
+def test_a_ctrl_c_a_library_swallows_still_stops_the_loop():
+    from trailers12k_feats.utils import catch_interrupts, check_interrupted
+
+    catch_interrupts()
+    try:
+        check_interrupted()  # nothing yet
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs here
+        except KeyboardInterrupt:
+            pass  # as a library that catches it and goes on
+        with pytest.raises(KeyboardInterrupt):
+            check_interrupted()
+    finally:
+        catch_interrupts(on=False)
+    check_interrupted()  # forgotten

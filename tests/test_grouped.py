@@ -17,7 +17,7 @@ from trailers12k_feats.training import group_runs
 from trailers12k_feats.training import grouped as grouped_mod
 from trailers12k_feats.training import reproduce as rep_mod
 from trailers12k_feats.training.batched import GroupedDivita
-from trailers12k_feats.training.data import centred_table, load_metadata
+from trailers12k_feats.training.data import centred_table
 from trailers12k_feats.training.group_runs import train_group
 from trailers12k_feats.training.grouped import group_problem
 from trailers12k_feats.training.heads import build_divita, set_dropout_generator
@@ -36,14 +36,8 @@ TOY = dict(precision="fp32", batch_size=8, eval_batch_size=16)  # small batches:
 
 
 @pytest.fixture
-def toy(tmp_path, toy_cache, toy_metadata):
-    """80 toy trailers of 5 to 89 clips (some shorter than a window) in an image and a video cache."""
-    lengths = np.random.default_rng(0).integers(5, 90, 80)
-    ids = [f"tt{i:07d}" for i in range(80)]
-    toy_cache(tmp_path / "img.h5", lengths, F=24, ids=ids, seed=1)
-    toy_cache(tmp_path / "vid.h5", lengths, F=16, ids=ids, seed=2)
-    meta = load_metadata(toy_metadata(tmp_path / "mtgc.csv", ids))
-    return meta, tmp_path
+def toy(toy_group):
+    return toy_group
 
 
 def load(toy, fusion=True):

@@ -6,11 +6,9 @@ import dataclasses
 import json
 import logging
 
-import numpy as np
 import pytest
 import torch
 
-from trailers12k_feats.training.data import load_metadata
 from trailers12k_feats.training.group_runs import train_group
 from trailers12k_feats.training.handoff import RunState
 from trailers12k_feats.training.reproduce import ReproduceConfig, reproduce
@@ -18,14 +16,10 @@ from trailers12k_feats.training.train import TrainConfig, load_streams
 
 
 @pytest.fixture
-def toy(tmp_path, toy_cache, toy_metadata):
-    """60 toy trailers of 5 to 89 clips in an image and a video cache."""
-    lengths = np.random.default_rng(0).integers(5, 90, 60)
-    ids = [f"tt{i:07d}" for i in range(60)]
-    toy_cache(tmp_path / "img.h5", lengths, F=24, ids=ids, seed=1)
-    toy_cache(tmp_path / "vid.h5", lengths, F=16, ids=ids, seed=2)
-    meta = load_metadata(toy_metadata(tmp_path / "mtgc.csv", ids))
-    sets, rows = load_streams(meta, {"image": tmp_path / "img.h5", "video": tmp_path / "vid.h5"})
+def toy(toy_group):
+    """The toy image and video streams of conftest's toy_group: (Metadata, FeatureSets, rows)."""
+    meta, d = toy_group
+    sets, rows = load_streams(meta, {"image": d / "img.h5", "video": d / "vid.h5"})
     return meta, sets, rows
 
 

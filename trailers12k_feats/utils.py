@@ -159,3 +159,29 @@ def tune_malloc() -> bool:
     except (OSError, AttributeError):
         return False
     return bool(ok)
+
+
+_interrupted = False  # set by Ctrl-C where catch_interrupts() is installed
+
+
+def _on_interrupt(signum: int, frame: object) -> None:
+    global _interrupted
+    _interrupted = True
+    raise KeyboardInterrupt
+
+
+def catch_interrupts(on: bool = True) -> None:
+    """Ctrl-C (SIGINT) raises KeyboardInterrupt as usual and is also remembered, so that a loop
+    calling check_interrupted() stops even where a library swallowed the exception (from the
+    main thread only; `on=False` forgets it and restores Python's handler)."""
+    import signal
+
+    global _interrupted
+    _interrupted = False
+    signal.signal(signal.SIGINT, _on_interrupt if on else signal.default_int_handler)
+
+
+def check_interrupted() -> None:
+    """Raise KeyboardInterrupt if Ctrl-C came since catch_interrupts()."""
+    if _interrupted:
+        raise KeyboardInterrupt

@@ -56,7 +56,7 @@ from trailers12k_feats.runtime import (
     resolve_precision,
     usable_cores,
 )
-from trailers12k_feats.utils import T12kError, config_dict
+from trailers12k_feats.utils import T12kError, check_interrupted, config_dict
 
 log = logging.getLogger(__name__)
 
@@ -281,6 +281,7 @@ def extract(inputs: list[str | os.PathLike], cache_dir: str | os.PathLike, cfg: 
         torch.set_num_threads(cfg.model_threads)
     try:
         for item in loader:
+            check_interrupted()  # Ctrl-C stops here even where a library swallowed its exception
             run.take(item)
             bar.update(run.completed + run.dropped - bar.n)
             bar.set_postfix(clips_s=f"{run.clips / max(time.perf_counter() - t0, 1e-9):.1f}", failed=len(run.failures),
