@@ -267,13 +267,10 @@ def train_unit(cfg: ReproduceConfig, row: str, splits: tuple[int, ...], precisio
             on_finish()
 
     problem = group_problem(cfgs) if len(cfgs) > 1 else None
-    if resume is not None:
+    if resume is not None or (cfg.group and len(cfgs) > 1 and problem is None):  # a run handed off is a group too
         train_group(cfgs, meta, sets, rows, [_run_dir(cfg, row, s) for s in splits], progress=progress,
-                    descs=descs, on_finish=finished, precision=precision, on_epoch=on_epoch, resume=[resume])
-    elif cfg.group and len(cfgs) > 1 and problem is None:
-        train_group(cfgs, meta, sets, rows, [_run_dir(cfg, row, s) for s in splits], progress=progress,
-                    descs=descs, on_finish=finished, precision=precision, on_epoch=on_epoch, hand_off=hand_off,
-                    on_hand_off=on_hand_off)
+                    descs=descs, on_finish=finished, precision=precision, on_epoch=on_epoch,
+                    resume=None if resume is None else [resume], hand_off=hand_off, on_hand_off=on_hand_off)
     else:
         if cfg.group and problem:
             log.info("%s: %s; training its %d runs one at a time", row, problem, len(cfgs))
