@@ -12,7 +12,9 @@ prints the two wall times and their ratio. `--rows`, `--splits` and `--max-epoch
 part of it (the default is all of it). `--device cuda` trains on a GPU, `--jobs` sets the
 processes that train rows at once (reproduce's default: as many as the cores and RAM allow).
 Delete `--out` to time from scratch: finished runs are skipped. `--json FILE` writes the
-figures.
+figures. Beside the wall time it prints the CPU time of the processes (user and system, the
+workers' included), divided by the usable cores: the least wall time in which those cores could
+do the same work, were it shared out perfectly.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import resource
 import time
 from pathlib import Path
 
@@ -28,6 +31,7 @@ import torch
 from machine import cpu_summary
 
 from trailers12k_feats.paper import TABLE6
+from trailers12k_feats.runtime import usable_cores
 from trailers12k_feats.sources.synthetic import SynthConfig, make_corpus
 from trailers12k_feats.training.data import SPLITS
 from trailers12k_feats.training.reproduce import (
@@ -40,10 +44,18 @@ from trailers12k_feats.training.train import TrainConfig, train_precision
 from trailers12k_feats.utils import setup_logging
 
 
-def timed(cfg: ReproduceConfig) -> tuple[float, str]:
-    t0 = time.perf_counter()
+def cpu_seconds() -> float:
+    """User and system CPU seconds of this process and of its children that have ended
+    (reproduce's workers, once it returns)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def timed(cfg: ReproduceConfig) -> tuple[float, str, float]:
+    """(wall seconds, table, CPU seconds) of reproduce(cfg)."""
+    t0, c0 = time.perf_counter(), cpu_seconds()
     table = reproduce(cfg)
-    return time.perf_counter() - t0, table
+    return time.perf_counter() - t0, table, cpu_seconds() - c0
 
 
 def main() -> None:
@@ -82,25 +94,29 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {gpu or 'cpu'}, precision "
           f"{cfg.train.precision}; {what}")
     if args.compare:
-        single, _ = timed(dataclasses.replace(cfg, out_dir=args.out / "single", group=False))
-        grouped, table = timed(dataclasses.replace(cfg, out_dir=args.out / "grouped", group=True))
+        single, _, _ = timed(dataclasses.replace(cfg, out_dir=args.out / "single", group=False))
+        grouped, table, _ = timed(dataclasses.replace(cfg, out_dir=args.out / "grouped", group=True))
         print(table)
         print(f"\nreproduction ({what}): one run at a time {single / 60:.1f} min, grouped {grouped / 60:.1f} min "
               f"wall: {single / grouped:.2f}x")
         return
     cfg = dataclasses.replace(cfg, group=not args.no_group)
     jobs = jobs_for(cfg, units(cfg, [(r, s) for r in rows for s in splits]), train_precision(cfg.train).precision)
-    wall, table = timed(cfg)
+    wall, table, cpu = timed(cfg)
+    cores = usable_cores()
     print(table)
     epochs = sum(json.loads(p.read_text())["epochs"] for p in args.out.glob("runs/*/split*/metrics.json"))
     print(f"\nreproduction ({what}, {'one run at a time' if args.no_group else 'grouped'}, {jobs} processes): "
           f"{wall / 60:.1f} min wall ({wall:.0f} s), {epochs} epochs in all")
+    print(f"CPU time {cpu:.0f} s; over {cores} usable cores {cpu / cores / 60:.1f} min: the least wall time for this "
+          f"work on this machine, were it shared out perfectly")
     if args.json:
         args.json.write_text(json.dumps({"cpu": cpu_summary(), "device": gpu or "cpu", "rows": len(rows),
                                          "splits": len(splits), "max_epochs": args.max_epochs, "jobs": jobs,
                                          "group": not args.no_group, "precision": cfg.train.precision,
                                          "corpus_s": corpus_s and round(corpus_s, 1), "epochs": epochs,
-                                         "wall_s": round(wall, 1)}, indent=2) + "\n")
+                                         "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
+                                         "cores": cores}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
