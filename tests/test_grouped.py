@@ -18,8 +18,8 @@ from trailers12k_feats.training import grouped as grouped_mod
 from trailers12k_feats.training import reproduce as rep_mod
 from trailers12k_feats.training.batched import GroupedDivita
 from trailers12k_feats.training.data import centred_table
+from trailers12k_feats.training.group_rules import group_problem
 from trailers12k_feats.training.group_runs import train_group
-from trailers12k_feats.training.grouped import group_problem
 from trailers12k_feats.training.heads import build_divita, set_dropout_generator
 from trailers12k_feats.training.reproduce import ReproduceConfig, reproduce
 from trailers12k_feats.training.run_layers import RunBatchNorm, RunLinear

@@ -9,6 +9,7 @@ import logging
 import pytest
 import torch
 
+from trailers12k_feats.training.group_rules import hands_off_runs
 from trailers12k_feats.training.group_runs import train_group
 from trailers12k_feats.training.handoff import RunState
 from trailers12k_feats.training.reproduce import ReproduceConfig, reproduce
@@ -86,6 +87,8 @@ def test_runs_hand_off_only_where_they_compute_alike_in_any_group(toy):
         results = train_group(run, meta, sets, rows, progress=False, hand_off=lambda: True,
                               on_hand_off=lambda j, s: given.append(j))
         assert given == [] and all(r is not None and r.epochs == 2 for r in results), (precision, protocol)
+        assert not hands_off_runs("cpu", precision, protocol)  # the rule reproduce.jobs_for asks too
+    assert hands_off_runs("cpu", "bf16", "authors") and not hands_off_runs("cuda", "bf16", "authors")
     with pytest.raises(ValueError, match="a state per run"):
         train_group(cfgs, meta, sets, rows, progress=False, resume=[RunState(1, 0.0, {}, {}, {}, torch.zeros(1),
                                                                                 torch.zeros(1), [], 0.0, 0, None)])

@@ -13,7 +13,8 @@ import numpy as np
 from trailers12k_feats import cache as cache_mod
 from trailers12k_feats.runtime import PrecisionChoice
 from trailers12k_feats.training.data import Metadata
-from trailers12k_feats.training.grouped import GroupTrainer, _Run, group_problem
+from trailers12k_feats.training.group_rules import group_problem
+from trailers12k_feats.training.grouped import GroupTrainer, _Run
 from trailers12k_feats.training.handoff import RunState
 from trailers12k_feats.training.rundir import save_run
 from trailers12k_feats.training.train import (

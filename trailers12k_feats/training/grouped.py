@@ -18,7 +18,6 @@ batched matmuls (tests/test_grouped.py holds them to 1e-4 on the validation loss
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -31,13 +30,18 @@ from tqdm import tqdm
 from trailers12k_feats import NUM_GENRES
 from trailers12k_feats.runtime import PRECISIONS, autocast
 from trailers12k_feats.training import fused, handoff
-from trailers12k_feats.training.batched import BATCHED_TEMPORAL, GroupedDivita
+from trailers12k_feats.training.batched import GroupedDivita
 from trailers12k_feats.training.data import (
     TrailerData,
     centred_table,
     to_device,
 )
 from trailers12k_feats.training.evaluation import evaluate_model, scored
+from trailers12k_feats.training.group_rules import (
+    centres_clips,
+    group_problem,
+    hands_off_runs,
+)
 from trailers12k_feats.training.handoff import RunState
 from trailers12k_feats.training.heads import DivitaStream, build_divita, count_params
 from trailers12k_feats.training.protocols import (
@@ -59,30 +63,6 @@ from trailers12k_feats.training.train import (
 from trailers12k_feats.utils import T12kError, seed_everything, tune_malloc
 
 log = logging.getLogger(__name__)
-
-# TrainConfig fields that may differ between the runs of a group; all others must be equal.
-PER_RUN = ("split", "seed", "lr", "weight_decay", "max_epochs", "plateau_factor", "plateau_patience",
-           "early_stop_patience")
-
-
-def group_problem(cfgs: Sequence[TrainConfig], least: int = 2) -> str | None:
-    """Why runs `cfgs` cannot train as one group of `least` runs or more, or None when they can.
-    (A group of one is a run handed off by another group: handoff.py.)"""
-    if len(cfgs) < least:
-        return "a group needs two runs or more" if least == 2 else f"a group needs {least} run(s) or more"
-    if cfgs[0].temporal not in BATCHED_TEMPORAL:
-        return f"temporal module {cfgs[0].temporal} is not batched (batched: {', '.join(BATCHED_TEMPORAL)})"
-    shared = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in PER_RUN]
-    differ = [n for n in shared if len({getattr(c, n) for c in cfgs}) > 1]
-    return f"the runs differ in {', '.join(differ)}" if differ else None
-
-
-def centres_clips(device: torch.device | str, precision: str) -> bool:
-    """Whether a group on `device` in `precision` gathers its clips centred (GroupTrainer's
-    default): in bf16 on the CPU, where a step is bound by moving the clips. "auto" counts, as it
-    picks bf16 where the CPU is fast in it; fp16 does not (a clip's square could overflow it)."""
-    return torch.device(device).type == "cpu" and precision in ("bf16", "auto")
-
 
 @dataclass
 class _Run:
@@ -165,12 +145,10 @@ class GroupTrainer:
         if self.fused:
             self.fused = self._warm_up(models[0], cfg.protocol)
         self.model.use_fused(self.fused)
-        # Whether a run may leave for another process (fit's hand_off): where it computes bit for
-        # bit alike in any group, with any number of threads (tests/test_handoff.py): in the
-        # compiled chains on centred clips, in the authors' protocol. Not in the masked one, where
-        # whether a batch of several runs is masked depends on all of them; nor in fp32 on the CPU,
-        # whose matmuls sum a run's products in an order that depends on the batch it shares.
-        self.hands_off = bool(self.fused) and self.offsets is not None and cfg.protocol == "authors"
+        # Whether a run may leave for another process (fit's hand_off): where the settings allow it
+        # and the group gathers centred clips through the compiled chains, as they do by default.
+        self.hands_off = (bool(self.fused) and self.offsets is not None
+                          and hands_off_runs(self.device, cfg.precision, cfg.protocol))
         # Each run's own optimiser and schedule, as Trainer's, over views of its slice of the batched
         # parameters: the update is torch's AdamW itself, in place in the batched tensors.
         for j, r in enumerate(self.runs):

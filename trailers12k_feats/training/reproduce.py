@@ -25,8 +25,12 @@ from trailers12k_feats import cache as cache_mod
 from trailers12k_feats.paper import TABLE6, get_row
 from trailers12k_feats.runtime import PrecisionChoice, available_memory, usable_cores
 from trailers12k_feats.training.data import SPLITS, check_splits, load_metadata
+from trailers12k_feats.training.group_rules import (
+    centres_clips,
+    group_problem,
+    hands_off_runs,
+)
 from trailers12k_feats.training.group_runs import train_group
-from trailers12k_feats.training.grouped import centres_clips, group_problem
 from trailers12k_feats.training.handoff import RunState
 from trailers12k_feats.training.processes import share_threads, train_at_once
 from trailers12k_feats.training.protocols import check_protocol
@@ -297,7 +301,7 @@ def job_count(cfg: ReproduceConfig, rows: Sequence[str], runs: int = 0) -> int:
     """How many processes train Table 6 rows `rows` at once: `cfg.jobs`, or for 0 a process
     per usable core on the CPU (one thread each: a run's small operations then never wait for a
     second thread, which pays most on a busy machine) and per two cores on a GPU, as many as
-    the rows' caches (twice, for groups that gather centred clips: grouped.centres_clips) fit in
+    the rows' caches (twice, for groups that gather centred clips: group_rules.centres_clips) fit in
     MEMORY_SHARE of the available RAM, one at least; no more than the rows. `cfg.jobs` may go
     past the rows up to `runs` where groups hand runs to idle processes (`runs` > 0: handoff.py);
     0 does not, as a second process's start-up costs more than it gives a short row."""
@@ -314,9 +318,8 @@ def job_count(cfg: ReproduceConfig, rows: Sequence[str], runs: int = 0) -> int:
 def jobs_for(cfg: ReproduceConfig, work: list[tuple[str, tuple[int, ...]]], precision: str) -> int:
     """The processes `reproduce` trains units `work` in, in `precision` (resolved): job_count, an
     asked-for `jobs` up to a process per run where groups hand runs to idle processes
-    (handoff.py: in the authors' protocol, for groups that gather centred clips and compile
-    their chains)."""
-    hands_off = cfg.group and cfg.train.protocol == "authors" and centres_clips(cfg.train.device, precision)
+    (group_rules.hands_off_runs)."""
+    hands_off = cfg.group and hands_off_runs(cfg.train.device, precision, cfg.train.protocol)
     return job_count(cfg, [row for row, _ in work], sum(len(s) for _, s in work) if hands_off else 0)
 
 
