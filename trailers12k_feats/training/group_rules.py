@@ -1,5 +1,5 @@
 """Which runs may train as one group (grouped.GroupTrainer), and how a group trains by default:
-the settings-level rules that reproduce, grid and the group itself ask."""
+the settings-level rules that reproduce and the group itself ask."""
 
 from __future__ import annotations
 
