@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +46,7 @@ from trailers12k_feats.cli_options import (
     train_options,
     weight_pairs,
 )
-from trailers12k_feats.utils import catch_interrupts, setup_logging
+from trailers12k_feats.utils import interrupts_caught, setup_logging
 
 
 class _Main(click.Group):
@@ -58,17 +57,12 @@ class _Main(click.Group):
     """
 
     def invoke(self, ctx: click.Context) -> Any:
-        main_thread = threading.current_thread() is threading.main_thread()
-        if main_thread:
-            catch_interrupts()  # a Ctrl-C a library swallows still stops extraction's loop
         try:
-            return super().invoke(ctx)
+            with interrupts_caught():  # a Ctrl-C a library swallows still stops extraction's loop
+                return super().invoke(ctx)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             raise click.exceptions.Exit(130) from None
-        finally:
-            if main_thread:
-                catch_interrupts(on=False)
 
 
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -419,10 +419,10 @@ def test_device_crops_equal_the_per_clip_preprocessing(device):
 
 
 def test_a_ctrl_c_a_library_swallows_still_stops_the_loop():
-    from trailers12k_feats.utils import catch_interrupts, check_interrupted
+    from trailers12k_feats.utils import check_interrupted, interrupts_caught
 
-    catch_interrupts()
-    try:
+    before = signal.getsignal(signal.SIGINT)
+    with interrupts_caught():
         check_interrupted()  # nothing yet
         try:
             os.kill(os.getpid(), signal.SIGINT)
@@ -431,6 +431,5 @@ def test_a_ctrl_c_a_library_swallows_still_stops_the_loop():
             pass  # as a library that catches it and goes on
         with pytest.raises(KeyboardInterrupt):
             check_interrupted()
-    finally:
-        catch_interrupts(on=False)
     check_interrupted()  # forgotten
+    assert signal.getsignal(signal.SIGINT) is before

@@ -11,6 +11,7 @@ import random
 import shutil
 import stat
 import tempfile
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -161,7 +162,7 @@ def tune_malloc() -> bool:
     return bool(ok)
 
 
-_interrupted = False  # set by Ctrl-C where catch_interrupts() is installed
+_interrupted = False  # set by Ctrl-C within interrupts_caught()
 
 
 def _on_interrupt(signum: int, frame: object) -> None:
@@ -170,18 +171,28 @@ def _on_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def catch_interrupts(on: bool = True) -> None:
-    """Ctrl-C (SIGINT) raises KeyboardInterrupt as usual and is also remembered, so that a loop
-    calling check_interrupted() stops even where a library swallowed the exception (from the
-    main thread only; `on=False` forgets it and restores Python's handler)."""
+@contextlib.contextmanager
+def interrupts_caught() -> Iterator[None]:
+    """Within it, Ctrl-C (SIGINT) raises KeyboardInterrupt as usual and is also remembered, so that
+    a loop calling check_interrupted() stops even where a library swallowed the exception. Signal
+    handlers belong to the main thread: elsewhere it changes nothing. On leaving, the interrupt
+    is forgotten and the previous handler is back."""
     import signal
 
     global _interrupted
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     _interrupted = False
-    signal.signal(signal.SIGINT, _on_interrupt if on else signal.default_int_handler)
+    previous = signal.signal(signal.SIGINT, _on_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        _interrupted = False
 
 
 def check_interrupted() -> None:
-    """Raise KeyboardInterrupt if Ctrl-C came since catch_interrupts()."""
+    """Raise KeyboardInterrupt if Ctrl-C came within interrupts_caught()."""
     if _interrupted:
         raise KeyboardInterrupt
