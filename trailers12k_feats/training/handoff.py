@@ -12,6 +12,7 @@ goes on from the next epoch, writing the run's directory when it ends, as the gr
 
 from __future__ import annotations
 
+import copy
 import io
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -52,9 +53,10 @@ class RunState:
 def capture(group: GroupTrainer, j: int, epoch: int, seconds: float) -> RunState:
     """Run j (its position in group.runs) as it stands after `epoch` epochs (copies)."""
     r = group.runs[j]
-    return RunState(epoch, seconds, group.model.run_state(j), _copy(r.opt.state_dict()), r.sched.state_dict(),
-                    r.gen.get_state(), r.dropout.get_state(), [dict(h) for h in r.epochs.history],
-                    r.epochs.best_loss, r.epochs.best_epoch, r.best_state)
+    return RunState(epoch, seconds, group.model.run_state(j),
+                    copy.deepcopy(r.opt.state_dict()),  # its tensors are the live moments
+                    r.sched.state_dict(), r.gen.get_state(), r.dropout.get_state(),
+                    [dict(h) for h in r.epochs.history], r.epochs.best_loss, r.epochs.best_epoch, r.best_state)
 
 
 def restore(group: GroupTrainer, j: int, state: RunState) -> None:
@@ -71,13 +73,3 @@ def restore(group: GroupTrainer, j: int, state: RunState) -> None:
         state.best_loss, state.best_epoch
     r.best_state = state.best_state
 
-
-def _copy(obj: object) -> object:
-    """A deep copy of an optimiser state_dict: its tensors are the live moments."""
-    if isinstance(obj, torch.Tensor):
-        return obj.clone()
-    if isinstance(obj, dict):
-        return {k: _copy(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_copy(v) for v in obj]
-    return obj
